@@ -1,0 +1,42 @@
+"""Input checks and backend selection shared by the op dispatchers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check(cond: bool, msg: str) -> None:
+    """Raise a ValueError with `msg` unless `cond`: bad input fails here, before any launch."""
+    if not cond:
+        raise ValueError(msg)
+
+
+def check_tensor(name: str, x: torch.Tensor, shape: Sequence[int | None], dtypes=FLOAT_DTYPES) -> None:
+    """Check rank, sizes (None = any) and dtype of one input tensor."""
+    check(isinstance(x, torch.Tensor), f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    check(
+        x.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, x.shape)),
+        f"{name} must have shape {tuple('*' if s is None else s for s in shape)}, got {tuple(x.shape)}",
+    )
+    check(x.dtype in dtypes, f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    devices = {n: t.device for n, t in tensors.items() if t is not None}
+    check(len(set(devices.values())) == 1, f"inputs must be on one device, got {devices}")
+    return next(iter(devices.values()))
+
+
+def pick_backend(
+    backend: str, device: torch.device, available: dict[str, Callable[[torch.device], bool]]
+) -> str:
+    """Resolve "auto" to the first available backend in `available`'s order; validate the rest."""
+    if backend == "auto":
+        return next(name for name, ok in available.items() if ok(device))
+    check(backend in available, f"unknown backend {backend!r}; choose from {['auto', *available]}")
+    check(available[backend](device), f"backend {backend!r} is not available for device {device}")
+    return backend

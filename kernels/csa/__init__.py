@@ -1,0 +1,69 @@
+"""Compressed sparse attention: `csa_attention` (the attention core) and `compress_kv` (compressor).
+
+Backends, in "auto" order: "reference" (`reference.py`, any device, differentiable by autograd).
+The math and the layout are documented in `reference.py` and kept by every backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.common import check, check_same_device, check_tensor, pick_backend
+from kernels.csa import reference
+from kernels.csa.reference import compress_kv
+
+__all__ = ["csa_attention", "compress_kv"]
+
+BACKENDS = {"reference": lambda device: True}
+
+
+def csa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kc: torch.Tensor,
+    vc: torch.Tensor,
+    blend: torch.Tensor,
+    window: int = 64,
+    stride: int = 4,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """blend * attn(q, kc, vc; t sees block j iff t >= stride (j+1)) + (1 - blend) * attn(q, k, v; window).
+
+    Args:
+        q: [B, T, H, D] queries (normed, RoPE'd).
+        k, v: [B, T, Hkv, D] keys (normed, RoPE'd) and values; H must be a multiple of Hkv.
+        kc, vc: [B, ceil(T / stride), Hkv, D] compressed keys (RoPE'd at stride j + stride // 2) and values.
+        blend: [B, T, H * D] per-channel gate in [0, 1] (after the sigmoid).
+        window: local window; query t sees keys t - window + 1 .. t.
+        stride: compression stride.
+        scale: softmax scale, default D ** -0.5.
+        backend: "auto" or "reference".
+
+    Returns:
+        [B, T, H, D] in q's dtype.
+
+    Example:
+        >>> B, T, H, Hkv, D = 1, 10, 9, 3, 64
+        >>> q, blend = torch.randn(B, T, H, D), torch.rand(B, T, H * D)
+        >>> k, v = torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
+        >>> kc, vc = torch.randn(B, 3, Hkv, D), torch.randn(B, 3, Hkv, D)
+        >>> csa_attention(q, k, v, kc, vc, blend).shape
+        torch.Size([1, 10, 9, 64])
+    """
+    check_tensor("q", q, (None, None, None, None))
+    B, T, H, D = q.shape
+    check_tensor("k", k, (B, T, None, D))
+    Hkv = k.shape[2]
+    check(Hkv > 0 and H % Hkv == 0, f"query heads ({H}) must be a multiple of KV heads ({Hkv})")
+    check_tensor("v", v, (B, T, Hkv, D))
+    check(stride > 0 and window > 0, f"stride and window must be positive, got {stride}, {window}")
+    Tc = -(-T // stride)
+    check_tensor("kc", kc, (B, Tc, Hkv, D))
+    check_tensor("vc", vc, (B, Tc, Hkv, D))
+    check_tensor("blend", blend, (B, T, H * D))
+    check(T > 0 and B > 0, f"empty input: B={B}, T={T}")
+    device = check_same_device(q=q, k=k, v=v, kc=kc, vc=vc, blend=blend)
+    pick_backend(backend, device, BACKENDS)
+    return reference.csa_attention(q, k, v, kc, vc, blend, window, stride, scale)

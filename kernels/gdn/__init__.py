@@ -1,0 +1,82 @@
+"""Gated delta rule: one public function, `gated_delta_rule`, dispatching to a backend.
+
+Backends, in "auto" order: "triton" (CUDA tensors, when the Triton kernels are present) and
+"reference" (the chunked PyTorch form in `reference.py`, any device, differentiable by autograd).
+The recurrence and the layout are documented in `reference.py` and kept by every backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.common import check, check_same_device, check_tensor, pick_backend
+from kernels.gdn.reference import chunk_gated_delta_rule, recurrent_gated_delta_rule
+
+__all__ = ["gated_delta_rule", "chunk_gated_delta_rule", "recurrent_gated_delta_rule", "l2norm"]
+
+MAX_HEAD_DIM = 256
+
+BACKENDS = {"reference": lambda device: True}
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + eps) over the last dim, in fp32 (eps inside the root)."""
+    xf = x.float() if x.dtype != torch.float64 else x
+    return (xf * torch.rsqrt(xf.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked gated delta rule, S_t = exp(g_t) S_{t-1} + k_t (beta_t (v_t - exp(g_t) S_{t-1}^T k_t))^T.
+
+    Args:
+        q, k: [B, T, H, K] queries and keys (K <= 256).
+        v: [B, T, H, V] values.
+        g: [B, T, H] log-space decay per step (<= 0), kept in fp32 by the caller.
+        beta: [B, T, H] write strength in (0, 1).
+        scale: query scale, default K ** -0.5.
+        initial_state: optional [B, H, K, V] state entering the sequence.
+        output_final_state: also return the [B, H, K, V] fp32 state after the last step.
+        use_qk_l2norm: L2-normalize q and k per head first (`l2norm`).
+        backend: "auto", "triton" or "reference".
+
+    Returns:
+        (o [B, T, H, V] in v's dtype, final state or None).
+
+    Example:
+        >>> B, T, H, K = 2, 100, 3, 112
+        >>> q, k, v = (torch.randn(B, T, H, K) for _ in range(3))
+        >>> g, beta = -torch.rand(B, T, H), torch.rand(B, T, H)
+        >>> o, S = gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True, output_final_state=True)
+        >>> o.shape, S.shape
+        (torch.Size([2, 100, 3, 112]), torch.Size([2, 3, 112, 112]))
+    """
+    check_tensor("q", q, (None, None, None, None))
+    B, T, H, K = q.shape
+    check_tensor("k", k, (B, T, H, K))
+    check_tensor("v", v, (B, T, H, None))
+    V = v.shape[-1]
+    check_tensor("g", g, (B, T, H))
+    check_tensor("beta", beta, (B, T, H))
+    check(
+        0 < K <= MAX_HEAD_DIM and 0 < V <= MAX_HEAD_DIM,
+        f"head dims must be in [1, {MAX_HEAD_DIM}], got K={K}, V={V}",
+    )
+    check(T > 0 and B > 0 and H > 0, f"empty input: B={B}, T={T}, H={H}")
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state, (B, H, K, V))
+    device = check_same_device(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state)
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    pick_backend(backend, device, BACKENDS)
+    return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)
