@@ -19,7 +19,7 @@ def check_tensor(name: str, x: torch.Tensor, shape: Sequence[int | None], dtypes
     """Check rank, sizes (None = any) and dtype of one input tensor."""
     check(isinstance(x, torch.Tensor), f"{name} must be a torch.Tensor, got {type(x).__name__}")
     check(
-        x.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, x.shape)),
+        x.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, x.shape, strict=False)),
         f"{name} must have shape {tuple('*' if s is None else s for s in shape)}, got {tuple(x.shape)}",
     )
     check(x.dtype in dtypes, f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
