@@ -1,0 +1,394 @@
+"""The hyla hybrid language model (shared/spec/hybrid-95m.md), plain PyTorch around the kernel dispatch.
+
+Blocks are pre-norm, tiled `(gdn, gdn, csa, full)`; each is
+    h   = (1 + r_a) x + (1 + s_a) mixer(attention_norm(x))
+    out = (1 + r_f) h + (1 + s_f) ffn(ffn_norm(h))
+with r, s zero-initialized vectors (hyper-connection scaling). Every GDN and CSA op goes through
+`kernels.gdn` / `kernels.csa`, which pick Triton on CUDA and the PyTorch reference elsewhere.
+
+`Hyla.forward(idx, targets)` runs whole sequences (training). `Hyla.forward(idx, cache=cache)` runs the
+next tokens of sequences whose past lives in `cache` (from `Hyla.new_cache`): GDN recurrent and conv
+state, CSA window + compressed cache, full-attention KV cache. Both give the same logits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.csa import compress_kv, csa_attention
+from kernels.gdn import gated_delta_rule
+from kernels.rope import apply_rope, rope_tables
+from model.config import HylaConfig
+
+Tensor = torch.Tensor
+
+
+def _norm_dtype(x: Tensor) -> torch.dtype:
+    """Norms compute in fp32 (fp64 when the model runs in fp64)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def rms_normalize(x: Tensor, eps: float) -> Tensor:
+    xf = x.to(_norm_dtype(x))
+    return xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+
+
+class RMSNorm(nn.Module):
+    """y = norm(x) * (1 + w), w zero-initialized, normalization in fp32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (rms_normalize(x, self.eps) * (1.0 + self.weight)).to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """GDN output norm: w * rmsnorm(o) * silu(z) over each head's channels, w ones-initialized, fp32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, o: Tensor, z: Tensor) -> Tensor:
+        return self.weight * rms_normalize(o, self.eps) * F.silu(z.to(_norm_dtype(o)))
+
+
+# ----------------------------------------------------------------------------- caches
+
+
+@dataclass
+class AttentionCache:
+    k: Tensor | None = None  # [B, L, Hkv, D], RoPE'd
+    v: Tensor | None = None
+
+
+@dataclass
+class CSACache:
+    k_window: Tensor | None = None  # last (window - 1) keys (RoPE'd) and values, [B, <= W-1, Hkv, D]
+    v_window: Tensor | None = None
+    k_pending: Tensor | None = None  # tokens of the unfinished compression block: k before RoPE, raw v
+    v_pending: Tensor | None = None
+    kc: Tensor | None = None  # compressed keys (RoPE'd) and values of finished blocks [B, Tc, Hkv, D]
+    vc: Tensor | None = None
+
+
+@dataclass
+class GDNCache:
+    conv: Tensor | None = None  # last (conv width - 1) pre-conv inputs [B, conv - 1, C]
+    state: Tensor | None = None  # recurrent state [B, H, K, V], fp32
+
+
+@dataclass
+class Cache:
+    """Per-layer decoding state and the position of the next token."""
+
+    layers: list
+    pos: int = 0
+    rope: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- mixers
+
+
+class Attention(nn.Module):
+    """Shared projections of the full-attention and CSA layers: gated q, q/k RMSNorm, GQA.
+
+    wq's output per head is 2 * head_dim = [q | gate]; the context is multiplied by sigmoid(gate).
+    Query head h reads KV head h // (n_heads / n_kv_heads).
+    """
+
+    def __init__(self, cfg: HylaConfig):
+        super().__init__()
+        H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = H, Hkv, D
+        self.scale = D**-0.5
+        self.wq = nn.Linear(cfg.dim, H * 2 * D, bias=False)
+        self.wk = nn.Linear(cfg.dim, Hkv * D, bias=False)
+        self.wv = nn.Linear(cfg.dim, Hkv * D, bias=False)
+        self.wo = nn.Linear(H * D, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(D, cfg.norm_eps)
+        self.k_norm = RMSNorm(D, cfg.norm_eps)
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """x [B, T, dim] -> q, gate [B, T, H, D], k (normed, before RoPE), v [B, T, Hkv, D]."""
+        B, T, _ = x.shape
+        q, gate = self.wq(x).view(B, T, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        return self.q_norm(q), gate, self.k_norm(k), v
+
+    def output(self, ctx: Tensor, gate: Tensor) -> Tensor:
+        B, T = ctx.shape[:2]
+        return self.wo((ctx * torch.sigmoid(gate)).reshape(B, T, -1))
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scale: float) -> Tensor:
+    """Masked GQA softmax attention for the decoding paths: q [B, T, H, D], k/v [B, L, Hkv, D],
+    visible [T, L] bool. Rows with no visible key give 0."""
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    scores = torch.einsum("btkgd,blkd->bkgtl", q.view(B, T, Hkv, H // Hkv, D), k) * scale
+    any_visible = visible.any(-1)
+    p = scores.masked_fill(~(visible | ~any_visible[:, None]), float("-inf")).softmax(-1)
+    out = torch.einsum("bkgtl,blkd->btkgd", p, v).reshape(B, T, H, D)
+    return torch.where(any_visible[None, :, None, None], out, 0.0)
+
+
+class FullAttention(Attention):
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: AttentionCache | None = None) -> Tensor:
+        q, gate, k, v = self.project(x)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            if cache.k is not None:
+                k, v = torch.cat([cache.k, k], 1), torch.cat([cache.v, v], 1)
+            cache.k, cache.v = k, v
+            T, L = x.shape[1], k.shape[1]
+            if L > T:  # new tokens after a cached prefix: causal with an offset
+                k_pos = torch.arange(L, device=x.device)
+                visible = k_pos[None, :] <= k_pos[L - T :, None]
+                return self.output(attend(q, k, v, visible, self.scale), gate)
+        ctx = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=True,
+            scale=self.scale,
+            enable_gqa=True,
+        )
+        return self.output(ctx.transpose(1, 2), gate)
+
+
+class CSA(Attention):
+    """Compressed sparse attention: a stride-`csa_stride` compressed path over finished blocks and a
+    `csa_window` sliding-window path, blended per channel by sigmoid(blend_gate(x))."""
+
+    def __init__(self, cfg: HylaConfig):
+        super().__init__(cfg)
+        kv_dim = cfg.n_kv_heads * cfg.head_dim
+        self.stride, self.window = cfg.csa_stride, cfg.csa_window
+        self.rotary_dim, self.theta = cfg.rotary_dim, cfg.rope_theta
+        self.compress_k = nn.Linear(kv_dim, kv_dim, bias=False)
+        self.compress_v = nn.Linear(kv_dim, kv_dim, bias=False)
+        self.blend_gate = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+
+    def compress(self, k: Tensor, v: Tensor, first_block: int = 0) -> tuple[Tensor, Tensor]:
+        return compress_kv(
+            k,
+            v,
+            self.compress_k.weight,
+            self.compress_v.weight,
+            self.stride,
+            self.rotary_dim,
+            self.theta,
+            first_block,
+        )
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: CSACache | None = None) -> Tensor:
+        q, gate, k_raw, v = self.project(x)
+        q, k = apply_rope(q, *rope), apply_rope(k_raw, *rope)
+        blend = torch.sigmoid(self.blend_gate(x))
+        if cache is None:
+            kc, vc = self.compress(k_raw, v)
+            ctx = csa_attention(q, k, v, kc, vc, blend, self.window, self.stride, self.scale)
+        else:
+            ctx = self._forward_cached(q, k, k_raw, v, blend, cache)
+        return self.output(ctx, gate)
+
+    def _forward_cached(self, q, k, k_raw, v, blend, cache: CSACache) -> Tensor:
+        """The next T tokens given the window, the unfinished block and the compressed cache."""
+        B, T, H, D = q.shape
+        S, W = self.stride, self.window
+        n_prev = 0 if cache.k_window is None else cache.k_window.shape[1]
+        n_done = 0 if cache.kc is None else cache.kc.shape[1]
+        n_pending = 0 if cache.k_pending is None else cache.k_pending.shape[1]
+        pos = n_done * S + n_pending  # position of the first new token
+        dev = q.device
+        cat = lambda old, new: new if old is None else torch.cat([old, new], 1)
+        # compress the blocks this chunk finishes
+        k_pend, v_pend = cat(cache.k_pending, k_raw), cat(cache.v_pending, v)
+        n_new = k_pend.shape[1] // S
+        if n_new:
+            kc_new, vc_new = self.compress(k_pend[:, : n_new * S], v_pend[:, : n_new * S], first_block=n_done)
+            cache.kc, cache.vc = cat(cache.kc, kc_new), cat(cache.vc, vc_new)
+        cache.k_pending, cache.v_pending = k_pend[:, n_new * S :], v_pend[:, n_new * S :]
+        # local path over the kept window plus the new keys
+        k_loc, v_loc = cat(cache.k_window, k), cat(cache.v_window, v)
+        q_pos = torch.arange(pos, pos + T, device=dev)[:, None]
+        k_pos = torch.arange(pos - n_prev, pos + T, device=dev)[None, :]
+        local = attend(q, k_loc, v_loc, (k_pos <= q_pos) & (k_pos > q_pos - W), self.scale)
+        cache.k_window, cache.v_window = k_loc[:, -(W - 1) :], v_loc[:, -(W - 1) :]
+        # compressed path: block j is visible at t iff t >= S (j + 1)
+        if cache.kc is None:
+            comp = torch.zeros_like(local)
+        else:
+            j = torch.arange(cache.kc.shape[1], device=dev)[None, :]
+            comp = attend(q, cache.kc, cache.vc, q_pos >= S * (j + 1), self.scale)
+        return torch.lerp(local, comp, blend.view(B, T, H, D).to(local.dtype))
+
+
+class GatedDeltaNet(nn.Module):
+    """Gated DeltaNet mixer: causal depthwise conv + SiLU on q|k|v, L2-normed q/k, the gated delta rule,
+    gated RMSNorm output `w * rmsnorm(o) * silu(z)` per head."""
+
+    def __init__(self, cfg: HylaConfig):
+        super().__init__()
+        H, Dh = cfg.gdn_heads, cfg.gdn_head_dim
+        self.n_heads, self.head_dim = H, Dh
+        self.conv_width = cfg.gdn_conv
+        C = 3 * H * Dh
+        self.in_proj_qkv = nn.Linear(cfg.dim, C, bias=False)
+        self.conv1d = nn.Conv1d(C, C, cfg.gdn_conv, groups=C, bias=False)
+        self.in_proj_z = nn.Linear(cfg.dim, H * Dh, bias=False)
+        self.in_proj_b = nn.Linear(cfg.dim, H, bias=False)
+        self.in_proj_a = nn.Linear(cfg.dim, H, bias=False)
+        self.dt_bias = nn.Parameter(torch.ones(H))
+        self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
+        self.norm = GatedRMSNorm(Dh, cfg.norm_eps)
+        self.out_proj = nn.Linear(H * Dh, cfg.dim, bias=False)
+
+    def causal_conv(self, x: Tensor, cache: GDNCache | None) -> Tensor:
+        """y[t, c] = sum_i w[c, 0, i] x[t - (width-1) + i, c]: zero left context, or the cached one."""
+        B, T, C = x.shape
+        pad = self.conv_width - 1
+        past = x.new_zeros(B, pad, C) if cache is None or cache.conv is None else cache.conv.to(x.dtype)
+        xp = torch.cat([past, x], 1)
+        if cache is not None:
+            cache.conv = xp[:, -pad:]
+        return F.conv1d(xp.transpose(1, 2), self.conv1d.weight, groups=C).transpose(1, 2)
+
+    def forward(self, x: Tensor, rope=None, cache: GDNCache | None = None) -> Tensor:
+        B, T, _ = x.shape
+        H, Dh = self.n_heads, self.head_dim
+        qkv = F.silu(self.causal_conv(self.in_proj_qkv(x), cache))
+        q, k, v = (t.reshape(B, T, H, Dh) for t in qkv.split(H * Dh, dim=-1))
+        beta = torch.sigmoid(self.in_proj_b(x))
+        a = self.in_proj_a(x).to(_norm_dtype(x))
+        g = -self.A_log.exp() * F.softplus(a + self.dt_bias)  # log-space decay, fp32
+        o, state = gated_delta_rule(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            scale=Dh**-0.5,
+            initial_state=None if cache is None else cache.state,
+            output_final_state=cache is not None,
+            use_qk_l2norm=True,
+        )
+        if cache is not None:
+            cache.state = state
+        o = self.norm(o, self.in_proj_z(x).view(B, T, H, Dh)).to(x.dtype)
+        return self.out_proj(o.reshape(B, T, H * Dh))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: HylaConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+MIXERS = {"gdn": GatedDeltaNet, "csa": CSA, "full": FullAttention}
+CACHES = {"gdn": GDNCache, "csa": CSACache, "full": AttentionCache}
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: HylaConfig, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mixer = MIXERS[kind](cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = FeedForward(cfg)
+        self.hyper_connections = cfg.hyper_connections
+        if cfg.hyper_connections:
+            self.attn_residual_scale = nn.Parameter(torch.zeros(cfg.dim))
+            self.attn_sublayer_scale = nn.Parameter(torch.zeros(cfg.dim))
+            self.ffn_residual_scale = nn.Parameter(torch.zeros(cfg.dim))
+            self.ffn_sublayer_scale = nn.Parameter(torch.zeros(cfg.dim))
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache=None) -> Tensor:
+        f = self.mixer(self.attention_norm(x), rope, cache)
+        if self.hyper_connections:  # h = (1 + r) h + (1 + s) f(h)
+            h = (1 + self.attn_residual_scale) * x + (1 + self.attn_sublayer_scale) * f
+            f = self.ffn(self.ffn_norm(h))
+            return (1 + self.ffn_residual_scale) * h + (1 + self.ffn_sublayer_scale) * f
+        h = x + f
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class Hyla(nn.Module):
+    """The hybrid LM. forward(idx [B, T] int64, targets=None, cache=None) -> logits, or the mean
+    cross-entropy loss when targets [B, T] are given (targets equal to -1 are ignored)."""
+
+    def __init__(self, cfg: HylaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, kind) for kind in cfg.layer_types)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        cos, sin = rope_tables(torch.arange(cfg.max_seq_len), cfg.rotary_dim, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # derived, never saved in checkpoints
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, std) for linear and embedding weights; w3, wo and out_proj get std / sqrt(2 n_layers);
+        norms, scales, A_log, dt_bias and the conv keep their module init."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith(("w3.weight", "wo.weight", "out_proj.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
+            elif name == "embedding.weight" or (name.endswith(".weight") and p.dim() == 2):
+                nn.init.normal_(p, 0.0, std)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def new_cache(self) -> Cache:
+        return Cache(layers=[CACHES[kind]() for kind in self.cfg.layer_types])
+
+    def check_input(self, idx: Tensor, pos: int = 0) -> None:
+        if not isinstance(idx, Tensor) or idx.dtype not in (torch.int64, torch.int32) or idx.dim() != 2:
+            got = f"{idx.dtype} {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx).__name__
+            raise ValueError(f"idx must be an int64/int32 tensor [batch, seq], got {got}")
+        T = idx.shape[1]
+        if T == 0 or pos + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {pos + T} must be in [1, {self.cfg.max_seq_len}] (context)")
+        lo, hi = torch.aminmax(idx)
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got [{int(lo)}, {int(hi)}]")
+        if idx.device != self.embedding.weight.device:
+            raise ValueError(f"idx is on {idx.device}, the model on {self.embedding.weight.device}")
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, cache: Cache | None = None) -> Tensor:
+        pos = 0 if cache is None else cache.pos
+        if not torch.compiler.is_compiling():
+            self.check_input(idx, pos)
+        T = idx.shape[1]
+        rope = (self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T])
+        x = self.embedding(idx)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.pos += T
+        logits = F.linear(self.norm(x), self.embedding.weight)  # tied head
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
