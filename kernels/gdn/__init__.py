@@ -1,7 +1,8 @@
 """Gated delta rule: one public function, `gated_delta_rule`, dispatching to a backend.
 
-Backends, in "auto" order: "triton" (CUDA tensors, when the Triton kernels are present) and
-"reference" (the chunked PyTorch form in `reference.py`, any device, differentiable by autograd).
+Backends, in "auto" order: "triton" (CUDA tensors, when Triton is installed: `triton_op.py`, kernels in
+`triton_fwd.py` / `triton_bwd.py`; "auto" takes it for bf16 and fp32 inputs) and "reference" (the chunked
+PyTorch form in `reference.py`, any device, differentiable by autograd).
 The recurrence and the layout are documented in `reference.py` and kept by every backend.
 """
 
@@ -16,7 +17,15 @@ __all__ = ["gated_delta_rule", "chunk_gated_delta_rule", "recurrent_gated_delta_
 
 MAX_HEAD_DIM = 256
 
-BACKENDS = {"reference": lambda device: True}
+try:
+    from kernels.gdn.triton_op import SUPPORTED_DTYPES, triton_gated_delta_rule
+except ImportError:  # no Triton on this machine
+    triton_gated_delta_rule = None
+
+BACKENDS = {
+    "triton": lambda device: triton_gated_delta_rule is not None and device.type == "cuda",
+    "reference": lambda device: True,
+}
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -78,5 +87,15 @@ def gated_delta_rule(
     device = check_same_device(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state)
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
-    pick_backend(backend, device, BACKENDS)
+    name = pick_backend(backend, device, BACKENDS)
+    if name == "triton":
+        fits = q.dtype in SUPPORTED_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+        check(
+            fits or backend == "auto",
+            f"backend 'triton' needs q, k, v of one dtype in {SUPPORTED_DTYPES}, "
+            f"got {q.dtype}, {k.dtype}, {v.dtype}",
+        )
+        if fits:
+            scale = K**-0.5 if scale is None else scale
+            return triton_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)
     return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)

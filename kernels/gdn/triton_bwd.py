@@ -1,0 +1,215 @@
+"""Backward Triton kernels of the chunked gated delta rule, in two launches.
+
+Per chunk, with S the state entering it, S' the one leaving it, W = U - W_k S, P = Q K^T * Gamma and
+K_d = diag(e^{G_C - G}) K (equations (3)-(5) of `reference.chunk_gated_delta_rule`):
+
+    dW  = scale P^T dO + K_d dS'                                                           (7)
+    dS  = scale (diag(e^G) Q)^T dO + e^{G_C} dS' - W_k^T dW                                 (8)
+
+1. `_bwd_state_kernel`, one program per (head, V block), sequential from the last chunk: (7), (8);
+   saves dS' per chunk and dW, and returns dS_0 as the initial-state gradient.
+2. `_bwd_chunk_kernel`, one program per (chunk, head), all independent: every input gradient, with
+   dU = dW, dW_k = -dW S^T, dT = dU (diag(beta) V)^T + dW_k (diag(beta e^G) K)^T and
+   dA = -(T^T dT T^T) on the strictly lower part (T = (I + A)^-1), then the gate: dg is the reversed
+   in-chunk cumulative sum of dG.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.gdn.triton_fwd import BT, _buf_tile, _decay, _io_tile, _prec, _rows, _state_tile, pick_bv
+
+
+@triton.jit
+def _bwd_state_kernel(
+    q, k, G, Wk, do, dht, dhs, dW, dh0, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    iv, bh = tl.program_id(0), tl.program_id(1)
+    NT = tl.cdiv(T, BT)
+    Tp = NT * BT
+    v0 = iv * BV
+    dt = q.dtype.element_ty
+    r = tl.arange(0, BT)
+    if USE_DHT:
+        dS = tl.load(_state_tile(dht, bh, K, V, BK, BV, v0), boundary_check=(0, 1), padding_option="zero")
+        dS = dS.to(tl.float32)
+    else:
+        dS = tl.zeros([BK, BV], dtype=tl.float32)
+    for m in range(NT):
+        n = NT - 1 - m
+        t0 = n * BT
+        tl.store(_state_tile(dhs, bh * NT + n, K, V, BK, BV, v0), dS.to(dt), boundary_check=(0, 1))
+        qb = tl.load(_io_tile(q, bh, t0, T, H, K, BT, BK), boundary_check=(0, 1), padding_option="zero")
+        kb = tl.load(_io_tile(k, bh, t0, T, H, K, BT, BK), boundary_check=(0, 1), padding_option="zero")
+        wb = tl.load(_buf_tile(Wk, bh, t0, Tp, K, BT, BK), boundary_check=(1,), padding_option="zero")
+        p_do = _io_tile(do, bh, t0, T, H, V, BT, BV).advance((0, v0))
+        dob = tl.load(p_do, boundary_check=(0, 1), padding_option="zero")
+        Gb = tl.load(G + bh.to(tl.int64) * Tp + t0 + r)
+        G_end = tl.load(G + bh.to(tl.int64) * Tp + t0 + BT - 1)
+
+        dSd = dS.to(dt)
+        P = scale * tl.dot(qb, tl.trans(kb), input_precision=PREC) * _decay(Gb, True)
+        kd = (kb.to(tl.float32) * tl.exp(G_end - Gb)[:, None]).to(dt)
+        dw = tl.dot(tl.trans(P.to(dt)), dob, input_precision=PREC)  # (7)
+        dw = tl.dot(kd, dSd, dw, input_precision=PREC)
+        tl.store(_buf_tile(dW, bh, t0, Tp, V, BT, BV, v0), dw, boundary_check=(1,))
+        qd = (scale * qb.to(tl.float32) * tl.exp(Gb)[:, None]).to(dt)
+        dS = tl.dot(tl.trans(qd), dob, dS * tl.exp(G_end), input_precision=PREC)  # (8)
+        dS -= tl.dot(tl.trans(wb), dw.to(dt), input_precision=PREC)
+    if STORE_DH0:
+        tl.store(_state_tile(dh0, bh, K, V, BK, BV, v0), dS, boundary_check=(0, 1))
+
+
+@triton.jit
+def _bwd_chunk_kernel(
+    q, k, v, beta, G, Tinv, hs, dhs, Wb, dW, do, dq, dk, dv, dg, dbeta, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    n, bh = tl.program_id(0), tl.program_id(1)
+    NT = tl.cdiv(T, BT)
+    Tp = NT * BT
+    t0 = n * BT
+    dt = q.dtype.element_ty
+    r = tl.arange(0, BT)
+    qb = tl.load(_io_tile(q, bh, t0, T, H, K, BT, BK), boundary_check=(0, 1), padding_option="zero")
+    kb = tl.load(_io_tile(k, bh, t0, T, H, K, BT, BK), boundary_check=(0, 1), padding_option="zero")
+    kf = kb.to(tl.float32)
+    Gb = tl.load(G + bh.to(tl.int64) * Tp + t0 + r)
+    G_end = tl.load(G + bh.to(tl.int64) * Tp + t0 + BT - 1)
+    b = _rows(beta, bh, t0, T, H, BT)
+    Tm = tl.load(Tinv + (bh.to(tl.int64) * NT + n) * BT * BT + r[:, None] * BT + r[None, :])
+    Tt = tl.trans(Tm)
+
+    # sums over V: dO S^T, dO W^T, W dS'^T, dW S^T, dU (beta V)^T; dv directly
+    dQs = tl.zeros([BT, BK], dtype=tl.float32)
+    dKd = tl.zeros([BT, BK], dtype=tl.float32)
+    dWk = tl.zeros([BT, BK], dtype=tl.float32)
+    dOW = tl.zeros([BT, BT], dtype=tl.float32)
+    dT = tl.zeros([BT, BT], dtype=tl.float32)
+    db = tl.zeros([BT], dtype=tl.float32)
+    dGs = tl.zeros([BK], dtype=tl.float32)  # rows of sum(S * dS')
+    for v0 in range(0, V, BV):
+        p_v = _io_tile(v, bh, t0, T, H, V, BT, BV).advance((0, v0))
+        vb = tl.load(p_v, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+        p_do = _io_tile(do, bh, t0, T, H, V, BT, BV).advance((0, v0))
+        dob = tl.load(p_do, boundary_check=(0, 1), padding_option="zero")
+        p_S = _state_tile(hs, bh * NT + n, K, V, BK, BV, v0)
+        S = tl.load(p_S, boundary_check=(0, 1), padding_option="zero")
+        p_dS = _state_tile(dhs, bh * NT + n, K, V, BK, BV, v0)
+        dSn = tl.load(p_dS, boundary_check=(0, 1), padding_option="zero")
+        wb = tl.load(_buf_tile(Wb, bh, t0, Tp, V, BT, BV, v0), boundary_check=(1,), padding_option="zero")
+        dwb = tl.load(_buf_tile(dW, bh, t0, Tp, V, BT, BV, v0), boundary_check=(1,), padding_option="zero")
+
+        dQs = tl.dot(dob, tl.trans(S), dQs, input_precision=PREC)
+        dOW = tl.dot(dob, tl.trans(wb), dOW, input_precision=PREC)
+        dKd = tl.dot(wb, tl.trans(dSn), dKd, input_precision=PREC)
+        dWk = tl.dot(dwb.to(dt), tl.trans(S), dWk, input_precision=PREC)
+        dT = tl.dot(dwb, tl.trans(b[:, None] * vb), dT, input_precision=PREC)
+        du = tl.dot(Tt, dwb, input_precision=PREC)  # d(diag(beta) V) = T^T dU
+        p_dv = _io_tile(dv, bh, t0, T, H, V, BT, BV).advance((0, v0))
+        tl.store(p_dv, (b[:, None] * du).to(dv.dtype.element_ty), boundary_check=(0, 1))
+        db += tl.sum(du * vb, 1)
+        dGs += tl.sum(S.to(tl.float32) * dSn.to(tl.float32), 1)
+
+    eG = tl.exp(Gb)
+    # output (4): O = scale (diag(e^G) Q S + (Q K^T * Gamma) W)
+    gamma = _decay(Gb, True)
+    dP = scale * dOW * gamma
+    qk = tl.dot(qb, tl.trans(kb), input_precision=PREC)
+    dqb = tl.dot(dP.to(dt), kb, scale * eG[:, None] * dQs, input_precision=PREC)
+    dkb = tl.dot(tl.trans(dP.to(dt)), qb, input_precision=PREC)
+    dG = scale * eG * tl.sum(dQs * qb.to(tl.float32), 1)
+    M = dP * qk  # dL/dG from Gamma_ij = exp(G_i - G_j)
+    dG += tl.sum(M, 1) - tl.sum(M, 0)
+    # state update (5): S' = e^{G_C} S + K_d^T W
+    ed = tl.exp(G_end - Gb)
+    dkb += ed[:, None] * dKd
+    t_kd = ed * tl.sum(kf * dKd, 1)
+    dG -= t_kd
+    dG_end = tl.sum(dGs) * tl.exp(G_end) + tl.sum(t_kd)
+    # WY factors: W_k = T diag(beta e^G) K, dW_k = -dW S^T
+    dWk = -dWk
+    be = b * eG
+    dT = tl.dot(dWk, tl.trans(be[:, None] * kf), dT, input_precision=PREC)
+    dKw = tl.dot(Tt, dWk, input_precision=PREC)
+    dkb += be[:, None] * dKw
+    s_k = tl.sum(kf * dKw, 1)
+    db += eG * s_k
+    dG += be * s_k
+    # (3): A = diag(beta) (K K^T) * Gamma_strict, dA = -(T^T dT T^T) below the diagonal
+    gs = _decay(Gb, False)
+    dA = -tl.dot(tl.dot(Tt, dT, input_precision=PREC), Tt, input_precision=PREC) * gs
+    kk = tl.dot(kf, tl.trans(kf), input_precision=PREC)
+    db += tl.sum(dA * kk, 1)
+    dKK = b[:, None] * dA
+    M = dKK * kk
+    dG += tl.sum(M, 1) - tl.sum(M, 0)
+    dkb = tl.dot(dKK, kf, dkb, input_precision=PREC)
+    dkb = tl.dot(tl.trans(dKK), kf, dkb, input_precision=PREC)
+    # G_C is the last row of G (the padding has g = 0); dg_i = sum_{j >= i} dG_j within the chunk
+    dG += tl.where(r == BT - 1, dG_end, 0.0)
+    dgb = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG
+
+    tl.store(_io_tile(dq, bh, t0, T, H, K, BT, BK), dqb.to(dq.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(_io_tile(dk, bh, t0, T, H, K, BT, BK), dkb.to(dk.dtype.element_ty), boundary_check=(0, 1))
+    bi, hi = bh // H, bh % H
+    t = t0 + r
+    p_row = (bi.to(tl.int64) * T + t) * H + hi
+    tl.store(dg + p_row, dgb.to(dg.dtype.element_ty), mask=t < T)
+    tl.store(dbeta + p_row, db.to(dbeta.dtype.element_ty), mask=t < T)
+
+
+def pick_bv_chunk(V: int) -> int:
+    """V block of `_bwd_chunk_kernel`'s loop over V."""
+    return min(64, max(16, triton.next_power_of_2(V)))
+
+
+def chunk_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    G: torch.Tensor,
+    Tinv: torch.Tensor,
+    Wk: torch.Tensor,
+    hs: torch.Tensor,
+    W: torch.Tensor,
+    do: torch.Tensor,
+    dht: torch.Tensor | None,
+    need_dh0: bool,
+) -> tuple[torch.Tensor, ...]:
+    """Backward launches on the forward's saved (G, T, W_k, states, W). Returns (dq, dk, dv, dg, dbeta, dh0);
+    dh0 is an empty tensor unless `need_dh0`."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    NT = triton.cdiv(T, BT)
+    Tp, BH = NT * BT, B * H
+    BK = max(16, triton.next_power_of_2(K))
+    dev, prec = q.device, _prec(q)
+    f32 = torch.float32
+
+    BV = pick_bv(V, BH)
+    dhs = torch.empty_like(hs)
+    dW = torch.empty(BH, Tp, V, device=dev, dtype=f32)
+    dh0 = torch.empty(B, H, K, V, device=dev, dtype=f32) if need_dh0 else G.new_empty(0)
+    _bwd_state_kernel[(triton.cdiv(V, BV), BH)](
+        q, k, G, Wk, do, dht if dht is not None else G.new_empty(0), dhs, dW, dh0, scale, T,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_DHT=dht is not None, STORE_DH0=need_dh0, PREC=prec,
+        num_warps=4,
+    )  # fmt: skip
+
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dg, dbeta = torch.empty_like(g), torch.empty_like(beta)
+    _bwd_chunk_kernel[(NT, BH)](
+        q, k, v, beta, G, Tinv, hs, dhs, W, dW, do, dq, dk, dv, dg, dbeta, scale, T,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=pick_bv_chunk(V), PREC=prec, num_warps=8,
+    )  # fmt: skip
+    return dq, dk, dv, dg, dbeta, dh0

@@ -1,0 +1,222 @@
+"""Forward Triton kernels of the chunked gated delta rule (chunk BT = 64), in two launches.
+
+Notation and equations (3)-(5) are those of `reference.chunk_gated_delta_rule`.
+
+1. `_prep_kernel`, one program per (chunk, head), all independent: the cumulative gate G, the strictly
+   lower A of (3), T = (I + A)^-1, and the WY factors U = T diag(beta) V, W_k = T diag(beta e^G) K.
+   T is built from exact 16x16 diagonal-block inverses (forward substitution) merged in one step:
+   with D = (I + A_diag)^-1 and N = D A_off (strictly block lower, so N^4 = 0),
+       (I + A)^-1 = (I + N)^-1 D = (I - N)(I + N^2) D.                                      (6)
+2. `_state_out_kernel`, one program per (head, V block), sequential over chunks: W = U - W_k S,
+   the output (4) and the state update (5); it also saves S per chunk and W for the backward.
+
+Inputs keep the [B, T, H, D] layout (the tail chunk is masked on load and store). Intermediate
+buffers are head-major and padded to whole chunks, [B*H, NT*BT, D], so their tiles need no mask in time.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BT = 64  # chunk length
+BS = 16  # diagonal block of the triangular solve
+
+
+@triton.jit
+def _io_tile(ptr, bh, t0, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """Block pointer to rows t0..t0+BT of head bh of a [B, T, H, D] tensor (columns padded to BD)."""
+    b, h = bh // H, bh % H
+    base = ptr + (b.to(tl.int64) * T * H + h) * D
+    return tl.make_block_ptr(base, (T, D), (H * D, 1), (t0, 0), (BT, BD), (1, 0))
+
+
+@triton.jit
+def _buf_tile(ptr, bh, t0, Tp, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, c0=0):
+    """Block pointer to rows t0.. and columns c0.. of head bh of a padded [B*H, Tp, D] buffer."""
+    base = ptr + bh.to(tl.int64) * Tp * D
+    return tl.make_block_ptr(base, (Tp, D), (D, 1), (t0, c0), (BT, BD), (1, 0))
+
+
+@triton.jit
+def _state_tile(ptr, idx, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, v0):
+    """Block pointer to columns v0..v0+BV of the [K, V] state number idx of a [..., K, V] tensor."""
+    base = ptr + idx.to(tl.int64) * K * V
+    return tl.make_block_ptr(base, (K, V), (V, 1), (0, v0), (BK, BV), (1, 0))
+
+
+@triton.jit
+def _rows(ptr, bh, t0, T, H: tl.constexpr, BT: tl.constexpr):
+    """Rows t0..t0+BT of head bh of a [B, T, H] tensor, as fp32, zero past T."""
+    b, h = bh // H, bh % H
+    t = t0 + tl.arange(0, BT)
+    return tl.load(ptr + (b.to(tl.int64) * T + t) * H + h, mask=t < T, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _decay(G, INCLUSIVE: tl.constexpr):
+    """Gamma_ij = exp(G_i - G_j) for j <= i (j < i unless INCLUSIVE), else 0; masked before the exp."""
+    r = tl.arange(0, G.shape[0])
+    keep = (r[:, None] >= r[None, :]) if INCLUSIVE else (r[:, None] > r[None, :])
+    return tl.exp(tl.where(keep, G[:, None] - G[None, :], float("-inf")))
+
+
+@triton.jit
+def _inverse_unit_lower16(a):
+    """X = (I - a)^-1 - I for a strictly lower 16x16 `a`, by forward substitution, row by row."""
+    r = tl.arange(0, 16)
+    x = a
+    for i in tl.static_range(1, 16):
+        a_i = tl.sum(tl.where(r[:, None] == i, a, 0.0), 0)
+        x_i = a_i + tl.sum(a_i[:, None] * x, 0)  # rows j < i of x are final; a_i[j] = 0 for j >= i
+        x = tl.where(r[:, None] == i, x_i[None, :], x)
+    return x
+
+
+@triton.jit
+def _prep_kernel(
+    k, v, g, beta, G, Tinv, Wk, U, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    n, bh = tl.program_id(0), tl.program_id(1)
+    NT = tl.cdiv(T, BT)
+    Tp = NT * BT
+    t0 = n * BT
+    r = tl.arange(0, BT)
+
+    Gc = tl.cumsum(_rows(g, bh, t0, T, H, BT), 0)
+    tl.store(G + bh.to(tl.int64) * Tp + t0 + r, Gc)
+    b = _rows(beta, bh, t0, T, H, BT)
+    kb = tl.load(_io_tile(k, bh, t0, T, H, K, BT, BK), boundary_check=(0, 1), padding_option="zero")
+    vb = tl.load(_io_tile(v, bh, t0, T, H, V, BT, BV), boundary_check=(0, 1), padding_option="zero")
+    kf = kb.to(tl.float32)
+
+    # (3): A_ij = beta_i exp(G_i - G_j) k_i . k_j for j < i; -A goes to the scratch (later T) first
+    A = b[:, None] * tl.dot(kf, tl.trans(kf), input_precision=PREC) * _decay(Gc, False)
+    p_T = Tinv + (bh.to(tl.int64) * NT + n) * BT * BT + r[:, None] * BT + r[None, :]
+    tl.store(p_T, -A)
+    tl.debug_barrier()
+    # exact inverses of the four 16x16 diagonal blocks, written over them
+    s = tl.arange(0, BS)
+    for i in tl.static_range(BT // BS):
+        p_D = Tinv + (bh.to(tl.int64) * NT + n) * BT * BT + (i * BS + s[:, None]) * BT + i * BS + s[None, :]
+        tl.store(p_D, _inverse_unit_lower16(tl.load(p_D)))
+    tl.debug_barrier()
+    M = tl.load(p_T)
+    tl.debug_barrier()
+
+    # merge (6)
+    blk = r // BS
+    eye = (r[:, None] == r[None, :]).to(tl.float32)
+    D = tl.where(blk[:, None] == blk[None, :], M, 0.0) + eye
+    N = tl.dot(D, tl.where(blk[:, None] > blk[None, :], -M, 0.0), input_precision=PREC)
+    N2 = tl.dot(N, N, input_precision=PREC)
+    Tm = tl.dot(eye - N + N2 - tl.dot(N, N2, input_precision=PREC), D, input_precision=PREC)
+    tl.store(p_T, Tm)
+
+    # WY factors: U = T diag(beta) V, W_k = T diag(beta e^G) K
+    u = tl.dot(Tm, b[:, None] * vb.to(tl.float32), input_precision=PREC)
+    w = tl.dot(Tm, (b * tl.exp(Gc))[:, None] * kf, input_precision=PREC)
+    tl.store(_buf_tile(U, bh, t0, Tp, V, BT, BV), u.to(U.dtype.element_ty), boundary_check=(1,))
+    tl.store(_buf_tile(Wk, bh, t0, Tp, K, BT, BK), w.to(Wk.dtype.element_ty), boundary_check=(1,))
+
+
+@triton.jit
+def _state_out_kernel(
+    q, k, G, Wk, U, h0, o, ht, hs, Wb, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, SAVE: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    iv, bh = tl.program_id(0), tl.program_id(1)
+    NT = tl.cdiv(T, BT)
+    Tp = NT * BT
+    v0 = iv * BV
+    dt = q.dtype.element_ty
+    r = tl.arange(0, BT)
+    if USE_H0:
+        S = tl.load(_state_tile(h0, bh, K, V, BK, BV, v0), boundary_check=(0, 1), padding_option="zero")
+        S = S.to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    for n in range(NT):
+        t0 = n * BT
+        if SAVE:  # S entering chunk n
+            tl.store(_state_tile(hs, bh * NT + n, K, V, BK, BV, v0), S.to(dt), boundary_check=(0, 1))
+        qb = tl.load(_io_tile(q, bh, t0, T, H, K, BT, BK), boundary_check=(0, 1), padding_option="zero")
+        kb = tl.load(_io_tile(k, bh, t0, T, H, K, BT, BK), boundary_check=(0, 1), padding_option="zero")
+        wb = tl.load(_buf_tile(Wk, bh, t0, Tp, K, BT, BK), boundary_check=(1,), padding_option="zero")
+        ub = tl.load(_buf_tile(U, bh, t0, Tp, V, BT, BV, v0), boundary_check=(1,), padding_option="zero")
+        Gb = tl.load(G + bh.to(tl.int64) * Tp + t0 + r)
+        G_end = tl.load(G + bh.to(tl.int64) * Tp + t0 + BT - 1)
+
+        Sd = S.to(dt)
+        w = (ub.to(tl.float32) - tl.dot(wb, Sd, input_precision=PREC)).to(dt)  # W = U - W_k S
+        if SAVE:
+            tl.store(_buf_tile(Wb, bh, t0, Tp, V, BT, BV, v0), w, boundary_check=(1,))
+        # (4): O = scale (diag(e^G) Q S + (Q K^T * Gamma) W)
+        P = tl.dot(qb, tl.trans(kb), input_precision=PREC) * _decay(Gb, True)
+        ob = tl.dot(qb, Sd, input_precision=PREC) * tl.exp(Gb)[:, None]
+        ob = tl.dot(P.to(dt), w, ob, input_precision=PREC)
+        tl.store(_io_tile(o, bh, t0, T, H, V, BT, BV).advance((0, v0)), (scale * ob).to(o.dtype.element_ty),
+                 boundary_check=(0, 1))  # fmt: skip
+        # (5): S <- e^{G_C} S + (e^{G_C - G} K)^T W
+        kd = (kb.to(tl.float32) * tl.exp(G_end - Gb)[:, None]).to(dt)
+        S = tl.dot(tl.trans(kd), w, S * tl.exp(G_end), input_precision=PREC)
+    if STORE_HT:
+        tl.store(_state_tile(ht, bh, K, V, BK, BV, v0), S, boundary_check=(0, 1))
+
+
+def _prec(x: torch.Tensor) -> str:
+    """fp32 inputs get exact fp32 products; bf16 ones use bf16 tensor cores (tf32 for fp32 operands)."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def pick_bv(V: int, BH: int) -> int:
+    """V block of the sequential kernels: narrower blocks when few heads would leave SMs idle."""
+    BVf = max(16, triton.next_power_of_2(V))
+    return min(BVf, 32 if BH < 256 else 64)
+
+
+def chunk_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    save: bool,
+) -> tuple[torch.Tensor, ...]:
+    """Forward launches. Returns (o, final state, G, T, W_k, states, W); the last four only when `save`
+    (empty tensors otherwise); the final state is an empty tensor unless `output_final_state`."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    NT = triton.cdiv(T, BT)
+    Tp, BH = NT * BT, B * H
+    BK, BVf = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
+    dev, dt, prec = q.device, q.dtype, _prec(q)
+    f32 = torch.float32
+
+    G = torch.empty(BH, Tp, device=dev, dtype=f32)
+    Tinv = torch.empty(BH, NT, BT, BT, device=dev, dtype=f32)
+    Wk = torch.empty(BH, Tp, K, device=dev, dtype=dt)
+    U = torch.empty(BH, Tp, V, device=dev, dtype=dt)
+    _prep_kernel[(NT, BH)](
+        k, v, g, beta, G, Tinv, Wk, U, T, H=H, K=K, V=V, BT=BT, BS=BS, BK=BK, BV=BVf, PREC=prec, num_warps=4
+    )
+
+    BV = pick_bv(V, BH)
+    o = torch.empty_like(v)
+    ht = torch.empty(B, H, K, V, device=dev, dtype=f32) if output_final_state else G.new_empty(0)
+    hs = torch.empty(BH, NT, K, V, device=dev, dtype=dt) if save else Wk.new_empty(0)
+    W = torch.empty(BH, Tp, V, device=dev, dtype=dt) if save else Wk.new_empty(0)
+    h0 = initial_state if initial_state is not None else G.new_empty(0)
+    _state_out_kernel[(triton.cdiv(V, BV), BH)](
+        q, k, G, Wk, U, h0, o, ht, hs, W, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        USE_H0=initial_state is not None, STORE_HT=output_final_state, SAVE=save, PREC=prec, num_warps=4,
+    )  # fmt: skip
+    return o, ht, G, Tinv, Wk, hs, W

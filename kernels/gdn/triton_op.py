@@ -1,0 +1,119 @@
+"""The Triton gated delta rule as a differentiable op: an autograd Function for eager mode and the same
+launchers registered as torch.library custom ops (`hyla::gdn_chunk_fwd`, `hyla::gdn_chunk_bwd`, with fake
+implementations and an autograd formula), so that torch.compile(fullgraph=True) traces through it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from kernels.gdn.triton_bwd import chunk_bwd
+from kernels.gdn.triton_fwd import BT, chunk_fwd
+
+Tensor = torch.Tensor
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def _grads(saved: tuple[Tensor, ...], scale: float, has_h0: bool, do: Tensor, dht: Tensor | None):
+    q, k, v, g, beta, h0, G, Tinv, Wk, hs, W = saved
+    dq, dk, dv, dg, dbeta, dh0 = chunk_bwd(q, k, v, g, beta, scale, G, Tinv, Wk, hs, W, do.contiguous(),
+                                           dht, has_h0)  # fmt: skip
+    return dq, dk, dv, dg, dbeta, (dh0.to(h0.dtype) if has_h0 else None)
+
+
+class GatedDeltaRuleFunction(torch.autograd.Function):
+    """Eager-mode autograd wrapper of the forward (`chunk_fwd`) and backward (`chunk_bwd`) launchers."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state):
+        save = any(ctx.needs_input_grad)
+        outs = chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, save)
+        o, ht, G, Tinv, Wk, hs, W = outs
+        if save:
+            h0 = initial_state if initial_state is not None else G.new_empty(0)
+            ctx.save_for_backward(q, k, v, g, beta, h0, G, Tinv, Wk, hs, W)
+        ctx.scale, ctx.has_h0 = scale, initial_state is not None
+        return o, (ht if output_final_state else None)
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        grads = _grads(ctx.saved_tensors, ctx.scale, ctx.has_h0, do, dht)
+        return (*grads[:5], None, grads[5], None)
+
+
+@torch.library.custom_op("hyla::gdn_chunk_fwd", mutates_args=())
+def _fwd_op(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float,
+    initial_state: Tensor | None, output_final_state: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    return chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, True)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, g, beta, scale, initial_state, output_final_state):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    NT = triton.cdiv(T, BT)
+    f32 = torch.float32
+    ht = q.new_empty(B, H, K, V, dtype=f32) if output_final_state else q.new_empty(0, dtype=f32)
+    return (
+        torch.empty_like(v), ht,
+        q.new_empty(B * H, NT * BT, dtype=f32), q.new_empty(B * H, NT, BT, BT, dtype=f32),
+        q.new_empty(B * H, NT * BT, K), q.new_empty(B * H, NT, K, V), q.new_empty(B * H, NT * BT, V),
+    )  # fmt: skip
+
+
+@torch.library.custom_op("hyla::gdn_chunk_bwd", mutates_args=())
+def _bwd_op(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, h0: Tensor, G: Tensor, Tinv: Tensor, Wk: Tensor,
+    hs: Tensor, W: Tensor, do: Tensor, dht: Tensor | None, scale: float, has_h0: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    dq, dk, dv, dg, dbeta, dh0 = _grads((q, k, v, g, beta, h0, G, Tinv, Wk, hs, W), scale, has_h0, do, dht)
+    return dq, dk, dv, dg, dbeta, (dh0 if has_h0 else h0.new_empty(0))
+
+
+@_bwd_op.register_fake
+def _(q, k, v, g, beta, h0, G, Tinv, Wk, hs, W, do, dht, scale, has_h0):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
+            torch.empty_like(beta), torch.empty_like(h0) if has_h0 else h0.new_empty(0))  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, beta, scale, initial_state, _ = inputs
+    h0 = initial_state if initial_state is not None else q.new_empty(0)
+    ctx.save_for_backward(q, k, v, g, beta, h0, *output[2:])
+    ctx.mark_non_differentiable(*output[2:])
+    ctx.scale, ctx.has_h0 = scale, initial_state is not None
+
+
+def _backward(ctx, do, dht, *_):
+    has_dht = dht is not None and dht.numel() > 0
+    dq, dk, dv, dg, dbeta, dh0 = torch.ops.hyla.gdn_chunk_bwd(
+        *ctx.saved_tensors, do, dht if has_dht else None, ctx.scale, ctx.has_h0
+    )
+    return dq, dk, dv, dg, dbeta, None, (dh0 if ctx.has_h0 else None), None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_gated_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    scale: float,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """(o, final state or None) by the Triton kernels; inputs as `kernels.gdn.gated_delta_rule` takes them,
+    validated there. q, k, v share a dtype in SUPPORTED_DTYPES; non-contiguous inputs are copied."""
+    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    if torch.compiler.is_compiling():
+        o, ht, *_ = torch.ops.hyla.gdn_chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state)
+        return o, (ht if output_final_state else None)
+    return GatedDeltaRuleFunction.apply(q, k, v, g, beta, scale, initial_state, output_final_state)

@@ -1,0 +1,224 @@
+"""Triton gated delta rule against the float64 references: forward, every gradient, states.
+
+On CPU the kernels run under TRITON_INTERPRET=1 in fp32 at small shapes (the interpreter computes bf16
+wrongly), and every kernel is compiled for sm_90 without a GPU. On a GPU: bf16 at the issue's shapes
+through the public dispatch, and torch.compile(fullgraph=True) through the custom op.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels.gdn as gdn
+from kernels.gdn import reference
+from kernels.gdn.triton_op import triton_gated_delta_rule
+from tests.helpers import compile_for_hopper, relerr
+
+GRAD_NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
+
+
+@pytest.fixture(autouse=True)
+def poison_empty():
+    """torch.empty returns NaN-filled memory while deterministic algorithms are on: unwritten outputs fail."""
+    old, old_fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)  # cuBLAS in the reference needs no workspace setting
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(old)
+    torch.utils.deterministic.fill_uninitialized_memory = old_fill
+
+
+def make_inputs(B, T, H, K, V, with_h0, device="cpu", dtype=torch.float32):
+    """Fresh random inputs in the model's ranges: unit q, k (as after the L2 norm), g <= 0, beta in (0, 1)."""
+    q, k = (gdn.l2norm(torch.randn(B, T, H, K, device=device)).to(dtype) for _ in range(2))
+    v = torch.randn(B, T, H, V, device=device, dtype=dtype)
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, device=device) + 3)  # fp32, as the model keeps it
+    beta = torch.rand(B, T, H, device=device, dtype=dtype)
+    h0 = torch.randn(B, H, K, V, device=device) if with_h0 else None
+    return q, k, v, g, beta, h0
+
+
+def run_both(xs, fn, ref_fn):
+    """Outputs and gradients of `fn` on xs, and of `ref_fn` on float64 copies (loss uses o and S_T)."""
+    q, k, v, g, beta, h0 = xs
+    o_grad = torch.randn_like(v, dtype=torch.float32)
+    s_grad = torch.randn(q.shape[0], q.shape[2], q.shape[3], v.shape[3], device=q.device)
+    results = []
+    for f, dtype in ((fn, None), (ref_fn, torch.float64)):
+        leaves = [None if x is None else x.detach().to(dtype or x.dtype).requires_grad_() for x in xs]
+        o, ht = f(*leaves)
+        ((o.to(o_grad.dtype) * o_grad).sum() + (ht.float() * s_grad).sum()).backward()
+        results.append((o.detach(), ht.detach(), [None if x is None else x.grad for x in leaves]))
+    return results
+
+
+CPU_CASES = [  # (B, T, H, K, V, with_h0)
+    (1, 1, 1, 16, 16, False),
+    (2, 63, 2, 32, 16, True),
+    (1, 65, 1, 16, 32, False),
+    (1, 130, 2, 32, 32, True),
+    (1, 70, 1, 112, 48, True),
+]
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "B{}-T{}-H{}-K{}-V{}-h0{}".format(*c))
+def test_fp32_matches_float64_reference(case):
+    B, T, H, K, V, with_h0 = case
+    xs = make_inputs(B, T, H, K, V, with_h0)
+    ref_fn = reference.recurrent_gated_delta_rule if T <= 65 else reference.chunk_gated_delta_rule
+    (o, ht, grads), (ro, rht, rgrads) = run_both(
+        xs,
+        lambda q, k, v, g, b, h0: triton_gated_delta_rule(q, k, v, g, b, K**-0.5, h0, True),
+        lambda q, k, v, g, b, h0: ref_fn(q, k, v, g, b, None, h0, True),
+    )
+    assert relerr(o, ro) < 1e-5
+    assert relerr(ht, rht) < 1e-5
+    for name, a, r in zip(GRAD_NAMES, grads, rgrads, strict=True):
+        assert (a is None) == (r is None), name
+        if r is not None:
+            assert relerr(a, r) < 1e-5, name
+
+
+def test_no_final_state_and_no_grad_path():
+    """Without the final state the loss sees only o; without grad the forward saves nothing."""
+    q, k, v, g, beta, _ = make_inputs(1, 40, 1, 16, 16, False)
+    o, ht = triton_gated_delta_rule(q, k, v, g, beta, 0.3)
+    ro, _ = reference.recurrent_gated_delta_rule(*(x.double() for x in (q, k, v, g, beta)), scale=0.3)
+    assert ht is None and relerr(o, ro) < 1e-5
+    xs = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
+    out, _ = triton_gated_delta_rule(*xs, 0.3)
+    out.square().sum().backward()
+    rxs = [x.detach().double().requires_grad_() for x in (q, k, v, g, beta)]
+    reference.recurrent_gated_delta_rule(*rxs, scale=0.3)[0].square().sum().backward()
+    for name, a, r in zip(GRAD_NAMES, xs, rxs, strict=False):
+        assert relerr(a.grad, r.grad) < 1e-5, name
+
+
+def test_custom_op_schema_and_fake():
+    q, k, v, g, beta, h0 = make_inputs(1, 20, 1, 16, 16, True)
+    torch.library.opcheck(
+        torch.ops.hyla.gdn_chunk_fwd.default,
+        (q, k, v, g, beta, 0.25, h0, True),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+def test_bad_input_fails_before_launch():
+    q, k, v, g, beta, _ = make_inputs(1, 8, 1, 16, 16, False)
+    with pytest.raises(ValueError, match="not available"):
+        gdn.gated_delta_rule(q, k, v, g, beta, backend="triton")  # CPU tensors
+    with pytest.raises(ValueError, match="head dims"):
+        big = torch.randn(1, 8, 1, 272)
+        gdn.gated_delta_rule(big, big, v, g, beta)
+    with pytest.raises(ValueError, match="shape"):
+        gdn.gated_delta_rule(q, k[:, :4], v, g, beta)
+    with pytest.raises(ValueError, match="shape"):
+        gdn.gated_delta_rule(q, k, v, g, beta, initial_state=torch.zeros(1, 1, 16, 8))
+
+
+# ---- compile-only check for sm_90: the launchers' constexprs for K = V = 112 and 128 ----
+
+F32_ARGS = {"g", "G", "Tinv", "dW", "ht", "dht", "dh0", "dg", "h0"}
+
+
+def _signature(kernel, dtype, constexprs):
+    def kind(name):
+        if name in constexprs:
+            return "constexpr"
+        if name == "T":
+            return "i32"
+        if name == "scale":
+            return "fp32"
+        return "*fp32" if name in F32_ARGS else f"*{dtype}"
+
+    return {name: kind(name) for name in kernel.arg_names}
+
+
+def compile_all_for_hopper() -> list[str]:
+    import triton
+
+    from kernels.gdn import triton_bwd, triton_fwd
+    from kernels.gdn.triton_fwd import BS, BT, pick_bv
+
+    built = []
+    for D in (112, 128):
+        base = dict(H=9, K=D, V=D, BT=BT, BK=triton.next_power_of_2(D), PREC="tf32")
+        bv = pick_bv(D, 16 * 9)
+        specs = [
+            (triton_fwd._prep_kernel, dict(base, BS=BS, BV=triton.next_power_of_2(D))),
+            (triton_fwd._state_out_kernel, dict(base, BV=bv, USE_H0=True, STORE_HT=True, SAVE=True)),
+            (triton_bwd._bwd_state_kernel, dict(base, BV=bv, USE_DHT=True, STORE_DH0=True)),
+            (triton_bwd._bwd_chunk_kernel, dict(base, BV=triton_bwd.pick_bv_chunk(D))),
+        ]
+        for kernel, constexprs in specs:
+            compiled = compile_for_hopper(kernel, _signature(kernel, "bf16", constexprs), constexprs)
+            if compiled.asm["cubin"]:
+                built.append(f"{kernel.fn.__name__ if hasattr(kernel, 'fn') else kernel.__name__}-{D}")
+    return built
+
+
+@pytest.mark.slow
+def test_compiles_for_hopper():
+    """In a fresh interpreter-free process: under TRITON_INTERPRET=1 triton.language's own @jit helpers are
+    interpreter objects that the compiler cannot lower."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "from tests.test_gdn_triton import compile_all_for_hopper as f; print(*f())"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(res.stdout.split()) == 8, res.stdout
+
+
+# ---- GPU: bf16 through the public dispatch ----
+
+GPU_CASES = [(1, T, 1, 112, 112) for T in (1, 63, 65, 1000, 4096)] + [(2, 1000, 3, 64, 128), (1, 300, 2, 128, 64)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "B{}-T{}-H{}-K{}-V{}".format(*c))
+def test_bf16_gpu(case):
+    B, T, H, K, V = case
+    xs = make_inputs(B, T, H, K, V, True, device="cuda", dtype=torch.bfloat16)
+    (o, ht, grads), (ro, rht, rgrads) = run_both(
+        xs,
+        lambda *x: gdn.gated_delta_rule(*x[:5], initial_state=x[5], output_final_state=True),
+        lambda *x: reference.chunk_gated_delta_rule(*x[:5], None, x[5], True),
+    )
+    assert o.dtype == torch.bfloat16 and ht.dtype == torch.float32
+    assert relerr(o, ro) < 5e-3
+    assert relerr(ht, rht) < 5e-3
+    for name, a, r in zip(GRAD_NAMES, grads, rgrads, strict=True):
+        assert relerr(a, r) < 1e-2, name
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_and_l2norm():
+    """Same inputs, same bits; the dispatch's q/k L2 norm is differentiated through."""
+    q, k, v, g, beta, h0 = make_inputs(2, 500, 3, 112, 112, True, device="cuda", dtype=torch.bfloat16)
+    q, k = q * 3, k * 0.5
+    a = gdn.gated_delta_rule(q, k, v, g, beta, initial_state=h0, use_qk_l2norm=True)[0]
+    b = gdn.gated_delta_rule(q, k, v, g, beta, initial_state=h0, use_qk_l2norm=True)[0]
+    assert torch.equal(a, b)
+    ref = gdn.gated_delta_rule(q, k, v, g, beta, initial_state=h0, use_qk_l2norm=True, backend="reference")[0]
+    assert relerr(a, ref) < 5e-3
+
+
+@pytest.mark.gpu
+def test_torch_compile_fullgraph():
+    xs = make_inputs(2, 130, 2, 112, 112, True, device="cuda", dtype=torch.bfloat16)
+
+    def f(q, k, v, g, beta, h0):
+        o, ht = gdn.gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+        return o.float().sum() + ht.sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    leaves = [x.detach().requires_grad_() for x in xs]
+    compiled(*leaves).backward()
+    eager = [x.detach().requires_grad_() for x in xs]
+    f(*eager).backward()
+    for name, a, b in zip(GRAD_NAMES, leaves, eager, strict=True):
+        assert relerr(a.grad, b.grad) < 1e-3, name
