@@ -1,7 +1,11 @@
 """Compressed sparse attention: `csa_attention` (the attention core) and `compress_kv` (compressor).
 
-Backends, in "auto" order: "reference" (`reference.py`, any device, differentiable by autograd).
-The math and the layout are documented in `reference.py` and kept by every backend.
+Backends, in "auto" order:
+- "triton" (`triton_csa.py`, CUDA): one fused forward and a two-launch backward, as torch.library ops
+  (differentiable, torch.compile(fullgraph=True) friendly); fp16/bf16/fp32, head dim 16/32/64/128.
+- "reference" (`reference.py`, any device, differentiable by autograd).
+The math and the layout are documented in `reference.py` and kept by every backend. Token-by-token
+decoding lives in `decode.py` (`CSADecodeState`).
 """
 
 from __future__ import annotations
@@ -10,11 +14,20 @@ import torch
 
 from kernels.common import check, check_same_device, check_tensor, pick_backend
 from kernels.csa import reference
+from kernels.csa.decode import CSADecodeState
 from kernels.csa.reference import compress_kv
 
-__all__ = ["csa_attention", "compress_kv"]
+try:  # triton is a Linux-only dependency
+    from kernels.csa import triton_csa
+except ImportError:
+    triton_csa = None
 
-BACKENDS = {"reference": lambda device: True}
+__all__ = ["csa_attention", "compress_kv", "CSADecodeState"]
+
+BACKENDS = {
+    "triton": lambda device: device.type == "cuda" and triton_csa is not None,
+    "reference": lambda device: True,
+}
 
 
 def csa_attention(
@@ -39,7 +52,7 @@ def csa_attention(
         window: local window; query t sees keys t - window + 1 .. t.
         stride: compression stride.
         scale: softmax scale, default D ** -0.5.
-        backend: "auto" or "reference".
+        backend: "auto", "triton" or "reference".
 
     Returns:
         [B, T, H, D] in q's dtype.
@@ -65,5 +78,7 @@ def csa_attention(
     check_tensor("blend", blend, (B, T, H * D))
     check(T > 0 and B > 0, f"empty input: B={B}, T={T}")
     device = check_same_device(q=q, k=k, v=v, kc=kc, vc=vc, blend=blend)
-    pick_backend(backend, device, BACKENDS)
+    scale = D**-0.5 if scale is None else float(scale)
+    if pick_backend(backend, device, BACKENDS) == "triton":
+        return triton_csa.csa_attention_triton(q, k, v, kc, vc, blend, window, stride, scale)
     return reference.csa_attention(q, k, v, kc, vc, blend, window, stride, scale)
