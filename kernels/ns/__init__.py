@@ -1,42 +1,148 @@
-"""Newton-Schulz orthogonalization for Muon: `newton_schulz` dispatching to a backend.
+"""Newton-Schulz orthogonalization for Muon: `newton_schulz` (one stack) and `newton_schulz_many` (all
+of an optimizer's shape groups at once), dispatching to a backend.
 
-Backends, in "auto" order: "reference" (`reference.py`, any device). The iteration is documented in
-`reference.py` and kept by every backend.
+Backends (the iteration is documented in `reference.py` and kept by every backend):
+- "triton" (`triton_ns.py`, CUDA): bf16 operands, fp32 accumulation, 3 launches a step for any number
+  of matrices of any shapes (normalization fused into step 0, output written by the last step).
+- "cuda" (`cuda.py` + `csrc/ns/ns.cu`, CUDA with CuPy installed): the same three stages as CUDA C++
+  mma.sync kernels compiled by NVRTC, one launch a stage per stack.
+- "reference" (`reference.py`, any device, fp32 math).
+"auto" picks, on CUDA, the backend measured fastest for the stack's wide shape in `AUTO_TABLE`
+(recorded by `bench/ns.py` on an H100, see profiles/ns.md; "triton" for shapes not listed), else
+"reference".
+
+`coeffs` is one (a, b, c) used at every step (default `NS_COEFFS`) or a schedule with one (a, b, c)
+per step (a schedule such as Polar Express's per-step minimax quintics); the default is unchanged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from kernels.common import check, check_tensor, pick_backend
-from kernels.ns import reference
+from kernels.ns import cuda, reference
 from kernels.ns.reference import NS_COEFFS
 
-__all__ = ["newton_schulz", "NS_COEFFS"]
+try:  # triton is a Linux-only dependency
+    from kernels.ns import triton_ns
+except ImportError:
+    triton_ns = None
 
-BACKENDS = {"reference": lambda device: True}
+__all__ = ["newton_schulz", "newton_schulz_many", "NS_COEFFS", "AUTO_TABLE"]
+
+BACKENDS = {
+    "triton": lambda device: device.type == "cuda" and triton_ns is not None,
+    "cuda": cuda.available,
+    "reference": lambda device: True,
+}
+
+# wide shape (min(m, n), max(m, n)) -> fastest backend measured by bench/ns.py (per stack, H100)
+AUTO_TABLE: dict[tuple[int, int], str] = {}
+
+Coeffs = tuple[float, float, float] | Sequence[tuple[float, float, float]]
+
+
+def _schedule(coeffs: Coeffs, steps: int) -> list[tuple[float, float, float]]:
+    check(len(coeffs) > 0, "coeffs is empty")
+    if isinstance(coeffs[0], (int, float)):
+        check(len(coeffs) == 3, f"coeffs must be (a, b, c) or a list of them, got {coeffs}")
+        return [tuple(float(c) for c in coeffs)] * steps
+    check(all(len(c) == 3 for c in coeffs), f"every step's coeffs must be (a, b, c), got {coeffs}")
+    check(len(coeffs) == steps, f"a schedule of {len(coeffs)} steps was given for steps={steps}")
+    return [tuple(float(x) for x in c) for c in coeffs]
+
+
+def _check_input(G: torch.Tensor, check_finite: bool) -> None:
+    check(isinstance(G, torch.Tensor), f"G must be a torch.Tensor, got {type(G).__name__}")
+    check(G.dim() in (2, 3), f"G must be [m, n] or [N, m, n], got shape {tuple(G.shape)}")
+    check_tensor("G", G, (None,) * G.dim())
+    check(G.numel() > 0, f"G is empty: shape {tuple(G.shape)}")
+    if check_finite:  # one device sync
+        check(bool(torch.isfinite(G).all()), "G has non-finite entries (NaN or inf)")
+
+
+def _reference(G: torch.Tensor, schedule: list[tuple[float, float, float]], eps: float) -> torch.Tensor:
+    if len(set(schedule)) <= 1:
+        return reference.newton_schulz(G, len(schedule), schedule[0] if schedule else NS_COEFFS, eps)
+    dt = torch.float64 if G.dtype == torch.float64 else torch.float32
+    X = reference.newton_schulz(G.to(dt), 0, NS_COEFFS, eps)  # normalized
+    tall = X.shape[-2] > X.shape[-1]
+    X = X.mT if tall else X
+    for a, b, c in schedule:  # the reference iteration with per-step coefficients
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.mT if tall else X).to(G.dtype)
+
+
+def _resolve(backend: str, G: torch.Tensor) -> str:
+    if backend == "auto" and G.device.type == "cuda":
+        wide = tuple(sorted(G.shape[-2:]))
+        choice = AUTO_TABLE.get(wide, "triton")
+        if BACKENDS[choice](G.device):
+            return choice
+    return pick_backend(backend, G.device, BACKENDS)
 
 
 def newton_schulz(
     G: torch.Tensor,
     steps: int = 5,
-    coeffs: tuple[float, float, float] = NS_COEFFS,
+    coeffs: Coeffs = NS_COEFFS,
     backend: str = "auto",
+    eps: float = 1e-7,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Orthogonalize G [m, n] or a stack [N, m, n] of same-shape matrices (Muon's update direction).
 
     Returns a tensor of G's shape and dtype whose singular values lie near 1 (about [0.7, 1.2]).
+    The kernel backends use bf16 operands with fp32 accumulation. `check_finite=False` skips the
+    NaN/inf check (it costs a device sync); non-finite input then gives non-finite output.
 
     Example:
         >>> X = newton_schulz(torch.randn(4, 576, 1536))
         >>> X.shape
         torch.Size([4, 576, 1536])
     """
-    check(isinstance(G, torch.Tensor), f"G must be a torch.Tensor, got {type(G).__name__}")
-    check(G.dim() in (2, 3), f"G must be [m, n] or [N, m, n], got shape {tuple(G.shape)}")
-    check_tensor("G", G, (None,) * G.dim())
-    check(G.numel() > 0, f"G is empty: shape {tuple(G.shape)}")
+    _check_input(G, check_finite)
     check(steps >= 0, f"steps must be >= 0, got {steps}")
-    check(bool(torch.isfinite(G).all()), "G has non-finite entries (NaN or inf)")
-    pick_backend(backend, G.device, BACKENDS)
-    return reference.newton_schulz(G, steps, coeffs)
+    schedule = _schedule(coeffs, steps)
+    name = _resolve(backend, G)
+    if name == "reference" or steps == 0:
+        return _reference(G, schedule, eps)
+    if name == "cuda":
+        return cuda.newton_schulz_cuda(G, schedule, eps)
+    return triton_ns.newton_schulz_triton([G], schedule, eps)[0]
+
+
+def newton_schulz_many(
+    Gs: Sequence[torch.Tensor],
+    steps: int = 5,
+    coeffs: Coeffs = NS_COEFFS,
+    backend: str = "auto",
+    eps: float = 1e-7,
+    check_finite: bool = True,
+) -> list[torch.Tensor]:
+    """`newton_schulz` on each of several matrices/stacks of any shapes (one dtype and device).
+
+    With the "triton" backend (what "auto" picks on CUDA) every matrix of every stack goes through the
+    same 3 launches a step (15 for 5 steps), whatever the number of shape groups.
+
+    Example:
+        >>> Xs = newton_schulz_many([torch.randn(48, 576, 1536), torch.randn(8, 3024, 576)])
+        >>> [tuple(X.shape) for X in Xs]
+        [(48, 576, 1536), (8, 3024, 576)]
+    """
+    check(len(Gs) > 0, "Gs is empty")
+    for G in Gs:
+        _check_input(G, check_finite)
+    check(len({(G.dtype, G.device) for G in Gs}) == 1, "all of Gs must share one dtype and one device")
+    check(steps >= 0, f"steps must be >= 0, got {steps}")
+    schedule = _schedule(coeffs, steps)
+    G0 = Gs[0]
+    if backend == "auto" and G0.device.type == "cuda" and BACKENDS["triton"](G0.device) and steps > 0:
+        backend = "triton"
+    if backend == "triton" and steps > 0:
+        pick_backend(backend, G0.device, BACKENDS)
+        return triton_ns.newton_schulz_triton(list(Gs), schedule, eps)
+    return [newton_schulz(G, steps, coeffs, backend, eps, check_finite=False) for G in Gs]

@@ -1,0 +1,210 @@
+"""Newton-Schulz kernels (kernels/ns): Triton under the interpreter (fp32, small shapes) and compiled for
+sm_90, the CUDA source compiled by nvcc for sm_90a, the dispatcher's input checks; on a GPU, both
+kernel backends in bf16 on the 95m model's Muon shapes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels.ns import NS_COEFFS, cuda, newton_schulz, newton_schulz_many, triton_ns
+from kernels.ns.reference import newton_schulz as ns_ref
+from tests.helpers import relerr
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = triton_ns.Config(bs=16, bk=16, bm=16, bn=32, bk3=16)  # interpreter-sized tiles
+
+
+def ref64(G: torch.Tensor, schedule=None) -> torch.Tensor:
+    """Float64 reference iteration (per-step coefficients when `schedule` is given)."""
+    if schedule is None:
+        return ns_ref(G.double().cpu(), 5)
+    return newton_schulz(G.double().cpu(), len(schedule), schedule, backend="reference")
+
+
+def sv_range(X: torch.Tensor) -> tuple[float, float]:
+    s = torch.linalg.svdvals(X.double().cpu())
+    return s.min().item(), s.max().item()
+
+
+# ---- CPU: Triton under the interpreter, fp32 operands (the interpreter computes bf16 wrongly) --------
+
+
+def _mixed_inputs(gen: torch.Generator) -> list[torch.Tensor]:
+    # wide, tall, square, widths that are not multiples of 16 or of the tiles, a [m, 4] tall one
+    return [
+        torch.randn(3, 20, 45, generator=gen),
+        torch.randn(50, 24, generator=gen),
+        torch.randn(2, 7, 7, generator=gen),
+        torch.randn(40, 4, generator=gen),
+        torch.randn(9, 33, generator=gen),
+    ]
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_triton_interpreter_grouped_matches_reference(sym):
+    gen = torch.Generator().manual_seed(1 + sym)
+    Gs = _mixed_inputs(gen)
+    outs = triton_ns.newton_schulz_triton(Gs, [NS_COEFFS] * 5, work_dtype=torch.float32, sym=sym, config=SMALL)
+    for G, X in zip(Gs, outs, strict=True):
+        assert X.shape == G.shape and X.dtype == G.dtype
+        assert relerr(X, ref64(G)) < 1e-4, G.shape
+        lo, hi = sv_range(X)
+        assert 0.6 <= lo and hi <= 1.25, (G.shape, lo, hi)
+    # a stack's result equals the result of each of its matrices alone, and of a call per group
+    alone = triton_ns.newton_schulz_triton([Gs[0][1]], [NS_COEFFS] * 5, work_dtype=torch.float32, config=SMALL)[0]
+    assert torch.equal(alone, outs[0][1])
+    single = triton_ns.newton_schulz_triton([Gs[1]], [NS_COEFFS] * 5, work_dtype=torch.float32, config=SMALL)[0]
+    assert torch.equal(single, outs[1])
+
+
+def test_triton_interpreter_one_step_schedule_and_strided_input():
+    gen = torch.Generator().manual_seed(3)
+    G = torch.randn(30, 70, generator=gen)[:, 3:40]  # row stride 70: copied into the aligned layout
+    schedule = [(3.0, -3.2, 1.2), (2.5, -2.0, 0.6), (1.9, -1.4, 0.5)]
+    for sched in ([NS_COEFFS], schedule):
+        X = triton_ns.newton_schulz_triton([G], sched, work_dtype=torch.float32, config=SMALL)[0]
+        assert relerr(X, ref64(G, sched)) < 1e-4
+
+
+def test_reference_schedule_equals_constant_coeffs():
+    G = torch.randn(12, 20, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    a = newton_schulz(G, 5, [NS_COEFFS] * 5, backend="reference")
+    b = newton_schulz(G, 5, backend="reference")
+    assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    assert relerr(newton_schulz_many([G, G.mT], 5, backend="reference")[1], b.mT) < 1e-12
+
+
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        (torch.randn(5), "must be"),
+        (torch.randn(0, 4), "empty"),
+        (torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), "non-finite"),
+        (torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), "non-finite"),
+        (torch.ones(3, 4, dtype=torch.int32), "dtype"),
+    ],
+)
+def test_bad_input_raises(bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        newton_schulz(bad)
+    with pytest.raises(ValueError, match=msg):
+        newton_schulz_many([torch.randn(3, 4), bad])
+
+
+def test_bad_options_raise():
+    G = torch.randn(4, 6)
+    with pytest.raises(ValueError, match="schedule"):
+        newton_schulz(G, 3, [NS_COEFFS] * 2)
+    with pytest.raises(ValueError, match="unknown backend"):
+        newton_schulz(G, backend="nope")
+    with pytest.raises(ValueError, match="one dtype"):
+        newton_schulz_many([G, G.double()])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="not available"):
+            newton_schulz(G, backend="triton")
+        assert not cuda.available(G.device)
+
+
+# ---- CPU: compile checks --------------------------------------------------------------------------------
+
+_COMPILE_SCRIPT = """
+from tests.helpers import compile_for_hopper
+from kernels.ns.triton_ns import _ns_stage_kernel
+sig = {"tiles": "*i32", "meta": "*i64", "g_off": "*i64", "g": "*fp32", "out": "*fp32", "x_in": "*bf16",
+       "x_out": "*bf16", "a_buf": "*bf16", "b_buf": "*bf16", "trace": "*fp32", "coef_a": "fp32",
+       "coef_b": "fp32", "coef_c": "fp32", "eps": "fp32"}
+for stage, first, last in [(1, True, False), (2, True, False), (1, False, False), (3, False, True), (3, True, False)]:
+    k = compile_for_hopper(_ns_stage_kernel, sig, dict(STAGE=stage, FIRST=first, LAST=last, SYM=True, NDIAG=8,
+                           BM=128, BN=128, BK=64, DOT_PREC="tf32"))
+    assert "wgmma.mma_async" in k.asm["ptx"], (stage, first, last)
+print("ok")
+"""
+
+
+def test_triton_compiles_for_sm90():
+    # helper @jit functions cannot be compiled from their interpreter wrappers: compile in a fresh process
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_cuda_source_compiles_for_sm90a(tmp_path):
+    r = subprocess.run(
+        ["nvcc", "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "ns.cubin"),
+         str(cuda.SOURCE)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    for kernel in ("ns_sym", "ns_sym_full", "ns_gemm"):
+        assert f"'{kernel}'" in r.stderr
+    assert all(" 0 bytes spill" in line for line in r.stderr.splitlines() if "spill" in line)
+
+
+# ---- GPU ------------------------------------------------------------------------------------------------
+
+# (stack size, m, n) covering every kind of 95m Muon shape: wide, tall, square, tiny, [3024, 4]
+GPU_SHAPES = [(4, 576, 1536), (2, 3024, 576), (3, 1008, 576), (2, 576, 576), (2, 9, 576), (2, 3024, 4), (2, 192, 192)]
+
+
+def _poison_cache():
+    """Leave NaNs in the caching allocator's free blocks, so an unwritten output element shows up."""
+    torch.full((1 << 26,), float("nan"), device="cuda")
+    torch.cuda.synchronize()
+
+
+def _gpu_inputs(dtype=torch.float32):
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    return [torch.randn(N, m, n, device="cuda", generator=gen, dtype=dtype) for N, m, n in GPU_SHAPES]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
+def test_gpu_triton_bf16(in_dtype):
+    Gs = _gpu_inputs(in_dtype)
+    _poison_cache()
+    outs = newton_schulz_many(Gs, 5)
+    for G, X in zip(Gs, outs, strict=True):
+        assert X.shape == G.shape and X.dtype == G.dtype
+        R = ref64(G)
+        assert relerr(X, R) < 2e-2, G.shape
+        for b in range(G.shape[0]):
+            lo, hi = sv_range(X[b])
+            assert 0.6 <= lo and hi <= 1.25, (G.shape, lo, hi)
+        _poison_cache()
+        single = newton_schulz(G, 5, backend="triton")
+        assert torch.equal(single, X), G.shape  # one stack alone == the same stack among all groups
+        assert torch.equal(newton_schulz(G[1], 5, backend="triton"), X[1])  # a matrix alone == in its stack
+
+
+@pytest.mark.gpu
+def test_gpu_triton_fp32_and_no_symmetry():
+    Gs = _gpu_inputs()
+    outs = triton_ns.newton_schulz_triton(Gs, [NS_COEFFS] * 5, work_dtype=torch.float32)
+    full = triton_ns.newton_schulz_triton(Gs, [NS_COEFFS] * 5, sym=False)
+    for G, X, F in zip(Gs, outs, full, strict=True):
+        assert relerr(X, ref64(G)) < 1e-4, G.shape
+        assert relerr(F, ref64(G)) < 2e-2, G.shape
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(cuda.cupy is None, reason="cupy not installed")
+def test_gpu_cuda_backend():
+    for G in _gpu_inputs():
+        _poison_cache()
+        X = newton_schulz(G, 5, backend="cuda")
+        assert X.shape == G.shape and X.dtype == G.dtype
+        assert relerr(X, ref64(G)) < 2e-2, G.shape
+        lo, hi = sv_range(X[0])
+        assert 0.6 <= lo and hi <= 1.25, (G.shape, lo, hi)
+        assert torch.equal(newton_schulz(G[1], 5, backend="cuda"), X[1])
+        F = cuda.newton_schulz_cuda(G, [NS_COEFFS] * 5, sym=False)
+        assert relerr(F, X) < 1e-2
