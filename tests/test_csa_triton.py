@@ -19,6 +19,9 @@ from kernels.csa import reference, triton_csa
 from tests.helpers import compile_for_hopper, relerr
 
 GRAD_NAMES = ("dq", "dk", "dv", "dkc", "dvc", "dblend")
+# Tests below that take no `device` run their kernels where they can: the GPU if there is one, else the
+# interpreter on CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
@@ -78,6 +81,7 @@ CPU_SHAPES = [  # B, T, H, Hkv, D
 ]
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="fp32 interpreter check for CPU CI; on a GPU see test_*_gpu")
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "B{}T{}H{}Hkv{}D{}".format(*s))
 def test_matches_reference_interpreter(shape):
     xs = make_inputs(*shape, strided=shape[1] in (7, 130), seed=shape[1])
@@ -91,7 +95,7 @@ def test_causal():
     """Changing anything after position t0 (raw rows > t0, compressed blocks finished after t0) leaves
     rows <= t0 bit-identical."""
     B, T, H, Hkv, D, t0 = 1, 70, 3, 1, 16, 37
-    xs = [x.detach() for x in make_inputs(B, T, H, Hkv, D)]
+    xs = [x.detach() for x in make_inputs(B, T, H, Hkv, D, device=DEVICE)]
     out = triton_fn(*xs)
     q, k, v, kc, vc, blend = (x.clone() for x in xs)
     for x in (q, k, v, blend):
@@ -105,7 +109,7 @@ def test_causal():
 
 def test_torch_compile_fullgraph():
     """The custom ops trace into one graph (aot_eager: no C++ compiler needed) and match eager."""
-    xs = make_inputs(1, 20, 3, 1, 16)
+    xs = make_inputs(1, 20, 3, 1, 16, device=DEVICE)
     fn = torch.compile(triton_fn, fullgraph=True, backend="aot_eager")
     out, grads, _, _ = run_both(xs, fn)
     out_e, grads_e, _, _ = run_both(xs, triton_fn)
@@ -114,12 +118,12 @@ def test_torch_compile_fullgraph():
 
 
 def test_no_grad_forward_saves_nothing():
-    xs = [x.detach() for x in make_inputs(1, 9, 3, 1, 16)]
+    xs = [x.detach() for x in make_inputs(1, 9, 3, 1, 16, device=DEVICE)]
     with torch.no_grad():
         out = triton_fn(*xs)
     _, dcl, lse_c, lse_l = triton_csa.csa_fwd(*xs, 64, 4, 0.25, False)
     assert dcl.numel() == lse_c.numel() == lse_l.numel() == 0
-    assert relerr(out, reference.csa_attention(*(x.double() for x in xs))) < 1e-5
+    assert relerr(out.cpu(), reference.csa_attention(*(x.cpu().double() for x in xs))) < 2e-3  # tf32 on GPU
 
 
 def test_bad_input():

@@ -1,0 +1,397 @@
+"""Benchmark of the CSA attention core and the whole CSA layer on one GPU, in one run.
+
+Variants, all bf16, layout [B, T, H, D] unless said otherwise:
+  ours        kernels.csa.csa_attention(backend="triton"): fused forward, two-launch backward
+  flex        FlexAttention composition, compiled: sliding-window block mask over the raw keys plus a
+              visibility block mask over the compressed keys, rows t < 4 zeroed, blended with lerp. Given
+              [B, H, T, D] inputs (its native layout, no transposes timed): the generous setting.
+  reference   kernels/csa/reference.py (PyTorch, fp32 compute)
+  sdpa_full   F.scaled_dot_product_attention(is_causal=True, enable_gqa=True): full causal attention, the
+              yard stick; the fastest of the default dispatch, flash and cuDNN is reported
+Forward and forward+backward medians (CUDA events, warm-up, >= 20 reps, inputs rotated over two sets),
+tokens/s and the fraction of a roofline (useful FLOPs over the measured bf16 matmul rate, ideal bytes
+over the measured copy bandwidth, whichever is larger). Also: the whole CSA layer (projections
+included) with ours vs the reference, the compressor's share of it, eager vs torch.compile'd.
+
+    python bench/csa.py --out profiles            # writes csa.json and csa.md there
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import kernels.csa as csa  # noqa: E402
+from kernels.csa import reference, triton_csa  # noqa: E402
+
+H, HKV, D, STRIDE, WINDOW = 9, 3, 64, 4, 64
+SCALE = D**-0.5
+DT = torch.bfloat16
+
+
+def bench(fn, reps: int = 30, warmup: int = 5) -> float:
+    """Median milliseconds of fn(i) (i rotates the input set), CUDA events around each call."""
+    for i in range(warmup):
+        fn(i)
+    torch.cuda.synchronize()
+    times = []
+    for i in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(i)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def ceilings() -> dict:
+    """Copy bandwidth (bytes read + written) and bf16 matmul rate, measured here."""
+    x = torch.randn(2**28, device="cuda", dtype=DT)  # 512 MiB
+    y = torch.empty_like(x)
+    ms = bench(lambda i: y.copy_(x), reps=20)
+    bw = 2 * x.numel() * x.element_size() / ms / 1e9  # TB/s
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=DT) for _ in range(2))
+    ms_mm = bench(lambda i: a @ b, reps=20)
+    return {"copy_TBps": bw, "bf16_matmul_TFLOPs": 2 * 8192**3 / ms_mm / 1e9}
+
+
+def inputs(B: int, T: int, seed: int, requires_grad: bool = True) -> list[torch.Tensor]:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    Tc = -(-T // STRIDE)
+    rnd = lambda *s: torch.randn(*s, device="cuda", dtype=DT, generator=g)
+    xs = [rnd(B, T, H, D), rnd(B, T, HKV, D), rnd(B, T, HKV, D), rnd(B, Tc, HKV, D), rnd(B, Tc, HKV, D)]
+    xs.append(torch.rand(B, T, H * D, device="cuda", generator=g).to(DT))
+    return [x.requires_grad_(requires_grad) for x in xs]
+
+
+def to_bhtd(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[B, T, H, D] -> contiguous [B, H, T, D] leaves (blend too), for flex and SDPA."""
+    B, T = xs[0].shape[:2]
+    out = [x.detach().transpose(1, 2).contiguous() for x in xs[:5]]
+    out.append(xs[5].detach().view(B, T, H, D).transpose(1, 2).contiguous())
+    return [x.requires_grad_() for x in out]
+
+
+def make_flex(T: int):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    Tc = -(-T // STRIDE)
+    local_mask = create_block_mask(lambda b, h, q, kv: (kv <= q) & (kv > q - WINDOW), None, None, T, T, device="cuda")
+    comp_mask = create_block_mask(lambda b, h, q, kv: q >= STRIDE * (kv + 1), None, None, T, Tc, device="cuda")
+    has_block = (torch.arange(T, device="cuda") >= STRIDE)[:, None]
+
+    def flex_csa(q, k, v, kc, vc, blend):
+        local = flex_attention(q, k, v, block_mask=local_mask, scale=SCALE, enable_gqa=True)
+        comp = flex_attention(q, kc, vc, block_mask=comp_mask, scale=SCALE, enable_gqa=True)
+        comp = torch.where(has_block, comp, 0.0)  # rows t < 4: no visible block, comp = 0 by definition
+        return torch.lerp(local, comp, blend)
+
+    return torch.compile(flex_csa, fullgraph=True)
+
+
+def sdpa_variants():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run(backends, q, k, v):
+        with sdpa_kernel(backends):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=SCALE, enable_gqa=True)
+
+    all_backends = [
+        SDPBackend.FLASH_ATTENTION,
+        SDPBackend.EFFICIENT_ATTENTION,
+        SDPBackend.CUDNN_ATTENTION,
+        SDPBackend.MATH,
+    ]
+    return {
+        "default": partial(run, all_backends),
+        "flash": partial(run, [SDPBackend.FLASH_ATTENTION]),
+        "cudnn": partial(run, [SDPBackend.CUDNN_ATTENTION]),
+    }
+
+
+def useful_flops(B: int, T: int, kind: str) -> float:
+    """Forward FLOPs of the unmasked score/value products (2 matmuls x 2 FLOPs per MAC)."""
+    t = torch.arange(T, dtype=torch.float64)
+    keys = (t // STRIDE + torch.clamp(t + 1, max=WINDOW)) if kind == "csa" else t + 1
+    return 4.0 * D * H * B * keys.sum().item()
+
+
+def ideal_bytes(B: int, T: int, fwdbwd: bool) -> float:
+    """Each input read once, each output written once (bf16); fwd+bwd adds dO, the saved lse and all grads."""
+    Tc = -(-T // STRIDE)
+    q_like, kv_like, kc_like = B * T * H * D, B * T * HKV * D, B * Tc * HKV * D
+    fwd = 2 * (3 * q_like + 2 * kv_like + 2 * kc_like)  # q, blend, o; k, v; kc, vc
+    if not fwdbwd:
+        return fwd
+    return fwd + 2 * (3 * q_like + 2 * kv_like + 2 * kc_like) + 2 * 4 * B * H * T  # do, dq, dblend; grads; lse
+
+
+def relerrs(out, grads, ref, ref_grads):
+    from tests.helpers import relerr
+
+    return relerr(out, ref), max(relerr(g, r) for g, r in zip(grads, ref_grads, strict=True))
+
+
+def check_accuracy(B: int, T: int, flex_fn) -> dict:
+    """ours and flex vs the float64 reference (computed on the GPU), forward and worst gradient."""
+    xs = inputs(B, T, seed=123)
+    do = torch.randn(B, T, H, D, device="cuda", dtype=DT)
+    x64 = [x.detach().double().requires_grad_() for x in xs]
+    ref = reference.csa_attention(*x64)
+    ref_grads = torch.autograd.grad(ref, x64, do.double())
+    out = csa.csa_attention(*xs, backend="triton")
+    res = {"ours": relerrs(out, torch.autograd.grad(out, xs, do), ref, ref_grads)}
+    xf = to_bhtd(xs)
+    outf = flex_fn(*xf).transpose(1, 2)
+    gf = torch.autograd.grad(outf, xf, do)
+    gf = [g.transpose(1, 2) for g in gf[:5]] + [gf[5].transpose(1, 2).reshape(B, T, H * D)]
+    res["flex"] = relerrs(outf, gf, ref, ref_grads)
+    return {k: {"fwd": a, "bwd": b} for k, (a, b) in res.items()}
+
+
+def time_variant(fwd, sets, do) -> tuple[float, float]:
+    """(fwd ms, fwd+bwd ms) of fwd(*inputs) with inputs rotated over `sets`."""
+    with torch.no_grad():
+        t_f = bench(lambda i: fwd(*sets[i % len(sets)]))
+    t_fb = bench(lambda i: torch.autograd.grad(fwd(*sets[i % len(sets)]), sets[i % len(sets)], do, allow_unused=True))
+    return t_f, t_fb
+
+
+def sweep_configs(B: int, T: int) -> dict:
+    """Time a few tile configs per kernel (each checked against the fp64 reference first); keep the best."""
+    options = {
+        "fwd": [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 3)],
+        "bwd_dq": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2)],
+        "bwd_dkv": [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 8, 3), (32, 64, 4, 3)],
+    }
+    xs = [x.detach() for x in inputs(B, T, seed=7)]
+    do = torch.randn(B, T, H, D, device="cuda", dtype=DT)
+    small = inputs(2, 333, seed=8)
+    dsmall = torch.randn(2, 333, H, D, device="cuda", dtype=DT)
+    x64 = [x.detach().double().requires_grad_() for x in small]
+    ref = reference.csa_attention(*x64)
+    ref_grads = torch.autograd.grad(ref, x64, dsmall.double())
+    report = {}
+    for name, opts in options.items():
+        results = []
+        for bm, bn, warps, stages in opts:
+            triton_csa.CONFIG[name] = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+            try:
+                out = csa.csa_attention(*small, backend="triton")
+                ef, eb = relerrs(out, torch.autograd.grad(out, small, dsmall), ref, ref_grads)
+                o, dcl, lc, ll = triton_csa.csa_fwd(*xs, WINDOW, STRIDE, SCALE, True)
+                if name == "fwd":
+                    ms = bench(lambda i: triton_csa.csa_fwd(*xs, WINDOW, STRIDE, SCALE, False))
+                else:
+                    saved = (o, dcl, lc, ll)
+                    ms = bench(lambda i, s=saved: triton_csa.csa_bwd(do, *xs, *s, WINDOW, STRIDE, SCALE))
+            except Exception as e:  # a config that does not compile (resources) is skipped, and reported
+                results.append({"cfg": (bm, bn, warps, stages), "error": repr(e)[:200]})
+                continue
+            ok = ef < 5e-3 and eb < 1e-2
+            results.append({"cfg": (bm, bn, warps, stages), "ms": ms, "relerr_fwd": ef, "relerr_bwd": eb, "ok": ok})
+        good = [r for r in results if r.get("ok")]
+        best = min(good, key=lambda r: r["ms"])
+        bm, bn, warps, stages = best["cfg"]
+        triton_csa.CONFIG[name] = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        report[name] = {"best": triton_csa.CONFIG[name], "tried": results}
+        print(f"sweep {name}: " + ", ".join(f"{r['cfg']}={r.get('ms', float('nan')):.3f}" for r in results))
+    return report
+
+
+def layer_bench(B: int, T: int) -> dict:
+    """The model's CSA layer (projections included), fwd+bwd, ours vs the reference core, plus the compressor."""
+    from model import model as model_mod
+    from model.config import HylaConfig
+
+    cfg = HylaConfig()
+    layer = model_mod.CSA(cfg).cuda().to(DT)
+    cos, sin = (t.cuda() for t in model_mod.rope_tables(torch.arange(T), cfg.rotary_dim, cfg.rope_theta))
+    xs = [torch.randn(B, T, cfg.dim, device="cuda", dtype=DT, requires_grad=True) for _ in range(2)]
+    dy = torch.randn(B, T, cfg.dim, device="cuda", dtype=DT)
+    params = list(layer.parameters())
+    core = model_mod.csa_attention
+    res = {}
+    try:
+        for name, backend in (("ours", "triton"), ("reference", "reference")):
+            model_mod.csa_attention = partial(csa.csa_attention, backend=backend)
+            step = lambda i: torch.autograd.grad(layer(xs[i % 2], (cos, sin)), [xs[i % 2], *params], dy)
+            res[f"{name}_fwdbwd_ms"] = bench(step, reps=20)
+            with torch.no_grad():
+                res[f"{name}_fwd_ms"] = bench(lambda i: layer(xs[i % 2], (cos, sin)), reps=20)
+    finally:
+        model_mod.csa_attention = core
+    # the compressor alone (fwd+bwd), eager and compiled: is a fused compressor worth it?
+    k_raw = torch.randn(B, T, HKV, D, device="cuda", dtype=DT, requires_grad=True)
+    v = torch.randn(B, T, HKV, D, device="cuda", dtype=DT, requires_grad=True)
+    wk, wv = layer.compress_k.weight, layer.compress_v.weight
+    dkc = torch.randn(B, -(-T // STRIDE), HKV, D, device="cuda", dtype=DT)
+    for name, fn in (("eager", csa.compress_kv), ("compiled", torch.compile(csa.compress_kv, fullgraph=True))):
+        comp_step = lambda i, fn=fn: torch.autograd.grad(
+            sum((o * dkc).sum() for o in fn(k_raw, v, wk, wv)), [k_raw, v, wk, wv]
+        )
+        res[f"compressor_{name}_fwdbwd_ms"] = bench(comp_step, reps=20)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="profiles")
+    ap.add_argument("--no-sweep", action="store_true")
+    args = ap.parse_args()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    import triton
+
+    t0 = time.time()
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda},
+        "command": "python " + " ".join(sys.argv),
+    }
+    meta["ceilings"] = ceil = ceilings()
+    print(meta, flush=True)
+    if not args.no_sweep:
+        meta["sweep"] = sweep_configs(16, 1024)
+    meta["config"] = triton_csa.CONFIG
+
+    rows, accuracy = [], {}
+    sdpa = sdpa_variants()
+    for B, T in ((16, 1024), (64, 1024), (16, 4096)):
+        flex_fn = make_flex(T)
+        if B == 16:
+            accuracy[f"B{B}_T{T}"] = check_accuracy(2 if T == 4096 else 4, T, flex_fn)
+            print("accuracy", T, accuracy[f"B{B}_T{T}"], flush=True)
+        sets = [inputs(B, T, seed=s) for s in range(2)]
+        do = torch.randn(B, T, H, D, device="cuda", dtype=DT)
+        flex_sets = [to_bhtd(s) for s in sets]
+        do_bhtd = do.transpose(1, 2).contiguous()
+        variants = {
+            "ours": (partial(csa.csa_attention, backend="triton"), sets, do, "csa"),
+            "flex": (flex_fn, flex_sets, do_bhtd, "csa"),
+            "reference": (partial(csa.csa_attention, backend="reference"), sets, do, "csa"),
+        }
+        for name, fn in sdpa.items():
+            variants[f"sdpa_full_{name}"] = (lambda q, k, v, kc, vc, bl, fn=fn: fn(q, k, v), flex_sets, do_bhtd, "full")
+        for name, (fn, s, g, kind) in variants.items():
+            row = {"variant": name, "B": B, "T": T}
+            try:
+                t_f, t_fb = time_variant(fn, s, g)
+            except Exception as e:  # OOM of the reference at the largest shapes, an SDPA backend not there
+                row["error"] = repr(e)[:300]
+                rows.append(row)
+                print(row, flush=True)
+                torch.cuda.empty_cache()
+                continue
+            fl = useful_flops(B, T, kind)
+            floor_f = max(fl / ceil["bf16_matmul_TFLOPs"] / 1e9, ideal_bytes(B, T, False) / ceil["copy_TBps"] / 1e9)
+            floor_fb = max(
+                3.5 * fl / ceil["bf16_matmul_TFLOPs"] / 1e9, ideal_bytes(B, T, True) / ceil["copy_TBps"] / 1e9
+            )
+            row.update(
+                fwd_ms=t_f,
+                fwdbwd_ms=t_fb,
+                fwd_tokens_per_s=B * T / t_f * 1e3,
+                fwdbwd_tokens_per_s=B * T / t_fb * 1e3,
+                fwd_TFLOPs=fl / t_f / 1e9,
+                fwdbwd_TFLOPs=3.5 * fl / t_fb / 1e9,
+                fwd_roofline_frac=floor_f / t_f,
+                fwdbwd_roofline_frac=floor_fb / t_fb,
+            )
+            rows.append(row)
+            print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+            (out_dir / "csa_rows.json").write_text(json.dumps(rows, indent=1))  # partial results, if cut off
+        del sets, flex_sets
+        torch.cuda.empty_cache()
+
+    layer = {}
+    for B in (16, 64):
+        try:
+            layer[f"B{B}_T1024"] = layer_bench(B, 1024)
+        except Exception as e:
+            layer[f"B{B}_T1024"] = {"error": repr(e)[:300]}
+        print("layer", B, layer[f"B{B}_T1024"], flush=True)
+
+    def ms(variant, B, T=1024, key="fwdbwd_ms"):
+        r = [r for r in rows if r["variant"] == variant and r["B"] == B and r["T"] == T and key in r]
+        return r[0][key] if r else float("nan")
+
+    sdpa_best = lambda B, T=1024: min(
+        ms(f"sdpa_full_{n}", B, T) for n in sdpa if not math.isnan(ms(f"sdpa_full_{n}", B, T))
+    )
+    summary = {
+        "speedup_fwdbwd_vs_flex_B16": ms("flex", 16) / ms("ours", 16),
+        "speedup_fwdbwd_vs_flex_B64": ms("flex", 64) / ms("ours", 64),
+        "speedup_fwdbwd_vs_sdpa_full_B16": sdpa_best(16) / ms("ours", 16),
+        "speedup_fwdbwd_vs_sdpa_full_B64": sdpa_best(64) / ms("ours", 64),
+        "speedup_fwd_vs_flex_B16": ms("flex", 16, key="fwd_ms") / ms("ours", 16, key="fwd_ms"),
+        "speedup_fwdbwd_vs_reference_B16": ms("reference", 16) / ms("ours", 16),
+        "speedup_fwdbwd_vs_flex_B16_T4096": ms("flex", 16, 4096) / ms("ours", 16, 4096),
+        "speedup_fwdbwd_vs_sdpa_full_B16_T4096": sdpa_best(16, 4096) / ms("ours", 16, 4096),
+        "max_relerr_fwd": max(a["ours"]["fwd"] for a in accuracy.values()),
+        "max_relerr_bwd": max(a["ours"]["bwd"] for a in accuracy.values()),
+    }
+    l16 = layer.get("B16_T1024", {})
+    if "ours_fwdbwd_ms" in l16:
+        summary["layer_speedup_fwdbwd_vs_reference_B16"] = l16["reference_fwdbwd_ms"] / l16["ours_fwdbwd_ms"]
+    result = {
+        **meta,
+        "rows": rows,
+        "accuracy": accuracy,
+        "layer": layer,
+        "summary": summary,
+        "wall_s": time.time() - t0,
+    }
+    (out_dir / "csa.json").write_text(json.dumps(result, indent=1, default=str))
+    (out_dir / "csa.md").write_text(markdown(result))
+    print(json.dumps(summary, indent=1))
+
+
+def markdown(r: dict) -> str:
+    lines = [
+        "# CSA attention benchmark",
+        "",
+        f"Device: {r['device']}; torch {r['versions']['torch']}, triton {r['versions']['triton']}, "
+        f"CUDA {r['versions']['cuda']}. Command: `{r['command']}`.",
+        f"Measured ceilings: copy {r['ceilings']['copy_TBps']:.2f} TB/s, "
+        f"bf16 matmul {r['ceilings']['bf16_matmul_TFLOPs']:.0f} TFLOP/s.",
+        f"H={H}, Hkv={HKV}, D={D}, window {WINDOW}, stride {STRIDE}, bf16. Kernel config: {r['config']}.",
+        "",
+        "| variant | B | T | fwd ms | fwd+bwd ms | fwd+bwd tok/s | fwd TFLOP/s | fwd roofline | fwd+bwd roofline |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['variant']} | {row['B']} | {row['T']} | error: {row['error'][:80]} | | | | | |")
+            continue
+        lines.append(
+            f"| {row['variant']} | {row['B']} | {row['T']} | {row['fwd_ms']:.3f} | {row['fwdbwd_ms']:.3f} | "
+            f"{row['fwdbwd_tokens_per_s']:.3g} | {row['fwd_TFLOPs']:.0f} | {row['fwd_roofline_frac']:.2f} | "
+            f"{row['fwdbwd_roofline_frac']:.2f} |"
+        )
+    lines += ["", "Accuracy vs float64 reference (relative error; bwd = worst of the six gradients):", ""]
+    for k, v in r["accuracy"].items():
+        lines.append(f"- {k}: " + ", ".join(f"{n} fwd {e['fwd']:.2e} bwd {e['bwd']:.2e}" for n, e in v.items()))
+    lines += ["", "Whole CSA layer (model.model.CSA, bf16 weights, projections included), ms:", ""]
+    for k, v in r["layer"].items():
+        lines.append(
+            f"- {k}: " + ", ".join(f"{n} {x:.3f}" if isinstance(x, float) else f"{n} {x}" for n, x in v.items())
+        )
+    lines += ["", "Summary:", "", "```", json.dumps(r["summary"], indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
