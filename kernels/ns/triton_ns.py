@@ -212,7 +212,7 @@ def _plan(shapes: tuple[tuple[int, int], ...], cfg: Config, sym: bool, device: t
         ldx, lda = _round(n), _round(m)
         rows.append([m, n, ldx, lda, x_off, a_off, triton.cdiv(m, cfg.bs), int(tall), o_off, ldg])
         x_off, a_off, o_off = x_off + m * ldx, a_off + m * lda, o_off + mo * ldg
-    ndiag = triton.next_power_of_2(max(r[M_NDIAG] for r in rows))
+    ndiag = max(16, triton.next_power_of_2(max(r[M_NDIAG] for r in rows)))  # one compiled variant for most
     # longest K first (stage 1: K = n; stages 2-3: K = m), the tiles of one matrix together for L2 reuse
     by_n = sorted(range(len(rows)), key=lambda k: -rows[k][M_N])
     by_m = sorted(range(len(rows)), key=lambda k: -rows[k][M_M])
@@ -285,7 +285,7 @@ def newton_schulz_triton(
             _ns_stage_kernel[(tiles.shape[0],)](
                 tiles, plan.meta, g_off_t, base, out, xs[step % 2], xs[(step + 1) % 2], a_buf, b_buf, trace,
                 ca, cb, cc, eps,
-                STAGE=stage, FIRST=step == 0, LAST=step == len(coeffs) - 1, SYM=sym, NDIAG=plan.ndiag,
+                STAGE=stage, FIRST=step == 0, LAST=stage == 3 and step == len(coeffs) - 1, SYM=sym, NDIAG=plan.ndiag,
                 BM=bm, BN=bn, BK=bk, DOT_PREC=prec, num_warps=warps, num_stages=nst,
             )  # fmt: skip
     outs, o = [], 0

@@ -1,0 +1,286 @@
+"""Newton-Schulz for Muon on the 95m model's exact set of Muon matrices (GPU, one run).
+
+Times, side by side in one process (CUDA events, medians, L2 flushed between runs by do_bench):
+- ours, Triton: all shape groups in one grouped call (15 launches), per Triton tile config;
+  the same without the symmetric-tile trick; and one call per shape group;
+- ours, CUDA C++ (CuPy/NVRTC), one call per shape group, with and without the symmetric trick;
+- the same iteration in bf16, batched by shape and torch.compile'd (modded-nanogpt style);
+- the fp32 per-matrix loop (reference.newton_schulz per matrix);
+- per wide shape: Triton vs CUDA on that stack alone (the table behind "auto");
+- the whole optimizer step of the 95m model (train.optim: Muon + fused AdamW), and the same step with
+  Muon done by `kernels.ns.muon_update_` (one grouped NS call);
+plus the bf16 matmul rate and copy bandwidth of the same GPU, for the roofline fractions.
+
+Usage: python bench/ns.py --out DIR   (writes DIR/ns.json and DIR/ns.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels.ns import NS_COEFFS, cuda, muon_update_, newton_schulz, newton_schulz_many, triton_ns  # noqa: E402
+from kernels.ns.reference import newton_schulz as ns_reference  # noqa: E402
+
+STEPS = 5
+
+# the 95m model's Muon matrices [out, in] (shared/spec/hybrid-95m.md), conv1d.weight [3024, 1, 4] as [3024, 4]
+GDN = {"in_proj_qkv": (3024, 576), "in_proj_z": (1008, 576), "in_proj_b": (9, 576), "in_proj_a": (9, 576),
+       "out_proj": (576, 1008), "conv1d": (3024, 4)}  # fmt: skip
+ATTN = {"wq": (1152, 576), "wk": (192, 576), "wv": (192, 576), "wo": (576, 576)}
+CSA = {**ATTN, "compress_k": (192, 192), "compress_v": (192, 192), "blend_gate": (576, 576)}
+FFN = {"w1": (1536, 576), "w3": (1536, 576), "w2": (576, 1536)}
+LAYERS = {"gdn": 8, "csa": 4, "full": 4}
+
+
+def muon_shapes() -> list[tuple[int, int]]:
+    shapes = []
+    for kind, count in LAYERS.items():
+        mixer = {"gdn": GDN, "csa": CSA, "full": ATTN}[kind]
+        shapes += [s for _ in range(count) for s in (*mixer.values(), *FFN.values())]
+    return shapes
+
+
+def flops(m: int, n: int, steps: int = STEPS) -> float:
+    """Dense FLOPs of the quintic iteration on one matrix (wide m <= n): X X^T, A A, B X per step."""
+    m, n = min(m, n), max(m, n)
+    return steps * (4.0 * m * m * n + 2.0 * m**3)
+
+
+def zeropower_bf16(G: torch.Tensor) -> torch.Tensor:
+    """The iteration in bf16 on a same-shape stack, as modded-nanogpt writes it (our own code)."""
+    a, b, c = NS_COEFFS
+    X = G.bfloat16()
+    tall = G.size(-2) > G.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(STEPS):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    if tall:
+        X = X.mT
+    return X
+
+
+def median_ms(fn, warmup=25, rep=200) -> float:
+    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def relerr(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return float("inf") if not torch.isfinite(out).all() else ((out - ref).norm() / ref.norm()).item()
+
+
+def ceilings() -> dict:
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = median_ms(lambda: x @ y, rep=300)
+    big = torch.randn(1 << 28, device="cuda")  # 1 GiB
+    dst = torch.empty_like(big)
+    tc = median_ms(lambda: dst.copy_(big), rep=300)
+    return {"bf16_matmul_tflops": 2 * 8192**3 / t / 1e9, "copy_gbps": 2 * big.numel() * 4 / tc / 1e6}
+
+
+def optimizer_step(records: dict) -> dict:
+    """Whole optimizer step (Muon + AdamW) of the 95m model with random gradients."""
+    try:
+        from model import Hyla, get_config
+        from train.optim import build_optimizers, split_params
+    except ImportError as e:
+        return {"skipped": f"train/optim.py or model not importable: {e}"}
+    model = Hyla(get_config("95m")).cuda()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    opts = build_optimizers(model)
+    out = {"muon_params": len(split_params(model)[0]), "adamw_params": sum(len(split_params(model)[i]) for i in (1, 2))}
+
+    def step_train():
+        for o in opts:
+            o.step()
+
+    out["train_optim_ms"] = median_ms(step_train, warmup=5, rep=300)
+    muon_p = split_params(model)[0]
+    moms = [torch.zeros_like(p) for p in muon_p]
+    grads = [p.grad for p in muon_p]
+    adamw = opts[1]
+
+    def step_fused():
+        muon_update_(muon_p, grads, moms, lr=0.02, weight_decay=0.01)
+        adamw.step()
+
+    out["muon_update_plus_adamw_ms"] = median_ms(step_fused, warmup=5, rep=300)
+    out["adamw_only_ms"] = median_ms(adamw.step, warmup=5, rep=300)
+    records["optimizer"] = out
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path("profiles"))
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    t_start = time.time()
+    dev = torch.cuda.get_device_name()
+    rec: dict = {
+        "device": dev,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cupy": getattr(cuda.cupy, "__version__", None),
+        "python": platform.python_version(),
+        "command": "python bench/ns.py --out DIR",
+    }
+    rec["ceilings"] = ceilings()
+    print(rec, flush=True)
+
+    shapes = muon_shapes()
+    exact = Counter(shapes)
+    wide = Counter(tuple(sorted(s)) for s in shapes)
+    total_flops = sum(flops(*s) for s in shapes)
+    rec["grouping"] = {
+        "matrices": len(shapes),
+        "exact_shape_groups": {f"{m}x{n}": c for (m, n), c in exact.items()},
+        "wide_shape_groups": {f"{m}x{n}": c for (m, n), c in wide.items()},
+        "gflop_per_ns_call": total_flops / 1e9,
+    }
+    print(f"{len(shapes)} matrices, {len(exact)} exact-shape groups, {len(wide)} groups after transposing tall ones")
+    for (m, n), c in sorted(exact.items(), key=lambda x: -x[1]):
+        print(f"  exact {m:5d} x {n:5d}: {c}")
+    for (m, n), c in sorted(wide.items(), key=lambda x: -x[1]):
+        print(f"  wide  {m:5d} x {n:5d}: {c}   {c * flops(m, n) / 1e9:8.1f} GFLOP")
+    print(f"total {total_flops / 1e12:.3f} TFLOP per orthogonalization of all Muon matrices", flush=True)
+
+    # one stack per exact shape (what a per-shape Muon holds), fp32 like the model's gradients
+    stacks = [torch.randn(c, m, n, device="cuda") for (m, n), c in exact.items()]
+    refs = [ns_reference(S.double()) for S in stacks]  # float64 reference on the GPU
+
+    def check(outs) -> float:
+        return max(relerr(o, r) for o, r in zip(outs, refs, strict=True))
+
+    variants: dict[str, dict] = {}
+
+    def run(name, fn, **extra):
+        outs = fn()
+        err = check(outs)
+        ms = median_ms(fn)
+        variants[name] = {"ms": ms, "relerr_max": err, "tflops": total_flops / ms / 1e9, **extra}
+        print(f"{name:44s} {ms:8.3f} ms  {total_flops / ms / 1e9:6.1f} TFLOP/s  relerr {err:.2e}", flush=True)
+
+    sched = [NS_COEFFS] * STEPS
+    configs = {
+        "t128_128": triton_ns.Config(),
+        "t64_128": triton_ns.Config(bs=64, bk=64, warps=4, stages=4),
+        "t128_64x128": triton_ns.Config(bm=64, bn=128, bk3=64, warps3=4, stages3=4),
+        "t64_64x128": triton_ns.Config(bs=64, bk=64, warps=4, stages=4, bm=64, bn=128, warps3=4, stages3=4),
+    }
+    for cname, cfg in configs.items():
+        run(f"triton grouped [{cname}]", lambda cfg=cfg: triton_ns.newton_schulz_triton(stacks, sched, config=cfg))
+    best = min(configs, key=lambda c: variants[f"triton grouped [{c}]"]["ms"])
+    cfg = configs[best]
+    rec["best_triton_config"] = {"name": best, **cfg.__dict__}
+    run(
+        "triton grouped, best, no symmetry",
+        lambda: triton_ns.newton_schulz_triton(stacks, sched, sym=False, config=cfg),
+    )
+    run("triton grouped via newton_schulz_many", lambda: newton_schulz_many(stacks, check_finite=False))
+    run(
+        "triton one call per shape group",
+        lambda: [newton_schulz(S, backend="triton", check_finite=False) for S in stacks],
+    )
+    if cuda.available(stacks[0].device):
+        run("cuda one call per shape group", lambda: [cuda.newton_schulz_cuda(S, sched) for S in stacks])
+        run("cuda per group, no symmetry", lambda: [cuda.newton_schulz_cuda(S, sched, sym=False) for S in stacks])
+
+    torch._dynamo.config.cache_size_limit = 64
+    compiled = torch.compile(zeropower_bf16, dynamic=False)
+    t0 = time.time()
+    [compiled(S) for S in stacks]
+    print(f"torch.compile warm-up {time.time() - t0:.1f} s", flush=True)
+    run("compiled bf16 batched by shape (torch.compile)", lambda: [compiled(S) for S in stacks])
+    run("fp32 per-matrix loop", lambda: [torch.stack([ns_reference(S[i]) for i in range(S.shape[0])]) for S in stacks])
+
+    # per wide shape: one stack alone, Triton vs CUDA (the AUTO_TABLE measurement)
+    per_shape = {}
+    for (m, n), c in wide.items():
+        S = torch.randn(c, m, n, device="cuda")
+        row = {"count": c, "gflop": c * flops(m, n) / 1e9}
+        row["triton_ms"] = median_ms(lambda S=S: triton_ns.newton_schulz_triton([S], sched, config=cfg))
+        row["compiled_bf16_ms"] = median_ms(lambda S=S: compiled(S))
+        if cuda.available(S.device):
+            row["cuda_ms"] = median_ms(lambda S=S: cuda.newton_schulz_cuda(S, sched))
+            row["cuda_relerr"] = relerr(cuda.newton_schulz_cuda(S, sched), ns_reference(S.double()))
+        row["faster"] = "cuda" if row.get("cuda_ms", float("inf")) < row["triton_ms"] else "triton"
+        per_shape[f"{m}x{n}"] = row
+        print(f"  {m:5d} x {n:5d} x{c:3d}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.endswith("ms")))
+    rec["per_wide_shape"] = per_shape
+
+    opt = optimizer_step(rec)
+    print("optimizer step:", opt, flush=True)
+    rec["variants"] = variants
+
+    ours = min(v["ms"] for k, v in variants.items() if k.startswith(("triton", "cuda")))
+    ours_name = min((v["ms"], k) for k, v in variants.items() if k.startswith(("triton", "cuda")))[1]
+    comp = variants["compiled bf16 batched by shape (torch.compile)"]["ms"]
+    loop = variants["fp32 per-matrix loop"]["ms"]
+    rec["summary"] = {
+        "device": dev,
+        "ours": ours_name,
+        "ours_ms": ours,
+        "compiled_bf16_ms": comp,
+        "fp32_loop_ms": loop,
+        "speedup_vs_compiled_bf16": comp / ours,
+        "speedup_vs_fp32_loop": loop / ours,
+        "optimizer_step_ms": opt.get("muon_update_plus_adamw_ms"),
+        "optimizer_step_train_optim_ms": opt.get("train_optim_ms"),
+        "tflops": total_flops / ours / 1e9,
+        "bf16_matmul_tflops": rec["ceilings"]["bf16_matmul_tflops"],
+        "fraction_of_matmul_rate": total_flops / ours / 1e9 / rec["ceilings"]["bf16_matmul_tflops"],
+    }
+    rec["bench_seconds"] = time.time() - t_start
+    (args.out / "ns.json").write_text(json.dumps(rec, indent=1))
+    (args.out / "ns.md").write_text(markdown(rec))
+    print(json.dumps(rec["summary"], indent=1))
+
+
+def markdown(rec: dict) -> str:
+    s = rec["summary"]
+    lines = [
+        "# Newton-Schulz for Muon: benchmark",
+        "",
+        f"Device {rec['device']}, torch {rec['torch']}, triton {rec['triton']}, cupy {rec['cupy']}. "
+        f"Command: `{rec['command']}`. bf16 matmul {rec['ceilings']['bf16_matmul_tflops']:.0f} TFLOP/s, "
+        f"copy {rec['ceilings']['copy_gbps']:.0f} GB/s (same run).",
+        "",
+        f"Work: {rec['grouping']['matrices']} matrices, {len(rec['grouping']['exact_shape_groups'])} exact-shape "
+        f"groups, {len(rec['grouping']['wide_shape_groups'])} after transposing tall ones; "
+        f"{rec['grouping']['gflop_per_ns_call']:.0f} GFLOP per orthogonalization (5 steps, dense count).",
+        "",
+        "| variant | median ms | TFLOP/s | max relerr vs fp64 |",
+        "|---|---|---|---|",
+    ]
+    for k, v in rec["variants"].items():
+        lines.append(f"| {k} | {v['ms']:.3f} | {v['tflops']:.1f} | {v['relerr_max']:.2e} |")
+    lines += ["", "Per wide shape, one stack alone (ms):", ""]
+    lines += ["| shape | count | triton | cuda | compiled bf16 | faster |", "|---|---|---|---|---|---|"]
+    for k, v in rec["per_wide_shape"].items():
+        lines.append(f"| {k} | {v['count']} | {v['triton_ms']:.3f} | {v.get('cuda_ms', float('nan')):.3f} | "
+                     f"{v['compiled_bf16_ms']:.3f} | {v['faster']} |")  # fmt: skip
+    lines += ["", f"Optimizer step: {json.dumps(rec.get('optimizer'))}", "", "Summary: " + json.dumps(s), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
