@@ -1,0 +1,1 @@
+"""Training: data pipeline, Muon + AdamW, the loop, checkpoints, generation, the `hyla` CLI."""
