@@ -30,7 +30,15 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.ns import NS_COEFFS, cuda, muon_update_, newton_schulz, newton_schulz_many, triton_ns  # noqa: E402
+from kernels.ns import (  # noqa: E402
+    NS_COEFFS,
+    cuda,
+    muon_update_,
+    newton_schulz,
+    newton_schulz_many,
+    polar_express,
+    triton_ns,
+)
 from kernels.ns.reference import newton_schulz as ns_reference  # noqa: E402
 
 STEPS = 5
@@ -82,6 +90,11 @@ def median_ms(fn, warmup=25, rep=200) -> float:
 def relerr(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double(), ref.double()
     return float("inf") if not torch.isfinite(out).all() else ((out - ref).norm() / ref.norm()).item()
+
+
+def sv(X: torch.Tensor) -> tuple[float, float]:
+    s = torch.linalg.svdvals(X.double())
+    return s.min().item(), s.max().item()
 
 
 def ceilings() -> dict:
@@ -195,6 +208,15 @@ def main() -> None:
         "triton grouped, best, no symmetry",
         lambda: triton_ns.newton_schulz_triton(stacks, sched, sym=False, config=cfg),
     )
+    pe = list(polar_express(STEPS))
+    pe_out = newton_schulz_many(stacks, STEPS, pe, check_finite=False)
+    rec["polar_express"] = {
+        "coeffs": pe,
+        "sv_range_first_matrix_per_group": [sv(X[0]) for X in pe_out],
+        "sv_range_default_coeffs": [sv(X[0]) for X in newton_schulz_many(stacks, check_finite=False)],
+        "ms": median_ms(lambda: newton_schulz_many(stacks, STEPS, pe, check_finite=False)),
+    }
+    print("polar express:", rec["polar_express"], flush=True)
     run("triton grouped via newton_schulz_many", lambda: newton_schulz_many(stacks, check_finite=False))
     run(
         "triton one call per shape group",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.ns import NS_COEFFS, cuda, muon_update_, newton_schulz, newton_schulz_many, triton_ns
+from kernels.ns import NS_COEFFS, cuda, muon_update_, newton_schulz, newton_schulz_many, polar_express, triton_ns
 from kernels.ns.reference import newton_schulz as ns_ref
 from tests.helpers import relerr
 
@@ -79,6 +79,15 @@ def test_reference_schedule_equals_constant_coeffs():
     b = newton_schulz(G, 5, backend="reference")
     assert torch.allclose(a, b, rtol=0, atol=1e-12)
     assert relerr(newton_schulz_many([G, G.mT], 5, backend="reference")[1], b.mT) < 1e-12
+
+
+def test_polar_express_schedule_tightens_singular_values():
+    sched = polar_express(5)
+    assert len(sched) == 5 and sched != tuple([NS_COEFFS] * 5)
+    G = torch.randn(64, 160, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    lo, hi = sv_range(newton_schulz(G, 5, sched, backend="reference"))
+    lo0, hi0 = sv_range(newton_schulz(G, 5, backend="reference"))
+    assert 0.85 <= lo and hi <= 1.15 and hi - lo < hi0 - lo0
 
 
 def test_muon_update_matches_per_matrix_formula():
@@ -209,6 +218,11 @@ def test_gpu_triton_fp32_and_no_symmetry():
     for G, X, F in zip(Gs, outs, full, strict=True):
         assert relerr(X, ref64(G)) < 1e-4, G.shape
         assert relerr(F, ref64(G)) < 2e-2, G.shape
+    sched = list(polar_express(5))
+    for G, X in zip(Gs, newton_schulz_many(Gs, 5, sched), strict=True):
+        assert relerr(X, ref64(G, sched)) < 2e-2, G.shape
+        lo, hi = sv_range(X[0])
+        assert 0.8 <= lo and hi <= 1.2, (G.shape, lo, hi)
 
 
 @pytest.mark.gpu

@@ -12,13 +12,16 @@ Backends (the iteration is documented in `reference.py` and kept by every backen
 "reference".
 
 `coeffs` is one (a, b, c) used at every step (default `NS_COEFFS`) or a schedule with one (a, b, c)
-per step (a schedule such as Polar Express's per-step minimax quintics); the default is unchanged.
+per step, such as `polar_express(steps)` (per-step minimax-optimal quintics, derived here by Remez
+exchange following Amsel et al. 2025, "The Polar Express"); the default is unchanged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
+import numpy as np
 import torch
 
 from kernels.common import check, check_tensor, pick_backend
@@ -30,7 +33,7 @@ try:  # triton is a Linux-only dependency
 except ImportError:
     triton_ns = None
 
-__all__ = ["newton_schulz", "newton_schulz_many", "muon_update_", "NS_COEFFS", "AUTO_TABLE"]
+__all__ = ["newton_schulz", "newton_schulz_many", "muon_update_", "polar_express", "NS_COEFFS", "AUTO_TABLE"]
 
 BACKENDS = {
     "triton": lambda device: device.type == "cuda" and triton_ns is not None,
@@ -42,6 +45,48 @@ BACKENDS = {
 AUTO_TABLE: dict[tuple[int, int], str] = {}
 
 Coeffs = tuple[float, float, float] | Sequence[tuple[float, float, float]]
+
+
+def _minimax_quintic(lo: float, hi: float) -> tuple[float, float, float, float]:
+    """Odd quintic p(x) = a x + b x^3 + c x^5 minimizing max |1 - p| on [lo, hi], and that max (Remez).
+
+    The optimum equioscillates on 4 points {lo, x1, x2, hi}: 1 - p(x_i) = (-1)^i E. Solve the 4 x 4
+    linear system for (a, b, c, E), move x1, x2 to the interior extrema of p (roots of
+    p'(x) = a + 3 b x^2 + 5 c x^4, a quadratic in x^2), repeat until they stop moving.
+    """
+    x = (lo + hi) / 2 - (hi - lo) / 2 * np.cos(np.pi * np.arange(4) / 3)  # Chebyshev start
+    for _ in range(100):
+        M = np.stack([x, x**3, x**5, (-1.0) ** np.arange(4)], axis=1)
+        a, b, c, E = np.linalg.solve(M, np.ones(4))
+        s = np.roots([5 * c, 3 * b, a])
+        r = np.sort([np.sqrt(v.real) for v in s if abs(v.imag) < 1e-12 and lo**2 < v.real < hi**2])
+        if len(r) != 2 or np.allclose(r, x[1:3], rtol=1e-14, atol=0):
+            break
+        x = np.array([lo, r[0], r[1], hi])
+    return float(a), float(b), float(c), float(abs(E))
+
+
+@lru_cache(maxsize=16)
+def polar_express(steps: int = 5, lo: float = 1e-3, safety: float = 1.01) -> tuple[tuple[float, float, float], ...]:
+    """A per-step coefficient schedule: step t uses the minimax quintic for the interval [l_t, u_t] that
+    the singular values (after Frobenius normalization: in (0, 1]) can occupy, starting from [lo, 1];
+    then [l_{t+1}, u_{t+1}] is the range of p_t on [l_t, u_t] (about [1 - E_t, 1 + E_t]). All steps but the
+    last are applied to x / safety, so that rounding cannot push values past the interval where p is
+    designed. Pass it as `coeffs`.
+
+    Example:
+        >>> X = newton_schulz(torch.randn(64, 128), steps=5, coeffs=polar_express(5))
+    """
+    out, l, u = [], lo, 1.0
+    for t in range(steps):
+        a, b, c, E = _minimax_quintic(l, u)
+        f = safety if t < steps - 1 else 1.0
+        a, b, c = a / f, b / f**3, c / f**5
+        out.append((a, b, c))
+        x = np.linspace(l, u, 20001)
+        y = a * x + b * x**3 + c * x**5
+        l, u = float(y.min()), float(y.max())
+    return tuple(out)
 
 
 def _schedule(coeffs: Coeffs, steps: int) -> list[tuple[float, float, float]]:
