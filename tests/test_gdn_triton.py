@@ -20,6 +20,7 @@ from kernels.gdn.triton_op import triton_gated_delta_rule
 from tests.helpers import compile_for_hopper, relerr
 
 GRAD_NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # fp32 tests: the interpreter without a GPU
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +34,7 @@ def poison_empty():
     torch.utils.deterministic.fill_uninitialized_memory = old_fill
 
 
-def make_inputs(B, T, H, K, V, with_h0, device="cpu", dtype=torch.float32):
+def make_inputs(B, T, H, K, V, with_h0, device=DEV, dtype=torch.float32):
     """Fresh random inputs in the model's ranges: unit q, k (as after the L2 norm), g <= 0, beta in (0, 1)."""
     q, k = (gdn.l2norm(torch.randn(B, T, H, K, device=device)).to(dtype) for _ in range(2))
     v = torch.randn(B, T, H, V, device=device, dtype=dtype)
@@ -108,17 +109,32 @@ def test_custom_op_schema_and_fake():
     )
 
 
+def test_custom_op_autograd_matches_function():
+    """The path torch.compile takes (custom ops + registered autograd) gives the eager Function's gradients."""
+    xs = make_inputs(1, 70, 2, 16, 32, True)
+    leaves = [x.detach().requires_grad_() for x in xs]
+    co, cht, *_ = torch.ops.hyla.gdn_chunk_fwd(*leaves[:5], 0.2, leaves[5], True)
+    do, dht = torch.randn_like(co), torch.randn_like(cht)
+    (co * do).sum().add((cht * dht).sum()).backward()
+    eager = [x.detach().requires_grad_() for x in xs]
+    eo, eht = triton_gated_delta_rule(*eager[:5], 0.2, eager[5], True)
+    (eo * do).sum().add((eht * dht).sum()).backward()
+    assert torch.equal(co, eo) and torch.equal(cht, eht)
+    for name, a, b in zip(GRAD_NAMES, leaves, eager, strict=True):
+        assert torch.equal(a.grad, b.grad), name
+
+
 def test_bad_input_fails_before_launch():
     q, k, v, g, beta, _ = make_inputs(1, 8, 1, 16, 16, False)
     with pytest.raises(ValueError, match="not available"):
-        gdn.gated_delta_rule(q, k, v, g, beta, backend="triton")  # CPU tensors
+        gdn.gated_delta_rule(*(x.cpu() for x in (q, k, v, g, beta)), backend="triton")
     with pytest.raises(ValueError, match="head dims"):
-        big = torch.randn(1, 8, 1, 272)
+        big = torch.randn(1, 8, 1, 272, device=DEV)
         gdn.gated_delta_rule(big, big, v, g, beta)
     with pytest.raises(ValueError, match="shape"):
         gdn.gated_delta_rule(q, k[:, :4], v, g, beta)
     with pytest.raises(ValueError, match="shape"):
-        gdn.gated_delta_rule(q, k, v, g, beta, initial_state=torch.zeros(1, 1, 16, 8))
+        gdn.gated_delta_rule(q, k, v, g, beta, initial_state=torch.zeros(1, 1, 16, 8, device=DEV))
 
 
 # ---- compile-only check for sm_90: the launchers' constexprs for K = V = 112 and 128 ----

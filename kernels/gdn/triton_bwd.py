@@ -20,7 +20,20 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.gdn.triton_fwd import BT, _buf_tile, _decay, _io_tile, _prec, _rows, _state_tile, pick_bv
+from kernels.gdn.triton_fwd import (
+    BT,
+    CONFIG,
+    _decay,
+    _load_buf,
+    _load_io,
+    _load_state,
+    _prec,
+    _rows,
+    _store_buf,
+    _store_io,
+    _store_state,
+    pick_bv,
+)
 
 
 @triton.jit
@@ -36,19 +49,18 @@ def _bwd_state_kernel(
     dt = q.dtype.element_ty
     r = tl.arange(0, BT)
     if USE_DHT:
-        dS = tl.load(_state_tile(dht, bh, K, V, BK, BV, v0), boundary_check=(0, 1), padding_option="zero")
+        dS = _load_state(dht, bh, K, V, BK, BV, v0)
         dS = dS.to(tl.float32)
     else:
         dS = tl.zeros([BK, BV], dtype=tl.float32)
     for m in range(NT):
         n = NT - 1 - m
         t0 = n * BT
-        tl.store(_state_tile(dhs, bh * NT + n, K, V, BK, BV, v0), dS.to(dt), boundary_check=(0, 1))
-        qb = tl.load(_io_tile(q, bh, t0, T, H, K, BT, BK), boundary_check=(0, 1), padding_option="zero")
-        kb = tl.load(_io_tile(k, bh, t0, T, H, K, BT, BK), boundary_check=(0, 1), padding_option="zero")
-        wb = tl.load(_buf_tile(Wk, bh, t0, Tp, K, BT, BK), boundary_check=(1,), padding_option="zero")
-        p_do = _io_tile(do, bh, t0, T, H, V, BT, BV).advance((0, v0))
-        dob = tl.load(p_do, boundary_check=(0, 1), padding_option="zero")
+        _store_state(dhs, dS.to(dt), bh * NT + n, K, V, BK, BV, v0)
+        qb = _load_io(q, bh, t0, T, H, K, BT, BK)
+        kb = _load_io(k, bh, t0, T, H, K, BT, BK)
+        wb = _load_buf(Wk, bh, t0, Tp, K, BT, BK)
+        dob = _load_io(do, bh, t0, T, H, V, BT, BV, v0)
         Gb = tl.load(G + bh.to(tl.int64) * Tp + t0 + r)
         G_end = tl.load(G + bh.to(tl.int64) * Tp + t0 + BT - 1)
 
@@ -57,12 +69,12 @@ def _bwd_state_kernel(
         kd = (kb.to(tl.float32) * tl.exp(G_end - Gb)[:, None]).to(dt)
         dw = tl.dot(tl.trans(P.to(dt)), dob, input_precision=PREC)  # (7)
         dw = tl.dot(kd, dSd, dw, input_precision=PREC)
-        tl.store(_buf_tile(dW, bh, t0, Tp, V, BT, BV, v0), dw, boundary_check=(1,))
+        _store_buf(dW, dw, bh, t0, Tp, V, BT, BV, v0)
         qd = (scale * qb.to(tl.float32) * tl.exp(Gb)[:, None]).to(dt)
         dS = tl.dot(tl.trans(qd), dob, dS * tl.exp(G_end), input_precision=PREC)  # (8)
         dS -= tl.dot(tl.trans(wb), dw.to(dt), input_precision=PREC)
     if STORE_DH0:
-        tl.store(_state_tile(dh0, bh, K, V, BK, BV, v0), dS, boundary_check=(0, 1))
+        _store_state(dh0, dS, bh, K, V, BK, BV, v0)
 
 
 @triton.jit
@@ -77,8 +89,8 @@ def _bwd_chunk_kernel(
     t0 = n * BT
     dt = q.dtype.element_ty
     r = tl.arange(0, BT)
-    qb = tl.load(_io_tile(q, bh, t0, T, H, K, BT, BK), boundary_check=(0, 1), padding_option="zero")
-    kb = tl.load(_io_tile(k, bh, t0, T, H, K, BT, BK), boundary_check=(0, 1), padding_option="zero")
+    qb = _load_io(q, bh, t0, T, H, K, BT, BK)
+    kb = _load_io(k, bh, t0, T, H, K, BT, BK)
     kf = kb.to(tl.float32)
     Gb = tl.load(G + bh.to(tl.int64) * Tp + t0 + r)
     G_end = tl.load(G + bh.to(tl.int64) * Tp + t0 + BT - 1)
@@ -95,16 +107,12 @@ def _bwd_chunk_kernel(
     db = tl.zeros([BT], dtype=tl.float32)
     dGs = tl.zeros([BK], dtype=tl.float32)  # rows of sum(S * dS')
     for v0 in range(0, V, BV):
-        p_v = _io_tile(v, bh, t0, T, H, V, BT, BV).advance((0, v0))
-        vb = tl.load(p_v, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
-        p_do = _io_tile(do, bh, t0, T, H, V, BT, BV).advance((0, v0))
-        dob = tl.load(p_do, boundary_check=(0, 1), padding_option="zero")
-        p_S = _state_tile(hs, bh * NT + n, K, V, BK, BV, v0)
-        S = tl.load(p_S, boundary_check=(0, 1), padding_option="zero")
-        p_dS = _state_tile(dhs, bh * NT + n, K, V, BK, BV, v0)
-        dSn = tl.load(p_dS, boundary_check=(0, 1), padding_option="zero")
-        wb = tl.load(_buf_tile(Wb, bh, t0, Tp, V, BT, BV, v0), boundary_check=(1,), padding_option="zero")
-        dwb = tl.load(_buf_tile(dW, bh, t0, Tp, V, BT, BV, v0), boundary_check=(1,), padding_option="zero")
+        vb = _load_io(v, bh, t0, T, H, V, BT, BV, v0).to(tl.float32)
+        dob = _load_io(do, bh, t0, T, H, V, BT, BV, v0)
+        S = _load_state(hs, bh * NT + n, K, V, BK, BV, v0)
+        dSn = _load_state(dhs, bh * NT + n, K, V, BK, BV, v0)
+        wb = _load_buf(Wb, bh, t0, Tp, V, BT, BV, v0)
+        dwb = _load_buf(dW, bh, t0, Tp, V, BT, BV, v0)
 
         dQs = tl.dot(dob, tl.trans(S), dQs, input_precision=PREC)
         dOW = tl.dot(dob, tl.trans(wb), dOW, input_precision=PREC)
@@ -112,8 +120,7 @@ def _bwd_chunk_kernel(
         dWk = tl.dot(dwb.to(dt), tl.trans(S), dWk, input_precision=PREC)
         dT = tl.dot(dwb, tl.trans(b[:, None] * vb), dT, input_precision=PREC)
         du = tl.dot(Tt, dwb, input_precision=PREC)  # d(diag(beta) V) = T^T dU
-        p_dv = _io_tile(dv, bh, t0, T, H, V, BT, BV).advance((0, v0))
-        tl.store(p_dv, (b[:, None] * du).to(dv.dtype.element_ty), boundary_check=(0, 1))
+        _store_io(dv, (b[:, None] * du).to(dv.dtype.element_ty), bh, t0, T, H, V, BT, BV, v0)
         db += tl.sum(du * vb, 1)
         dGs += tl.sum(S.to(tl.float32) * dSn.to(tl.float32), 1)
 
@@ -156,8 +163,8 @@ def _bwd_chunk_kernel(
     dG += tl.where(r == BT - 1, dG_end, 0.0)
     dgb = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG
 
-    tl.store(_io_tile(dq, bh, t0, T, H, K, BT, BK), dqb.to(dq.dtype.element_ty), boundary_check=(0, 1))
-    tl.store(_io_tile(dk, bh, t0, T, H, K, BT, BK), dkb.to(dk.dtype.element_ty), boundary_check=(0, 1))
+    _store_io(dq, dqb.to(dq.dtype.element_ty), bh, t0, T, H, K, BT, BK)
+    _store_io(dk, dkb.to(dk.dtype.element_ty), bh, t0, T, H, K, BT, BK)
     bi, hi = bh // H, bh % H
     t = t0 + r
     p_row = (bi.to(tl.int64) * T + t) * H + hi
@@ -167,7 +174,7 @@ def _bwd_chunk_kernel(
 
 def pick_bv_chunk(V: int) -> int:
     """V block of `_bwd_chunk_kernel`'s loop over V."""
-    return min(64, max(16, triton.next_power_of_2(V)))
+    return min(CONFIG["chunk_bv"], max(16, triton.next_power_of_2(V)))
 
 
 def chunk_bwd(
@@ -203,13 +210,14 @@ def chunk_bwd(
     _bwd_state_kernel[(triton.cdiv(V, BV), BH)](
         q, k, G, Wk, do, dht if dht is not None else G.new_empty(0), dhs, dW, dh0, scale, T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_DHT=dht is not None, STORE_DH0=need_dh0, PREC=prec,
-        num_warps=4,
+        num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
     )  # fmt: skip
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dg, dbeta = torch.empty_like(g), torch.empty_like(beta)
     _bwd_chunk_kernel[(NT, BH)](
         q, k, v, beta, G, Tinv, hs, dhs, W, dW, do, dq, dk, dv, dg, dbeta, scale, T,
-        H=H, K=K, V=V, BT=BT, BK=BK, BV=pick_bv_chunk(V), PREC=prec, num_warps=8,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=pick_bv_chunk(V), PREC=prec,
+        num_warps=CONFIG["chunk_warps"], num_stages=CONFIG["chunk_stages"],
     )  # fmt: skip
     return dq, dk, dv, dg, dbeta, dh0

@@ -22,28 +22,70 @@ import triton.language as tl
 
 BT = 64  # chunk length
 BS = 16  # diagonal block of the triangular solve
+# Launch configuration (H100, K = V = 112 / 128): warps, software-pipeline stages, and V blocks of the
+# sequential kernels ("state_bv": None picks by head count) and of the backward's per-chunk loop.
+CONFIG = dict(prep_warps=8, state_bv=None, state_warps=4, state_stages=2, chunk_bv=32, chunk_warps=8, chunk_stages=1)
 
 
 @triton.jit
-def _io_tile(ptr, bh, t0, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    """Block pointer to rows t0..t0+BT of head bh of a [B, T, H, D] tensor (columns padded to BD)."""
+def _io_ptrs(ptr, bh, t0, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, c0):
+    """Pointers and mask of rows t0.., columns c0.. (BD wide) of head bh of a [B, T, H, D] tensor."""
     b, h = bh // H, bh % H
-    base = ptr + (b.to(tl.int64) * T * H + h) * D
-    return tl.make_block_ptr(base, (T, D), (H * D, 1), (t0, 0), (BT, BD), (1, 0))
+    rows, cols = t0 + tl.arange(0, BT), c0 + tl.arange(0, BD)
+    p = ptr + (b.to(tl.int64) * T * H + h) * D + rows[:, None] * (H * D) + cols[None, :]
+    return p, (rows < T)[:, None] & (cols < D)[None, :]
 
 
 @triton.jit
-def _buf_tile(ptr, bh, t0, Tp, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, c0=0):
-    """Block pointer to rows t0.. and columns c0.. of head bh of a padded [B*H, Tp, D] buffer."""
-    base = ptr + bh.to(tl.int64) * Tp * D
-    return tl.make_block_ptr(base, (Tp, D), (D, 1), (t0, c0), (BT, BD), (1, 0))
+def _load_io(ptr, bh, t0, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, c0=0):
+    p, m = _io_ptrs(ptr, bh, t0, T, H, D, BT, BD, c0)
+    return tl.load(p, mask=m, other=0.0)
 
 
 @triton.jit
-def _state_tile(ptr, idx, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, v0):
-    """Block pointer to columns v0..v0+BV of the [K, V] state number idx of a [..., K, V] tensor."""
-    base = ptr + idx.to(tl.int64) * K * V
-    return tl.make_block_ptr(base, (K, V), (V, 1), (0, v0), (BK, BV), (1, 0))
+def _store_io(ptr, x, bh, t0, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, c0=0):
+    p, m = _io_ptrs(ptr, bh, t0, T, H, D, BT, BD, c0)
+    tl.store(p, x, mask=m)
+
+
+@triton.jit
+def _buf_ptrs(ptr, bh, t0, Tp, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, c0):
+    """Pointers and mask of rows t0.., columns c0.. of head bh of a padded [B*H, Tp, D] buffer."""
+    rows, cols = t0 + tl.arange(0, BT), c0 + tl.arange(0, BD)
+    p = ptr + bh.to(tl.int64) * Tp * D + rows[:, None] * D + cols[None, :]
+    return p, (cols < D)[None, :]
+
+
+@triton.jit
+def _load_buf(ptr, bh, t0, Tp, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, c0=0):
+    p, m = _buf_ptrs(ptr, bh, t0, Tp, D, BT, BD, c0)
+    return tl.load(p, mask=m, other=0.0)
+
+
+@triton.jit
+def _store_buf(ptr, x, bh, t0, Tp, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, c0=0):
+    p, m = _buf_ptrs(ptr, bh, t0, Tp, D, BT, BD, c0)
+    tl.store(p, x, mask=m)
+
+
+@triton.jit
+def _state_ptrs(ptr, idx, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, v0):
+    """Pointers and mask of columns v0..v0+BV of the [K, V] state number idx of a [..., K, V] tensor."""
+    rows, cols = tl.arange(0, BK), v0 + tl.arange(0, BV)
+    p = ptr + idx.to(tl.int64) * K * V + rows[:, None] * V + cols[None, :]
+    return p, (rows < K)[:, None] & (cols < V)[None, :]
+
+
+@triton.jit
+def _load_state(ptr, idx, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, v0):
+    p, m = _state_ptrs(ptr, idx, K, V, BK, BV, v0)
+    return tl.load(p, mask=m, other=0.0)
+
+
+@triton.jit
+def _store_state(ptr, x, idx, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, v0):
+    p, m = _state_ptrs(ptr, idx, K, V, BK, BV, v0)
+    tl.store(p, x, mask=m)
 
 
 @triton.jit
@@ -89,8 +131,8 @@ def _prep_kernel(
     Gc = tl.cumsum(_rows(g, bh, t0, T, H, BT), 0)
     tl.store(G + bh.to(tl.int64) * Tp + t0 + r, Gc)
     b = _rows(beta, bh, t0, T, H, BT)
-    kb = tl.load(_io_tile(k, bh, t0, T, H, K, BT, BK), boundary_check=(0, 1), padding_option="zero")
-    vb = tl.load(_io_tile(v, bh, t0, T, H, V, BT, BV), boundary_check=(0, 1), padding_option="zero")
+    kb = _load_io(k, bh, t0, T, H, K, BT, BK)
+    vb = _load_io(v, bh, t0, T, H, V, BT, BV)
     kf = kb.to(tl.float32)
 
     # (3): A_ij = beta_i exp(G_i - G_j) k_i . k_j for j < i; -A goes to the scratch (later T) first
@@ -119,8 +161,8 @@ def _prep_kernel(
     # WY factors: U = T diag(beta) V, W_k = T diag(beta e^G) K
     u = tl.dot(Tm, b[:, None] * vb.to(tl.float32), input_precision=PREC)
     w = tl.dot(Tm, (b * tl.exp(Gc))[:, None] * kf, input_precision=PREC)
-    tl.store(_buf_tile(U, bh, t0, Tp, V, BT, BV), u.to(U.dtype.element_ty), boundary_check=(1,))
-    tl.store(_buf_tile(Wk, bh, t0, Tp, K, BT, BK), w.to(Wk.dtype.element_ty), boundary_check=(1,))
+    _store_buf(U, u.to(U.dtype.element_ty), bh, t0, Tp, V, BT, BV)
+    _store_buf(Wk, w.to(Wk.dtype.element_ty), bh, t0, Tp, K, BT, BK)
 
 
 @triton.jit
@@ -137,36 +179,35 @@ def _state_out_kernel(
     dt = q.dtype.element_ty
     r = tl.arange(0, BT)
     if USE_H0:
-        S = tl.load(_state_tile(h0, bh, K, V, BK, BV, v0), boundary_check=(0, 1), padding_option="zero")
+        S = _load_state(h0, bh, K, V, BK, BV, v0)
         S = S.to(tl.float32)
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
     for n in range(NT):
         t0 = n * BT
         if SAVE:  # S entering chunk n
-            tl.store(_state_tile(hs, bh * NT + n, K, V, BK, BV, v0), S.to(dt), boundary_check=(0, 1))
-        qb = tl.load(_io_tile(q, bh, t0, T, H, K, BT, BK), boundary_check=(0, 1), padding_option="zero")
-        kb = tl.load(_io_tile(k, bh, t0, T, H, K, BT, BK), boundary_check=(0, 1), padding_option="zero")
-        wb = tl.load(_buf_tile(Wk, bh, t0, Tp, K, BT, BK), boundary_check=(1,), padding_option="zero")
-        ub = tl.load(_buf_tile(U, bh, t0, Tp, V, BT, BV, v0), boundary_check=(1,), padding_option="zero")
+            _store_state(hs, S.to(dt), bh * NT + n, K, V, BK, BV, v0)
+        qb = _load_io(q, bh, t0, T, H, K, BT, BK)
+        kb = _load_io(k, bh, t0, T, H, K, BT, BK)
+        wb = _load_buf(Wk, bh, t0, Tp, K, BT, BK)
+        ub = _load_buf(U, bh, t0, Tp, V, BT, BV, v0)
         Gb = tl.load(G + bh.to(tl.int64) * Tp + t0 + r)
         G_end = tl.load(G + bh.to(tl.int64) * Tp + t0 + BT - 1)
 
         Sd = S.to(dt)
         w = (ub.to(tl.float32) - tl.dot(wb, Sd, input_precision=PREC)).to(dt)  # W = U - W_k S
         if SAVE:
-            tl.store(_buf_tile(Wb, bh, t0, Tp, V, BT, BV, v0), w, boundary_check=(1,))
+            _store_buf(Wb, w, bh, t0, Tp, V, BT, BV, v0)
         # (4): O = scale (diag(e^G) Q S + (Q K^T * Gamma) W)
         P = tl.dot(qb, tl.trans(kb), input_precision=PREC) * _decay(Gb, True)
         ob = tl.dot(qb, Sd, input_precision=PREC) * tl.exp(Gb)[:, None]
         ob = tl.dot(P.to(dt), w, ob, input_precision=PREC)
-        tl.store(_io_tile(o, bh, t0, T, H, V, BT, BV).advance((0, v0)), (scale * ob).to(o.dtype.element_ty),
-                 boundary_check=(0, 1))  # fmt: skip
+        _store_io(o, (scale * ob).to(o.dtype.element_ty), bh, t0, T, H, V, BT, BV, v0)
         # (5): S <- e^{G_C} S + (e^{G_C - G} K)^T W
         kd = (kb.to(tl.float32) * tl.exp(G_end - Gb)[:, None]).to(dt)
         S = tl.dot(tl.trans(kd), w, S * tl.exp(G_end), input_precision=PREC)
     if STORE_HT:
-        tl.store(_state_tile(ht, bh, K, V, BK, BV, v0), S, boundary_check=(0, 1))
+        _store_state(ht, S, bh, K, V, BK, BV, v0)
 
 
 def _prec(x: torch.Tensor) -> str:
@@ -177,7 +218,7 @@ def _prec(x: torch.Tensor) -> str:
 def pick_bv(V: int, BH: int) -> int:
     """V block of the sequential kernels: narrower blocks when few heads would leave SMs idle."""
     BVf = max(16, triton.next_power_of_2(V))
-    return min(BVf, 32 if BH < 256 else 64)
+    return min(BVf, CONFIG["state_bv"] or (32 if BH < 256 else 64))
 
 
 def chunk_fwd(
@@ -206,7 +247,25 @@ def chunk_fwd(
     Wk = torch.empty(BH, Tp, K, device=dev, dtype=dt)
     U = torch.empty(BH, Tp, V, device=dev, dtype=dt)
     _prep_kernel[(NT, BH)](
-        k, v, g, beta, G, Tinv, Wk, U, T, H=H, K=K, V=V, BT=BT, BS=BS, BK=BK, BV=BVf, PREC=prec, num_warps=4
+        k,
+        v,
+        g,
+        beta,
+        G,
+        Tinv,
+        Wk,
+        U,
+        T,
+        H=H,
+        K=K,
+        V=V,
+        BT=BT,
+        BS=BS,
+        BK=BK,
+        BV=BVf,
+        PREC=prec,
+        num_warps=CONFIG["prep_warps"],
+        num_stages=1,
     )
 
     BV = pick_bv(V, BH)
@@ -217,6 +276,7 @@ def chunk_fwd(
     h0 = initial_state if initial_state is not None else G.new_empty(0)
     _state_out_kernel[(triton.cdiv(V, BV), BH)](
         q, k, G, Wk, U, h0, o, ht, hs, W, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        USE_H0=initial_state is not None, STORE_HT=output_final_state, SAVE=save, PREC=prec, num_warps=4,
+        USE_H0=initial_state is not None, STORE_HT=output_final_state, SAVE=save, PREC=prec,
+        num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
     )  # fmt: skip
     return o, ht, G, Tinv, Wk, hs, W

@@ -1,0 +1,312 @@
+"""Benchmark of the gated delta rule on one GPU: ours (Triton) vs flash-linear-attention vs the PyTorch
+chunked reference, forward and forward+backward, bf16 inputs, g fp32.
+
+    PYTHONPATH=. python3 bench/gdn.py --out profiles   # writes gdn.json and gdn.md there
+
+Timing: CUDA events around each call, warm-up first, median of --reps calls, inputs rotated over three
+sets so repeated calls do not run from L2. The forward is timed with inputs that require grad (a training
+forward, which saves what the backward needs). Roofline: matmul FLOPs of the chunked algorithm over the
+bf16 matmul rate, and the fewest bytes (each input read once, each output written once) over the copy
+bandwidth, both measured in this run; the larger time is the floor, `roofline` is floor / measured.
+Accuracy: relative error against the float64 chunked reference, on the first sequences of each shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from kernels.gdn import gated_delta_rule, l2norm, reference, triton_bwd, triton_fwd
+
+SHAPES = [(16, 1024, 9, 112), (64, 1024, 9, 112), (8, 4096, 16, 128)]
+C = 64
+
+
+def load_fla():
+    """flash-linear-attention's chunk_gated_delta_rule, with its Hopper guard for Triton < 3.7.1 lifted
+    (it refuses its gated backward there because of wrong results, its issue 640): for timing only."""
+    try:
+        import fla
+        import fla.ops.common.chunk_o as chunk_o
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except ImportError as e:
+        print(f"flash-linear-attention not available: {e}")
+        return None, None, False
+    lifted = not chunk_o.TRITON_ABOVE_3_7_1
+    chunk_o.TRITON_ABOVE_3_7_1 = True
+    return chunk_gated_delta_rule, fla.__version__, lifted
+
+
+def median_ms(fn, sets, reps, warmup=5):
+    for i in range(warmup):
+        fn(*sets[i % len(sets)])
+    torch.cuda.synchronize()
+    times = []
+    for i in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn(*sets[i % len(sets)])
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def forward(fn):
+    return lambda q, k, v, g, b, do: fn(q, k, v, g, b)
+
+
+def forward_backward(fn):
+    return lambda q, k, v, g, b, do: torch.autograd.grad(fn(q, k, v, g, b), (q, k, v, g, b), do)
+
+
+def ceilings():
+    """Copy bandwidth (bytes read + written) and bf16 matmul rate on random data, measured here."""
+    x = torch.randn(1 << 28, device="cuda")  # 1 GiB
+    y = torch.empty_like(x)
+    ms = median_ms(lambda: y.copy_(x), [()], 20)
+    bw = 2 * x.numel() * 4 / (ms * 1e-3)
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ms = median_ms(lambda: a @ b, [()], 20)
+    return bw, 2 * 8192**3 / (ms * 1e-3)
+
+
+def counts(B, T, H, K, V):
+    """(fwd FLOPs, fwd+bwd FLOPs, fwd bytes, fwd+bwd bytes): matmuls of the chunked algorithm; bytes of
+    bf16 q, k, v, o, fp32 g, bf16 beta and, for the backward, do and every input gradient, each once."""
+    n = B * H * -(-T // C)
+    c2, c3, ckv = C * C, C**3, C * K * V
+    fwd = 2 * n * (3 * c2 * K + 2 * c2 * V + 4 * c3 + 3 * ckv)
+    bwd = 2 * n * (9 * c2 * K + 4 * c2 * V + 2 * c3 + 6 * ckv)
+    tok = B * T * H
+    io = tok * ((2 * K + 2 * V) * 2 + 4 + 2)
+    return fwd, fwd + bwd, io, io + tok * ((4 * K + 4 * V) * 2 + 12)
+
+
+def make_inputs(B, T, H, K, V, requires_grad=True):
+    q, k = (l2norm(torch.randn(B, T, H, K, device="cuda")).to(torch.bfloat16) for _ in range(2))
+    v = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
+    g = F.logsigmoid(torch.randn(B, T, H, device="cuda") + 3)
+    beta = torch.rand(B, T, H, device="cuda", dtype=torch.bfloat16)
+    return [x.requires_grad_(requires_grad) for x in (q, k, v, g, beta)]
+
+
+def relerr(a, b):
+    a, b = a.double(), b.double()
+    return float("inf") if not torch.isfinite(a).all() else ((a - b).norm() / b.norm()).item()
+
+
+def accuracy(fn, B, T, H, K, V):
+    """Forward and max-gradient relative error of fn against the float64 chunked reference."""
+    xs = make_inputs(B, T, H, K, V)
+    do = torch.randn(B, T, H, V, device="cuda")
+    ref_xs = [x.detach().double().requires_grad_() for x in xs]
+    ro = reference.chunk_gated_delta_rule(*ref_xs)[0]
+    ro.backward(do.double())
+    o = fn(*xs)
+    o.float().backward(do)
+    fwd = relerr(o, ro)
+    bwd = {n: relerr(x.grad, r.grad) for n, x, r in zip(("dq", "dk", "dv", "dg", "dbeta"), xs, ref_xs, strict=True)}
+    return fwd, bwd
+
+
+def resource_report():
+    """Registers, spills and shared memory of every compiled kernel of ours (from Triton's cache)."""
+    rows = []
+    if not hasattr(triton_fwd._prep_kernel, "device_caches"):
+        return rows
+    kernels = [triton_fwd._prep_kernel, triton_fwd._state_out_kernel, triton_bwd._bwd_state_kernel]
+    for kernel in [*kernels, triton_bwd._bwd_chunk_kernel]:
+        for cache in getattr(kernel, "device_caches", {}).values():
+            for ck in cache[0].values():
+                ck._init_handles()
+                rows.append(dict(kernel=kernel.fn.__name__, regs=ck.n_regs, spills=ck.n_spills,
+                                 shared=ck.metadata.shared, warps=ck.metadata.num_warps))  # fmt: skip
+    return rows
+
+
+SWEEP = [dict(state_bv=32), dict(state_bv=64), dict(state_bv=32, state_warps=8), dict(state_bv=64, state_warps=8),
+         dict(state_stages=1), dict(chunk_bv=64), dict(chunk_warps=4), dict(prep_warps=4)]  # fmt: skip
+
+
+def run_sweep(fn, reps):
+    """fwd+bwd of ours at the two K = 112 shapes under each SWEEP change of the launch configuration."""
+    default, out = dict(triton_fwd.CONFIG), []
+    for B, T, H, K in SHAPES[:2]:
+        sets = [(*make_inputs(B, T, H, K, K), torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16))]
+        for change in [{}, *SWEEP]:
+            triton_fwd.CONFIG.update(change)
+            try:
+                t = median_ms(forward_backward(fn), sets, reps)
+            except Exception as e:  # a configuration out of resources
+                t = float("nan")
+                print(f"sweep {change}: {type(e).__name__}: {str(e)[:200]}")
+            triton_fwd.CONFIG.update(default)
+            out.append(dict(B=B, change=change, fwdbwd_ms=t))
+            print(f"sweep B{B} {change}: fwd+bwd {t:.3f} ms", flush=True)
+    return out
+
+
+def profile(methods, out_dir):
+    """CUDA time per kernel for a few fwd+bwd calls at the first shape, written to gdn_profile.txt."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    B, T, H, K = SHAPES[0]
+    x = (*make_inputs(B, T, H, K, K), torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16))
+    text = []
+    for name in ("ours", "fla"):
+        if name not in methods:
+            continue
+        f = forward_backward(methods[name])
+        for _ in range(3):
+            f(*x)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                f(*x)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=25)
+        text.append(f"== {name}, B{B} T{T} H{H} K{K}, 5 fwd+bwd calls ==\n{table}")
+        print(text[-1])
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "gdn_profile.txt"), "w") as f:
+        f.write("\n".join(text))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="profiles")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also time ours under other launch configurations")
+    ap.add_argument("--profile", action="store_true", help="per-kernel CUDA times of ours and fla at B16")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    fla_fn, fla_version, lifted = load_fla()
+    bw, mm = ceilings()
+    print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
+
+    methods = {"ours": lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, backend="triton")[0]}
+    if fla_fn is not None:
+        methods["fla"] = lambda q, k, v, g, b: fla_fn(q, k, v, g, b, scale=q.shape[-1] ** -0.5)[0]
+    if not args.no_reference:
+        methods["reference"] = lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, backend="reference")[0]
+
+    sweep = run_sweep(methods["ours"], args.reps) if args.sweep else []
+    if args.profile:
+        profile(methods, args.out)
+    rows, acc = [], {}
+    for B, T, H, K in SHAPES:
+        V = K
+        fl_f, fl_fb, by_f, by_fb = counts(B, T, H, K, V)
+        floor_f, floor_fb = max(fl_f / mm, by_f / bw), max(fl_fb / mm, by_fb / bw)
+        do = [torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+        sets = [(*make_inputs(B, T, H, K, V), do[i]) for i in range(3)]
+        for name, fn in methods.items():
+            if name == "reference" and B * T * H > 2e5:
+                continue  # minutes per call at this size
+            if name != "reference":
+                acc[(name, K)] = acc.get((name, K)) or accuracy(fn, min(B, 4), T, H, K, V)
+            try:
+                t_f = median_ms(forward(fn), sets, args.reps)
+                t_fb = median_ms(forward_backward(fn), sets, args.reps)
+            except RuntimeError as e:  # e.g. out of memory in the reference
+                print(f"{name} {B, T, H, K}: {e}")
+                continue
+            row = dict(method=name, B=B, T=T, H=H, K=K, V=V, fwd_ms=t_f, fwdbwd_ms=t_fb,
+                       fwd_tokens_per_s=B * T / (t_f * 1e-3), fwdbwd_tokens_per_s=B * T / (t_fb * 1e-3),
+                       fwd_roofline=floor_f / (t_f * 1e-3), fwdbwd_roofline=floor_fb / (t_fb * 1e-3))  # fmt: skip
+            if (name, K) in acc:
+                row["relerr_fwd"], row["relerr_bwd"] = acc[(name, K)][0], max(acc[(name, K)][1].values())
+                row["relerr_grads"] = acc[(name, K)][1]
+            rows.append(row)
+            print(f"{name:9s} B{B:3d} T{T} H{H} K{K}: fwd {t_f:8.3f} ms  fwd+bwd {t_fb:8.3f} ms  "
+                  f"roofline {row['fwd_roofline']:.3f} / {row['fwdbwd_roofline']:.3f}  "
+                  f"err {row.get('relerr_fwd', float('nan')):.1e} / {row.get('relerr_bwd', float('nan')):.1e}",
+                  flush=True)  # fmt: skip
+        del sets, do
+        torch.cuda.empty_cache()
+
+    def speedup(B):
+        t = {r["method"]: r["fwdbwd_ms"] for r in rows if r["B"] == B and r["K"] == 112}
+        return t["fla"] / t["ours"] if "fla" in t and "ours" in t else None
+
+    ours = [r for r in rows if r["method"] == "ours"]
+    summary = dict(
+        speedup_fwdbwd_vs_fla_B16=speedup(16),
+        speedup_fwdbwd_vs_fla_B64=speedup(64),
+        max_relerr_fwd=max(r["relerr_fwd"] for r in ours),
+        max_relerr_bwd=max(r["relerr_bwd"] for r in ours),
+    )
+    fla_rows = [r for r in rows if r["method"] == "fla" and "relerr_fwd" in r]
+    if fla_rows:
+        summary["fla_max_relerr_fwd"] = max(r["relerr_fwd"] for r in fla_rows)
+        summary["fla_max_relerr_bwd"] = max(r["relerr_bwd"] for r in fla_rows)
+    result = dict(
+        device=torch.cuda.get_device_name(),
+        versions=dict(
+            torch=torch.__version__, triton=__import__("triton").__version__, fla=fla_version, cuda=torch.version.cuda
+        ),  # fmt: skip
+        fla_hopper_guard_lifted=lifted,
+        command="PYTHONPATH=. python3 " + " ".join(sys.argv),
+        copy_bandwidth_bytes_per_s=bw,
+        bf16_matmul_flop_per_s=mm,
+        rows=rows,
+        sweep=sweep,
+        launch_config=dict(triton_fwd.CONFIG),
+        kernels=resource_report(),
+        summary=summary,
+    )
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gdn.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, "gdn.md"), "w") as f:
+        f.write(markdown(result))
+    print(markdown(result))
+
+
+def markdown(res):
+    s = res["summary"]
+    lines = [
+        "# Gated delta rule: Triton (ours) vs flash-linear-attention vs PyTorch chunked reference",
+        "",
+        f"Device {res['device']}; torch {res['versions']['torch']}, triton {res['versions']['triton']}, "
+        f"fla {res['versions']['fla']}. Copy {res['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s, "
+        f"bf16 matmul {res['bf16_matmul_flop_per_s'] / 1e12:.0f} TFLOP/s (measured in the same run).",
+        "",
+        f"Command: `{res['command']}`",
+        "",
+        "bf16 q/k/v/beta, fp32 g, K = V, no initial state. Medians of CUDA-event timings; fwd is a training "
+        "forward (inputs require grad). Roofline = max(FLOPs / matmul rate, fewest bytes / copy bandwidth) "
+        "/ measured. Errors: relative to the float64 chunked reference (bwd = worst of dq, dk, dv, dg, dbeta).",
+        "",
+        "| method | B | T | H | K | fwd ms | fwd+bwd ms | fwd+bwd tok/s | roofline fwd | roofline fwd+bwd "
+        "| relerr fwd | relerr bwd |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in res["rows"]:
+        lines.append(
+            f"| {r['method']} | {r['B']} | {r['T']} | {r['H']} | {r['K']} | {r['fwd_ms']:.3f} | "
+            f"{r['fwdbwd_ms']:.3f} | {r['fwdbwd_tokens_per_s']:.3g} | {r['fwd_roofline']:.3f} | "
+            f"{r['fwdbwd_roofline']:.3f} | {r.get('relerr_fwd', float('nan')):.1e} | "
+            f"{r.get('relerr_bwd', float('nan')):.1e} |"
+        )
+    lines += ["", "Summary: " + ", ".join(f"{k} = {v:.4g}" if v is not None else f"{k} = n/a" for k, v in s.items())]
+    if res["fla_hopper_guard_lifted"]:
+        lines += [
+            "",
+            "flash-linear-attention's guard that refuses its gated backward on Hopper with Triton < 3.7.1 "
+            "(its issue 640) was lifted for timing; its errors above are what it computes there.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
