@@ -40,20 +40,46 @@ SCALE = D**-0.5
 DT = torch.bfloat16
 
 
-def bench(fn, reps: int = 30, warmup: int = 5) -> float:
-    """Median milliseconds of fn(i) (i rotates the input set), CUDA events around each call."""
+def bench(fn, reps: int = 30, warmup: int = 5, calls: int = 1) -> float:
+    """Median milliseconds per call of fn(i) (i rotates the input set): CUDA events around `calls`
+    back-to-back calls. calls=1 is the latency of one call, CPU launch cost included; calls=10 lets the
+    CPU run ahead as in a training step, so a GPU-bound variant shows its GPU time."""
     for i in range(warmup):
         fn(i)
     torch.cuda.synchronize()
     times = []
-    for i in range(reps):
+    for r in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn(i)
+        for c in range(calls):
+            fn(r * calls + c)
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / calls)
     return statistics.median(times)
+
+
+def kernel_stats() -> list[dict]:
+    """Registers, spills and shared memory of every compiled variant of our kernels (compiler report)."""
+    stats = []
+    for name in ("_csa_fwd", "_csa_bwd_dq", "_csa_bwd_dkv"):
+        try:
+            for entry in getattr(triton_csa, name).device_caches.values():
+                for key, ck in entry[0].items():
+                    stats.append(
+                        {
+                            "kernel": name,
+                            "n_regs": ck.n_regs,
+                            "n_spills": ck.n_spills,
+                            "shared": ck.metadata.shared,
+                            "num_warps": ck.metadata.num_warps,
+                            "num_stages": ck.metadata.num_stages,
+                            "key": str(key)[-160:],
+                        }
+                    )
+        except Exception as e:  # the cache layout differs between Triton versions
+            stats.append({"kernel": name, "error": repr(e)[:200]})
+    return stats
 
 
 def ceilings() -> dict:
@@ -161,20 +187,57 @@ def check_accuracy(B: int, T: int, flex_fn) -> dict:
     return {k: {"fwd": a, "bwd": b} for k, (a, b) in res.items()}
 
 
-def time_variant(fwd, sets, do) -> tuple[float, float]:
-    """(fwd ms, fwd+bwd ms) of fwd(*inputs) with inputs rotated over `sets`."""
+def time_variant(fwd, sets, do, calls: int) -> dict:
+    """fwd and fwd+bwd ms of fwd(*inputs), inputs rotated over `sets`: `calls` back-to-back per sample
+    (the headline numbers) and single calls (latency, CPU launch cost included)."""
+    step = lambda i: torch.autograd.grad(fwd(*sets[i % len(sets)]), sets[i % len(sets)], do, allow_unused=True)
     with torch.no_grad():
-        t_f = bench(lambda i: fwd(*sets[i % len(sets)]))
-    t_fb = bench(lambda i: torch.autograd.grad(fwd(*sets[i % len(sets)]), sets[i % len(sets)], do, allow_unused=True))
-    return t_f, t_fb
+        t_f = bench(lambda i: fwd(*sets[i % len(sets)]), calls=calls)
+        t_f1 = bench(lambda i: fwd(*sets[i % len(sets)]))
+    return {
+        "fwd_ms": t_f,
+        "fwdbwd_ms": bench(step, calls=calls),
+        "fwd_latency_ms": t_f1,
+        "fwdbwd_latency_ms": bench(step),
+    }
 
 
 def sweep_configs(B: int, T: int) -> dict:
     """Time a few tile configs per kernel (each checked against the fp64 reference first); keep the best."""
+    cfg = lambda bm, bn, bnl, w, st: dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_NL=bnl, num_warps=w, num_stages=st)
     options = {
-        "fwd": [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 3)],
-        "bwd_dq": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2)],
-        "bwd_dkv": [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 8, 3), (32, 64, 4, 3)],
+        "fwd": [
+            cfg(64, 32, 128, 4, 3),
+            cfg(64, 32, 64, 4, 3),
+            cfg(64, 64, 128, 4, 3),
+            cfg(64, 32, 128, 8, 3),
+            cfg(64, 16, 128, 4, 3),
+            cfg(128, 32, 256, 8, 3),
+            cfg(32, 32, 128, 4, 3),
+            cfg(32, 32, 32, 4, 3),
+            cfg(32, 32, 32, 2, 3),
+        ],
+        "bwd_dq": [
+            cfg(64, 32, 64, 4, 2),
+            cfg(64, 32, 128, 4, 2),
+            cfg(64, 32, 128, 8, 2),
+            cfg(64, 64, 128, 8, 2),
+            cfg(32, 32, 128, 4, 2),
+            cfg(64, 32, 128, 4, 3),
+            cfg(32, 32, 32, 4, 2),
+        ],
+        "bwd_dkv": [
+            dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+            for bm, bn, w, st in (
+                (32, 64, 4, 3),
+                (64, 64, 4, 3),
+                (32, 32, 4, 3),
+                (64, 64, 8, 3),
+                (32, 128, 8, 3),
+                (16, 64, 4, 3),
+                (32, 64, 4, 4),
+            )
+        ],
     }
     xs = [x.detach() for x in inputs(B, T, seed=7)]
     do = torch.randn(B, T, H, D, device="cuda", dtype=DT)
@@ -186,63 +249,65 @@ def sweep_configs(B: int, T: int) -> dict:
     report = {}
     for name, opts in options.items():
         results = []
-        for bm, bn, warps, stages in opts:
-            triton_csa.CONFIG[name] = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        for opt in opts:
+            triton_csa.CONFIG[name] = opt
             try:
                 out = csa.csa_attention(*small, backend="triton")
                 ef, eb = relerrs(out, torch.autograd.grad(out, small, dsmall), ref, ref_grads)
-                o, dcl, lc, ll = triton_csa.csa_fwd(*xs, WINDOW, STRIDE, SCALE, True)
+                saved = triton_csa.csa_fwd(*xs, WINDOW, STRIDE, SCALE, True)
                 if name == "fwd":
-                    ms = bench(lambda i: triton_csa.csa_fwd(*xs, WINDOW, STRIDE, SCALE, False))
+                    ms = bench(lambda i: triton_csa.csa_fwd(*xs, WINDOW, STRIDE, SCALE, False), calls=10)
                 else:
-                    saved = (o, dcl, lc, ll)
-                    ms = bench(lambda i, s=saved: triton_csa.csa_bwd(do, *xs, *s, WINDOW, STRIDE, SCALE))
+                    ms = bench(lambda i, s=saved: triton_csa.csa_bwd(do, *xs, *s, WINDOW, STRIDE, SCALE), calls=10)
             except Exception as e:  # a config that does not compile (resources) is skipped, and reported
-                results.append({"cfg": (bm, bn, warps, stages), "error": repr(e)[:200]})
+                results.append({"cfg": opt, "error": repr(e)[:200]})
                 continue
-            ok = ef < 5e-3 and eb < 1e-2
-            results.append({"cfg": (bm, bn, warps, stages), "ms": ms, "relerr_fwd": ef, "relerr_bwd": eb, "ok": ok})
-        good = [r for r in results if r.get("ok")]
-        best = min(good, key=lambda r: r["ms"])
-        bm, bn, warps, stages = best["cfg"]
-        triton_csa.CONFIG[name] = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-        report[name] = {"best": triton_csa.CONFIG[name], "tried": results}
-        print(f"sweep {name}: " + ", ".join(f"{r['cfg']}={r.get('ms', float('nan')):.3f}" for r in results))
+            results.append({"cfg": opt, "ms": ms, "relerr_fwd": ef, "relerr_bwd": eb, "ok": ef < 5e-3 and eb < 1e-2})
+        best = min((r for r in results if r.get("ok")), key=lambda r: r["ms"])
+        triton_csa.CONFIG[name] = best["cfg"]
+        report[name] = {"best": best["cfg"], "tried": results}
+        print(
+            f"sweep {name}: "
+            + ", ".join(f"{tuple(r['cfg'].values())}={r.get('ms', float('nan')):.3f}" for r in results)
+        )
     return report
 
 
-def layer_bench(B: int, T: int) -> dict:
+def layer_bench(B: int, T: int, compiled: bool = False) -> dict:
     """The model's CSA layer (projections included), fwd+bwd, ours vs the reference core, plus the compressor."""
     from model import model as model_mod
     from model.config import HylaConfig
 
     cfg = HylaConfig()
-    layer = model_mod.CSA(cfg).cuda().to(DT)
+    module = model_mod.CSA(cfg).cuda().to(DT)
+    layer = torch.compile(module, fullgraph=True) if compiled else module
     cos, sin = (t.cuda() for t in model_mod.rope_tables(torch.arange(T), cfg.rotary_dim, cfg.rope_theta))
     xs = [torch.randn(B, T, cfg.dim, device="cuda", dtype=DT, requires_grad=True) for _ in range(2)]
     dy = torch.randn(B, T, cfg.dim, device="cuda", dtype=DT)
-    params = list(layer.parameters())
+    params = list(module.parameters())
     core = model_mod.csa_attention
     res = {}
     try:
         for name, backend in (("ours", "triton"), ("reference", "reference")):
             model_mod.csa_attention = partial(csa.csa_attention, backend=backend)
             step = lambda i: torch.autograd.grad(layer(xs[i % 2], (cos, sin)), [xs[i % 2], *params], dy)
-            res[f"{name}_fwdbwd_ms"] = bench(step, reps=20)
+            res[f"{name}_fwdbwd_ms"] = bench(step, reps=20, calls=5)
             with torch.no_grad():
-                res[f"{name}_fwd_ms"] = bench(lambda i: layer(xs[i % 2], (cos, sin)), reps=20)
+                res[f"{name}_fwd_ms"] = bench(lambda i: layer(xs[i % 2], (cos, sin)), reps=20, calls=5)
     finally:
         model_mod.csa_attention = core
+    if compiled:
+        return res
     # the compressor alone (fwd+bwd), eager and compiled: is a fused compressor worth it?
     k_raw = torch.randn(B, T, HKV, D, device="cuda", dtype=DT, requires_grad=True)
     v = torch.randn(B, T, HKV, D, device="cuda", dtype=DT, requires_grad=True)
-    wk, wv = layer.compress_k.weight, layer.compress_v.weight
+    wk, wv = module.compress_k.weight, module.compress_v.weight
     dkc = torch.randn(B, -(-T // STRIDE), HKV, D, device="cuda", dtype=DT)
     for name, fn in (("eager", csa.compress_kv), ("compiled", torch.compile(csa.compress_kv, fullgraph=True))):
         comp_step = lambda i, fn=fn: torch.autograd.grad(
             sum((o * dkc).sum() for o in fn(k_raw, v, wk, wv)), [k_raw, v, wk, wv]
         )
-        res[f"compressor_{name}_fwdbwd_ms"] = bench(comp_step, reps=20)
+        res[f"compressor_{name}_fwdbwd_ms"] = bench(comp_step, reps=20, calls=5)
     return res
 
 
@@ -266,6 +331,7 @@ def main() -> None:
     if not args.no_sweep:
         meta["sweep"] = sweep_configs(16, 1024)
     meta["config"] = triton_csa.CONFIG
+    meta["kernel_stats"] = kernel_stats()
 
     rows, accuracy = [], {}
     sdpa = sdpa_variants()
@@ -288,7 +354,8 @@ def main() -> None:
         for name, (fn, s, g, kind) in variants.items():
             row = {"variant": name, "B": B, "T": T}
             try:
-                t_f, t_fb = time_variant(fn, s, g)
+                row.update(time_variant(fn, s, g, calls=1 if name == "reference" else 10))
+                t_f, t_fb = row["fwd_ms"], row["fwdbwd_ms"]
             except Exception as e:  # OOM of the reference at the largest shapes, an SDPA backend not there
                 row["error"] = repr(e)[:300]
                 rows.append(row)
@@ -301,8 +368,6 @@ def main() -> None:
                 3.5 * fl / ceil["bf16_matmul_TFLOPs"] / 1e9, ideal_bytes(B, T, True) / ceil["copy_TBps"] / 1e9
             )
             row.update(
-                fwd_ms=t_f,
-                fwdbwd_ms=t_fb,
                 fwd_tokens_per_s=B * T / t_f * 1e3,
                 fwdbwd_tokens_per_s=B * T / t_fb * 1e3,
                 fwd_TFLOPs=fl / t_f / 1e9,
@@ -323,6 +388,11 @@ def main() -> None:
         except Exception as e:
             layer[f"B{B}_T1024"] = {"error": repr(e)[:300]}
         print("layer", B, layer[f"B{B}_T1024"], flush=True)
+    try:  # the whole layer under torch.compile (as in training): inductor fuses the compressor and norms
+        layer["B64_T1024_compiled"] = layer_bench(64, 1024, compiled=True)
+    except Exception as e:
+        layer["B64_T1024_compiled"] = {"error": repr(e)[:300]}
+    print("layer compiled", layer["B64_T1024_compiled"], flush=True)
 
     def ms(variant, B, T=1024, key="fwdbwd_ms"):
         r = [r for r in rows if r["variant"] == variant and r["B"] == B and r["T"] == T and key in r]
@@ -343,9 +413,9 @@ def main() -> None:
         "max_relerr_fwd": max(a["ours"]["fwd"] for a in accuracy.values()),
         "max_relerr_bwd": max(a["ours"]["bwd"] for a in accuracy.values()),
     }
-    l16 = layer.get("B16_T1024", {})
-    if "ours_fwdbwd_ms" in l16:
-        summary["layer_speedup_fwdbwd_vs_reference_B16"] = l16["reference_fwdbwd_ms"] / l16["ours_fwdbwd_ms"]
+    for key, lay in layer.items():
+        if "ours_fwdbwd_ms" in lay:
+            summary[f"layer_speedup_fwdbwd_vs_reference_{key}"] = lay["reference_fwdbwd_ms"] / lay["ours_fwdbwd_ms"]
     result = {
         **meta,
         "rows": rows,
@@ -369,15 +439,20 @@ def markdown(r: dict) -> str:
         f"bf16 matmul {r['ceilings']['bf16_matmul_TFLOPs']:.0f} TFLOP/s.",
         f"H={H}, Hkv={HKV}, D={D}, window {WINDOW}, stride {STRIDE}, bf16. Kernel config: {r['config']}.",
         "",
-        "| variant | B | T | fwd ms | fwd+bwd ms | fwd+bwd tok/s | fwd TFLOP/s | fwd roofline | fwd+bwd roofline |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "ms are per call with 10 calls back to back (GPU-bound, as in a training step); the latency columns",
+        "time single calls, CPU launch cost included. TFLOP/s count useful (unmasked) FLOPs only.",
+        "",
+        "| variant | B | T | fwd ms | fwd+bwd ms | fwd lat. ms | fwd+bwd lat. ms | fwd+bwd tok/s | fwd TFLOP/s "
+        "| fwd roofline | fwd+bwd roofline |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
         if "error" in row:
-            lines.append(f"| {row['variant']} | {row['B']} | {row['T']} | error: {row['error'][:80]} | | | | | |")
+            lines.append(f"| {row['variant']} | {row['B']} | {row['T']} | error: {row['error'][:80]} | | | | | | | |")
             continue
         lines.append(
             f"| {row['variant']} | {row['B']} | {row['T']} | {row['fwd_ms']:.3f} | {row['fwdbwd_ms']:.3f} | "
+            f"{row['fwd_latency_ms']:.3f} | {row['fwdbwd_latency_ms']:.3f} | "
             f"{row['fwdbwd_tokens_per_s']:.3g} | {row['fwd_TFLOPs']:.0f} | {row['fwd_roofline_frac']:.2f} | "
             f"{row['fwdbwd_roofline_frac']:.2f} |"
         )

@@ -30,7 +30,7 @@ def new_state(wk, wv):
     return CSADecodeState(B, Hkv, D, max_len=T, weight_k=wk, weight_v=wv, rotary_dim=8, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("prompt", [0, 1, 61, 64, 67])
+@pytest.mark.parametrize("prompt", [0, 64, 67])
 def test_decode_matches_full_forward(prompt):
     q, k, v, k_raw, blend, wk, wv = sequence(prompt)
     full = full_output(q, k, v, k_raw, blend, wk, wv)

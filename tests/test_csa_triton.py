@@ -91,6 +91,20 @@ def test_matches_reference_interpreter(shape):
         assert grad_error(g, r) < 1e-5, name
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="fp32 interpreter check for CPU CI; the GPU sweep in bench/csa.py")
+def test_small_tiles_interpreter(monkeypatch):
+    """Many small, unaligned tiles on every loop (the defaults cover one or two tiles per loop)."""
+    small = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_NL=16, num_warps=1, num_stages=1)
+    monkeypatch.setitem(triton_csa.CONFIG, "fwd", small)
+    monkeypatch.setitem(triton_csa.CONFIG, "bwd_dq", small)
+    monkeypatch.setitem(triton_csa.CONFIG, "bwd_dkv", {k: v for k, v in small.items() if k != "BLOCK_NL"})
+    xs = make_inputs(1, 150, 6, 2, 16, strided=True, seed=5)
+    out, grads, ref, ref_grads = run_both(xs, triton_fn)
+    assert relerr(out, ref) < 1e-5
+    for name, g, r in zip(GRAD_NAMES, grads, ref_grads, strict=True):
+        assert grad_error(g, r) < 1e-5, name
+
+
 def test_causal():
     """Changing anything after position t0 (raw rows > t0, compressed blocks finished after t0) leaves
     rows <= t0 bit-identical."""
@@ -158,7 +172,8 @@ def compile_all_for_hopper() -> list[str]:
     built = []
     for name, cfg_name in (("_csa_fwd", "fwd"), ("_csa_bwd_dq", "bwd_dq"), ("_csa_bwd_dkv", "bwd_dkv")):
         kernel, cfg = getattr(triton_csa, name), triton_csa.CONFIG[cfg_name]
-        constexprs = dict(G=3, D=64, STRIDE=4, WINDOW=64, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+        tiles = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
+        constexprs = dict(G=3, D=64, STRIDE=4, WINDOW=64, **tiles)
         if name == "_csa_fwd":
             constexprs["SAVE"] = True
         compiled = compile_for_hopper(kernel, _signature(kernel, "bf16", constexprs), constexprs)

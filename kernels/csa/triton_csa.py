@@ -35,11 +35,11 @@ NO_MASK, COMP_MASK, WINDOW_MASK = tl.constexpr(0), tl.constexpr(1), tl.constexpr
 
 
 @triton.jit
-def _visible(offs_m, offs_n, MASK: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr):
-    """[len(offs_m), len(offs_n)] visibility of key offs_n to query offs_m."""
+def _visible(t, s, MASK: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr):
+    """Visibility of key s to query t (index tensors broadcast to the tile, either orientation)."""
     if MASK == COMP_MASK:
-        return offs_m[:, None] >= STRIDE * (offs_n[None, :] + 1)
-    return (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - WINDOW)
+        return t >= STRIDE * (s + 1)
+    return (t - s).to(tl.uint32) < WINDOW  # t - WINDOW < s <= t in one unsigned compare
 
 
 @triton.jit
@@ -52,11 +52,11 @@ def _fwd_path(
         offs_n = start + tl.arange(0, BLOCK_N)
         in_kv = offs_n[:, None] < n_keys
         k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=in_kv, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k))
         if MASK != NO_MASK:
-            s = tl.where(_visible(offs_m, offs_n, MASK, STRIDE, WINDOW), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
+            s = tl.where(_visible(offs_m[:, None], offs_n[None, :], MASK, STRIDE, WINDOW), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=in_kv, other=0.0)
@@ -72,7 +72,7 @@ def _csa_fwd(
     skc_b, skc_t, skc_h, svc_b, svc_t, svc_h, sbl_b, sbl_t,
     T, Tc, H, qk_scale,
     G: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr, SAVE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NL: tl.constexpr,
 ):
     m0 = (tl.cdiv(T, BLOCK_M) - 1 - tl.program_id(0)) * BLOCK_M  # late (costly) query blocks first
     pid_bh = tl.program_id(1)
@@ -96,15 +96,16 @@ def _csa_fwd(
                                 qk_scale, NO_MASK, STRIDE, WINDOW, BLOCK_N)
     acc_c, l_c, m_c = _fwd_path(acc_c, l_c, m_c, q, KCb, VCb, skc_t, svc_t, Tc, offs_m, offs_d, mid_c, hi_c,
                                 qk_scale, COMP_MASK, STRIDE, WINDOW, BLOCK_N)
-    # (2) local path: keys m0 - WINDOW + 1 .. m0 + BLOCK_M - 1, all tiles masked.
+    # (2) local path: keys m0 - WINDOW + 1 .. m0 + BLOCK_M - 1 in tiles of BLOCK_NL from the first one
+    # (unaligned: one tile when BLOCK_NL >= BLOCK_M + WINDOW - 1), all masked.
     Kb, Vb = K + b * sk_b + hk * sk_h, V + b * sv_b + hk * sv_h
     acc_l = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     l_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_l = tl.full([BLOCK_M], -1e30, dtype=tl.float32)
-    lo_l = tl.maximum(m0 - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+    lo_l = tl.maximum(m0 - WINDOW + 1, 0)
     hi_l = tl.minimum(m0 + BLOCK_M, T)
     acc_l, l_l, m_l = _fwd_path(acc_l, l_l, m_l, q, Kb, Vb, sk_t, sv_t, T, offs_m, offs_d, lo_l, hi_l,
-                                qk_scale, WINDOW_MASK, STRIDE, WINDOW, BLOCK_N)
+                                qk_scale, WINDOW_MASK, STRIDE, WINDOW, BLOCK_NL)
 
     has_c = l_c > 0  # rows t < STRIDE see no compressed block: comp = 0 by definition
     comp = acc_c / tl.where(has_c, l_c, 1.0)[:, None]
@@ -134,7 +135,7 @@ def _bwd_dq_path(
         v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=in_kv, other=0.0)
         p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
         if MASK != NO_MASK:
-            p = tl.where(_visible(offs_m, offs_n, MASK, STRIDE, WINDOW), p, 0.0)
+            p = tl.where(_visible(offs_m[:, None], offs_n[None, :], MASK, STRIDE, WINDOW), p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
@@ -148,7 +149,7 @@ def _csa_bwd_dq(
     skc_b, skc_t, skc_h, svc_b, svc_t, svc_h, sbl_b, sbl_t,
     T, Tc, H, qk_scale, scale,
     G: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NL: tl.constexpr,
 ):
     m0 = (tl.cdiv(T, BLOCK_M) - 1 - tl.program_id(0)) * BLOCK_M
     pid_bh = tl.program_id(1)
@@ -190,10 +191,10 @@ def _csa_bwd_dq(
     dq = _bwd_dq_path(dq, q, dc, lse_c, delta_c, KCb, VCb, skc_t, svc_t, Tc, offs_m, offs_d, mid_c, hi_c,
                       qk_scale, COMP_MASK, STRIDE, WINDOW, BLOCK_N)
     Kb, Vb = K + b * sk_b + hk * sk_h, V + b * sv_b + hk * sv_h
-    lo_l = tl.maximum(m0 - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+    lo_l = tl.maximum(m0 - WINDOW + 1, 0)
     hi_l = tl.minimum(m0 + BLOCK_M, T)
     dq = _bwd_dq_path(dq, q, dl, lse_l, delta_l, Kb, Vb, sk_t, sv_t, T, offs_m, offs_d, lo_l, hi_l,
-                      qk_scale, WINDOW_MASK, STRIDE, WINDOW, BLOCK_N)
+                      qk_scale, WINDOW_MASK, STRIDE, WINDOW, BLOCK_NL)
     tl.store(DQ + offs, (dq * scale).to(DQ.dtype.element_ty), mask=row)
 
 
@@ -216,7 +217,7 @@ def _bwd_dkv_path(
         delta = tl.load(DELTA + offs_m, mask=in_t, other=0.0)
         pt = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
         if MASK != NO_MASK:
-            pt = tl.where(tl.trans(_visible(offs_m, offs_n, MASK, STRIDE, WINDOW)), pt, 0.0)
+            pt = tl.where(_visible(offs_m[None, :], offs_n[:, None], MASK, STRIDE, WINDOW), pt, 0.0)
         dv += tl.dot(pt.to(dx.dtype), dx)
         dst = pt * (tl.dot(v, tl.trans(dx)) - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q)
@@ -253,25 +254,22 @@ def _csa_bwd_dkv(
     in_kv = offs_n[:, None] < n_keys
     k = tl.load(Kx + offs_n[:, None] * sx_t + offs_d[None, :], mask=in_kv, other=0.0)
     v = tl.load(Vx + offs_n[:, None] * svx_t + offs_d[None, :], mask=in_kv, other=0.0)
-    for g in range(G):
-        h = hk * G + g
-        Qh = Q + b * sq_b + h * sq_h
-        dx_off = (b * T * H + h) * D
-        lse_off = (b * H + h) * T
-        if is_comp:
-            lo = STRIDE * (n0 + 1) // BLOCK_M * BLOCK_M
-            mid = tl.minimum(tl.cdiv(STRIDE * (n0 + BLOCK_N), BLOCK_M) * BLOCK_M, T)
-            DXh, LSEh, DELTAh = DC + dx_off, LSE_C + lse_off, DELTA_C + lse_off
-            dk, dv = _bwd_dkv_path(dk, dv, k, v, Qh, DXh, LSEh, DELTAh, sq_t, T, H, offs_n, offs_d, lo, mid,
-                                   qk_scale, COMP_MASK, D, STRIDE, WINDOW, BLOCK_M)
-            dk, dv = _bwd_dkv_path(dk, dv, k, v, Qh, DXh, LSEh, DELTAh, sq_t, T, H, offs_n, offs_d, mid, T,
-                                   qk_scale, NO_MASK, D, STRIDE, WINDOW, BLOCK_M)
-        else:
-            lo = n0 // BLOCK_M * BLOCK_M
-            hi = tl.minimum(n0 + BLOCK_N + WINDOW - 1, T)
-            DXh, LSEh, DELTAh = DL + dx_off, LSE_L + lse_off, DELTA_L + lse_off
-            dk, dv = _bwd_dkv_path(dk, dv, k, v, Qh, DXh, LSEh, DELTAh, sq_t, T, H, offs_n, offs_d, lo, hi,
-                                   qk_scale, WINDOW_MASK, D, STRIDE, WINDOW, BLOCK_M)
+    Qb, dx_off, lse_off = Q + b * sq_b, b * T * H * D, b * H * T
+    if is_comp:
+        lo = STRIDE * (n0 + 1)  # rows [lo, mid) need the visibility mask, rows [mid, T) see every key
+        mid = tl.minimum(lo + tl.cdiv(STRIDE * (BLOCK_N - 1), BLOCK_M) * BLOCK_M, T)
+        for h in range(hk * G, hk * G + G):
+            DXh, LSEh, DELTAh = DC + dx_off + h * D, LSE_C + lse_off + h * T, DELTA_C + lse_off + h * T
+            dk, dv = _bwd_dkv_path(dk, dv, k, v, Qb + h * sq_h, DXh, LSEh, DELTAh, sq_t, T, H, offs_n, offs_d,
+                                   lo, mid, qk_scale, COMP_MASK, D, STRIDE, WINDOW, BLOCK_M)
+            dk, dv = _bwd_dkv_path(dk, dv, k, v, Qb + h * sq_h, DXh, LSEh, DELTAh, sq_t, T, H, offs_n, offs_d,
+                                   mid, T, qk_scale, NO_MASK, D, STRIDE, WINDOW, BLOCK_M)
+    else:
+        hi = tl.minimum(n0 + BLOCK_N + WINDOW - 1, T)
+        for h in range(hk * G, hk * G + G):
+            DXh, LSEh, DELTAh = DL + dx_off + h * D, LSE_L + lse_off + h * T, DELTA_L + lse_off + h * T
+            dk, dv = _bwd_dkv_path(dk, dv, k, v, Qb + h * sq_h, DXh, LSEh, DELTAh, sq_t, T, H, offs_n, offs_d,
+                                   n0, hi, qk_scale, WINDOW_MASK, D, STRIDE, WINDOW, BLOCK_M)
     out_offs = ((b * n_keys + offs_n[:, None]) * Hkv + hk) * D + offs_d[None, :]  # contiguous outputs
     if is_comp:
         tl.store(DKC + out_offs, (dk * scale).to(DKC.dtype.element_ty), mask=in_kv)
@@ -283,9 +281,9 @@ def _csa_bwd_dkv(
 
 # Tile shapes and launch settings per kernel (the benchmark may sweep them).
 CONFIG = {
-    "fwd": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-    "bwd_dq": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-    "bwd_dkv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    "fwd": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_NL=128, num_warps=4, num_stages=3),
+    "bwd_dq": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_NL=64, num_warps=4, num_stages=2),
+    "bwd_dkv": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
 }
 
 
@@ -417,6 +415,22 @@ def check_inputs(q: torch.Tensor, *others: torch.Tensor) -> None:
             raise ValueError(f"triton backend supports dtypes {supported}, got {x.dtype}")
 
 
+class _CSAFunction(torch.autograd.Function):
+    """Eager autograd path: the same launches as the custom ops, without their Python dispatch cost
+    (tens of microseconds per call, which is most of the kernels' time at small batch)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kc, vc, blend, window, stride, scale):
+        o, dcl, lse_c, lse_l = csa_fwd(q, k, v, kc, vc, blend, window, stride, scale, True)
+        ctx.save_for_backward(q, k, v, kc, vc, blend, o, dcl, lse_c, lse_l)
+        ctx.window, ctx.stride, ctx.scale = window, stride, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        return (*csa_bwd(do, *ctx.saved_tensors, ctx.window, ctx.stride, ctx.scale), None, None, None)
+
+
 def csa_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
     blend: torch.Tensor, window: int, stride: int, scale: float,
@@ -424,9 +438,14 @@ def csa_attention_triton(
     """The fused kernel pair behind `kernels.csa.csa_attention(..., backend="triton")` (inputs checked there).
 
     k, v, kc, vc are cast to q's dtype (one dtype for the matrix units). Saves dcl and the
-    log-sum-exps for the backward only when some input needs a gradient.
+    log-sum-exps for the backward only when some input needs a gradient. Under torch.compile it goes
+    through the torch.library ops (hyla::csa_fwd / hyla::csa_bwd), in eager through an autograd.Function.
     """
     check_inputs(q, k, v, kc, vc, blend)
     k, v, kc, vc = (x.to(q.dtype) for x in (k, v, kc, vc))
     save = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, kc, vc, blend))
-    return _csa_fwd_op(q, k, v, kc, vc, blend, window, stride, scale, save)[0]
+    if torch.compiler.is_compiling():  # opaque ops in the graph
+        return _csa_fwd_op(q, k, v, kc, vc, blend, window, stride, scale, save)[0]
+    if save:
+        return _CSAFunction.apply(q, k, v, kc, vc, blend, window, stride, scale)
+    return csa_fwd(q, k, v, kc, vc, blend, window, stride, scale, False)[0]
