@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -34,8 +35,15 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
 def pick_backend(
     backend: str, device: torch.device, available: dict[str, Callable[[torch.device], bool]]
 ) -> str:
-    """Resolve "auto" to the first available backend in `available`'s order; validate the rest."""
+    """Resolve "auto" to the first available backend in `available`'s order; validate the rest.
+
+    The environment variable HYLA_BACKEND (e.g. `HYLA_BACKEND=reference`, the pure-PyTorch fallback)
+    replaces "auto" for every op that has a backend of that name.
+    """
     if backend == "auto":
+        forced = os.environ.get("HYLA_BACKEND", "auto")
+        if forced in available and available[forced](device):
+            return forced
         return next(name for name, ok in available.items() if ok(device))
     check(backend in available, f"unknown backend {backend!r}; choose from {['auto', *available]}")
     check(available[backend](device), f"backend {backend!r} is not available for device {device}")
