@@ -97,6 +97,24 @@ def sv(X: torch.Tensor) -> tuple[float, float]:
     return s.min().item(), s.max().item()
 
 
+def kernel_times(fn) -> list[tuple[str, float]]:
+    """Device time of each kernel of one call, in launch order (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    evs.sort(key=lambda e: e.time_range.start)
+    return [(e.name[:40], round(e.time_range.elapsed_us(), 1)) for e in evs]
+
+
+def save(rec: dict, out: Path) -> None:
+    (out / "ns.json").write_text(json.dumps(rec, indent=1))
+
+
 def ceilings() -> dict:
     x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -184,6 +202,7 @@ def main() -> None:
         return max(relerr(o, r) for o, r in zip(outs, refs, strict=True))
 
     variants: dict[str, dict] = {}
+    rec["variants"] = variants
 
     def run(name, fn, **extra):
         outs = fn()
@@ -194,10 +213,9 @@ def main() -> None:
 
     sched = [NS_COEFFS] * STEPS
     configs = {
-        "t128_128": triton_ns.Config(),
-        "t64_128": triton_ns.Config(bs=64, bk=64, warps=4, stages=4),
-        "t128_64x128": triton_ns.Config(bm=64, bn=128, bk3=64, warps3=4, stages3=4),
-        "t64_64x128": triton_ns.Config(bs=64, bk=64, warps=4, stages=4, bm=64, bn=128, warps3=4, stages3=4),
+        "s128w8_x128x128w8": triton_ns.Config(),
+        "s64w4_x128x128w8": triton_ns.Config(bs=64, bk=64, warps=4, stages=4),
+        "s128w8_x128x256w8": triton_ns.Config(bn=256),
     }
     for cname, cfg in configs.items():
         run(f"triton grouped [{cname}]", lambda cfg=cfg: triton_ns.newton_schulz_triton(stacks, sched, config=cfg))
@@ -205,9 +223,16 @@ def main() -> None:
     cfg = configs[best]
     rec["best_triton_config"] = {"name": best, **cfg.__dict__}
     run(
-        "triton grouped, best, no symmetry",
-        lambda: triton_ns.newton_schulz_triton(stacks, sched, sym=False, config=cfg),
+        "triton grouped, eager launches (no graph)",
+        lambda: triton_ns.newton_schulz_triton(stacks, sched, config=cfg, graphs=False),
     )
+    run("triton grouped, no symmetry", lambda: triton_ns.newton_schulz_triton(stacks, sched, sym=False, config=cfg))
+    rec["kernel_sequence_us"] = {
+        "triton grouped, eager": kernel_times(
+            lambda: triton_ns.newton_schulz_triton(stacks, sched, config=cfg, graphs=False)
+        )
+    }
+    print("kernel sequence (us):", rec["kernel_sequence_us"], flush=True)
     pe = list(polar_express(STEPS))
     pe_out = newton_schulz_many(stacks, STEPS, pe, check_finite=False)
     rec["polar_express"] = {
@@ -223,8 +248,24 @@ def main() -> None:
         lambda: [newton_schulz(S, backend="triton", check_finite=False) for S in stacks],
     )
     if cuda.available(stacks[0].device):
-        run("cuda one call per shape group", lambda: [cuda.newton_schulz_cuda(S, sched) for S in stacks])
-        run("cuda per group, no symmetry", lambda: [cuda.newton_schulz_cuda(S, sched, sym=False) for S in stacks])
+        run(
+            "cuda one call per shape group",
+            lambda: [newton_schulz(S, backend="cuda", check_finite=False) for S in stacks],
+        )
+        run(
+            "cuda per group, no symmetry",
+            lambda: [
+                cuda.newton_schulz_cuda(S, sched, sym=False)
+                if min(S.shape[1:]) > cuda.TINY
+                else newton_schulz(S, backend="cuda", check_finite=False)
+                for S in stacks
+            ],
+        )
+        big = stacks[0]
+        rec["kernel_sequence_us"][f"cuda {tuple(big.shape)}"] = kernel_times(
+            lambda: cuda.newton_schulz_cuda(big, sched)
+        )
+    save(rec, args.out)
 
     torch._dynamo.config.cache_size_limit = 64
     compiled = torch.compile(zeropower_bf16, dynamic=False)
@@ -240,17 +281,20 @@ def main() -> None:
         S = torch.randn(c, m, n, device="cuda")
         row = {"count": c, "gflop": c * flops(m, n) / 1e9}
         row["triton_ms"] = median_ms(lambda S=S: triton_ns.newton_schulz_triton([S], sched, config=cfg))
+        row["triton_relerr"] = relerr(
+            triton_ns.newton_schulz_triton([S], sched, config=cfg)[0], ns_reference(S.double())
+        )
         if cuda.available(S.device):
-            row["cuda_ms"] = median_ms(lambda S=S: cuda.newton_schulz_cuda(S, sched))
-            row["cuda_relerr"] = relerr(cuda.newton_schulz_cuda(S, sched), ns_reference(S.double()))
+            row["cuda_ms"] = median_ms(lambda S=S: newton_schulz(S, backend="cuda", check_finite=False))
+            row["cuda_relerr"] = relerr(newton_schulz(S, backend="cuda", check_finite=False), ns_reference(S.double()))
         row["faster"] = "cuda" if row.get("cuda_ms", float("inf")) < row["triton_ms"] else "triton"
         per_shape[f"{m}x{n}"] = row
         print(f"  {m:5d} x {n:5d} x{c:3d}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.endswith("ms")))
     rec["per_wide_shape"] = per_shape
+    save(rec, args.out)
 
     opt = optimizer_step(rec)
     print("optimizer step:", opt, flush=True)
-    rec["variants"] = variants
 
     ours = min(v["ms"] for k, v in variants.items() if k.startswith(("triton", "cuda")))
     ours_name = min((v["ms"], k) for k, v in variants.items() if k.startswith(("triton", "cuda")))[1]
@@ -271,7 +315,7 @@ def main() -> None:
         "fraction_of_matmul_rate": total_flops / ours / 1e9 / rec["ceilings"]["bf16_matmul_tflops"],
     }
     rec["bench_seconds"] = time.time() - t_start
-    (args.out / "ns.json").write_text(json.dumps(rec, indent=1))
+    save(rec, args.out)
     (args.out / "ns.md").write_text(markdown(rec))
     print(json.dumps(rec["summary"], indent=1))
 

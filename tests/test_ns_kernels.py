@@ -22,10 +22,10 @@ SMALL = triton_ns.Config(bs=16, bk=16, bm=16, bn=32, bk3=16)  # interpreter-size
 
 
 def ref64(G: torch.Tensor, schedule=None) -> torch.Tensor:
-    """Float64 reference iteration (per-step coefficients when `schedule` is given)."""
+    """Float64 reference iteration (per-step coefficients when `schedule` is given), on G's device."""
     if schedule is None:
-        return ns_ref(G.double().cpu(), 5)
-    return newton_schulz(G.double().cpu(), len(schedule), schedule, backend="reference")
+        return ns_ref(G.double(), 5)
+    return newton_schulz(G.double(), len(schedule), schedule, backend="reference")
 
 
 def sv_range(X: torch.Tensor) -> tuple[float, float]:
@@ -34,6 +34,10 @@ def sv_range(X: torch.Tensor) -> tuple[float, float]:
 
 
 # ---- CPU: Triton under the interpreter, fp32 operands (the interpreter computes bf16 wrongly) --------
+
+interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="runs the kernels on CPU tensors under TRITON_INTERPRET=1"
+)
 
 
 def _mixed_inputs(gen: torch.Generator) -> list[torch.Tensor]:
@@ -47,6 +51,7 @@ def _mixed_inputs(gen: torch.Generator) -> list[torch.Tensor]:
     ]
 
 
+@interpreter
 @pytest.mark.parametrize("sym", [True, False])
 def test_triton_interpreter_grouped_matches_reference(sym):
     gen = torch.Generator().manual_seed(1 + sym)
@@ -64,6 +69,7 @@ def test_triton_interpreter_grouped_matches_reference(sym):
     assert torch.equal(single, outs[1])
 
 
+@interpreter
 def test_triton_interpreter_one_step_schedule_and_strided_input():
     gen = torch.Generator().manual_seed(3)
     G = torch.randn(30, 70, generator=gen)[:, 3:40]  # row stride 70: copied into the aligned layout
@@ -145,10 +151,10 @@ from kernels.ns.triton_ns import _ns_stage_kernel
 sig = {"tiles": "*i32", "meta": "*i64", "g_off": "*i64", "g": "*fp32", "out": "*fp32", "x_in": "*bf16",
        "x_out": "*bf16", "a_buf": "*bf16", "b_buf": "*bf16", "trace": "*fp32", "coef_a": "fp32",
        "coef_b": "fp32", "coef_c": "fp32", "eps": "fp32"}
-for stage, first, last in [(1, True, False), (2, True, False), (1, False, False), (3, False, True), (3, True, False)]:
-    k = compile_for_hopper(_ns_stage_kernel, sig, dict(STAGE=stage, FIRST=first, LAST=last, SYM=True, NDIAG=8,
+for stage, first in [(0, False), (1, True), (2, True), (3, True), (2, False), (4, False)]:
+    k = compile_for_hopper(_ns_stage_kernel, sig, dict(STAGE=stage, FIRST=first, SYM=True, NDIAG=16,
                            BM=128, BN=128, BK=64, DOT_PREC="tf32"))
-    assert "wgmma.mma_async" in k.asm["ptx"], (stage, first, last)
+    assert (stage in (0, 4)) != ("wgmma.mma_async" in k.asm["ptx"]), (stage, first)
 print("ok")
 """
 
@@ -208,6 +214,11 @@ def test_gpu_triton_bf16(in_dtype):
         single = newton_schulz(G, 5, backend="triton")
         assert torch.equal(single, X), G.shape  # one stack alone == the same stack among all groups
         assert torch.equal(newton_schulz(G[1], 5, backend="triton"), X[1])  # a matrix alone == in its stack
+    # the second call replays the captured CUDA graph; eager launches give the same bits
+    for X, Y, Z in zip(
+        outs, newton_schulz_many(Gs, 5), triton_ns.newton_schulz_triton(Gs, [NS_COEFFS] * 5, graphs=False), strict=True
+    ):
+        assert torch.equal(X, Y) and torch.equal(X, Z)
 
 
 @pytest.mark.gpu
@@ -236,5 +247,6 @@ def test_gpu_cuda_backend():
         lo, hi = sv_range(X[0])
         assert 0.6 <= lo and hi <= 1.25, (G.shape, lo, hi)
         assert torch.equal(newton_schulz(G[1], 5, backend="cuda"), X[1])
-        F = cuda.newton_schulz_cuda(G, [NS_COEFFS] * 5, sym=False)
-        assert relerr(F, X) < 1e-2
+        if min(G.shape[-2:]) > cuda.TINY:  # (tiny sides went to the fp32 reference above)
+            F = cuda.newton_schulz_cuda(G, [NS_COEFFS] * 5, sym=False)
+            assert relerr(F, X) < 1e-2

@@ -3,9 +3,11 @@ of an optimizer's shape groups at once), dispatching to a backend.
 
 Backends (the iteration is documented in `reference.py` and kept by every backend):
 - "triton" (`triton_ns.py`, CUDA): bf16 operands, fp32 accumulation, 3 launches a step for any number
-  of matrices of any shapes (normalization fused into step 0, output written by the last step).
+  of matrices of any shapes, replayed as a CUDA graph, plus a prep and a finish launch (normalization
+  fused into step 0; stacks with a side <= 8 use fp32 operands, see `triton_ns.newton_schulz_triton`).
 - "cuda" (`cuda.py` + `csrc/ns/ns.cu`, CUDA with CuPy installed): the same three stages as CUDA C++
-  mma.sync kernels compiled by NVRTC, one launch a stage per stack.
+  mma.sync kernels compiled by NVRTC, one launch a stage per stack (stacks with a side <= 8, whose
+  bf16 error would exceed 2e-2, take the fp32 reference instead: their cost is negligible).
 - "reference" (`reference.py`, any device, fp32 math).
 "auto" picks, on CUDA, the backend measured fastest for the stack's wide shape in `AUTO_TABLE`
 (recorded by `bench/ns.py` on an H100, see profiles/ns.md; "triton" for shapes not listed), else
@@ -153,8 +155,8 @@ def newton_schulz(
     check(steps >= 0, f"steps must be >= 0, got {steps}")
     schedule = _schedule(coeffs, steps)
     name = _resolve(backend, G)
-    if name == "reference" or steps == 0:
-        return _reference(G, schedule, eps)
+    if name == "reference" or steps == 0 or (name == "cuda" and min(G.shape[-2:]) <= cuda.TINY):
+        return _reference(G, schedule, eps)  # the CUDA kernels are bf16-only: tiny sides go to fp32
     if name == "cuda":
         return cuda.newton_schulz_cuda(G, schedule, eps)
     return triton_ns.newton_schulz_triton([G], schedule, eps)[0]
