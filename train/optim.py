@@ -17,7 +17,7 @@ from collections import defaultdict
 import torch
 import torch.nn as nn
 
-from kernels.ns import newton_schulz
+from kernels.ns import newton_schulz_many
 
 
 def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
@@ -42,8 +42,9 @@ class Muon(torch.optim.Optimizer):
         M <- mu M + G;   U <- G + mu M;   O <- NS5(U);
         W <- (1 - lr wd) W - lr * max(1, rows / cols) ** 0.5 * O
     The scale keeps the update's RMS per entry comparable across shapes (NS gives unit singular values;
-    a tall matrix spreads them over more rows). The parameters are grouped by shape and each group's
-    updates are orthogonalized in one `newton_schulz` call on an [N, rows, cols] stack.
+    a tall matrix spreads them over more rows). The parameters are grouped by shape; each group's
+    updates form one [N, rows, cols] stack and all stacks go through one `newton_schulz_many` call.
+    `ns_steps` applies to the whole optimizer.
     """
 
     def __init__(
@@ -67,22 +68,27 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        active, stacks = [], []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             grads = [p.grad for p in params]
-            bufs = []
             for p in params:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                bufs.append(state["momentum_buffer"])
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
             mu = group["momentum"]
             torch._foreach_mul_(bufs, mu)
             torch._foreach_add_(bufs, grads)
             updates = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
-            ortho = newton_schulz(torch.stack(updates), steps=group["ns_steps"])
+            active.append((group, params))
+            stacks.append(torch.stack(updates))
+        if not stacks:
+            return
+        # every shape group in one call: on CUDA one set of Triton launches per Newton-Schulz step
+        orthos = newton_schulz_many(stacks, steps=self.defaults["ns_steps"], check_finite=False)
+        for (group, params), ortho in zip(active, orthos, strict=True):
             rows, cols = params[0].shape
             lr = group["lr"]
             torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
