@@ -5,7 +5,7 @@ One run, same GPU: a full step (bf16 autocast forward + backward, grad clip, Muo
 (HYLA_BACKEND=reference). MFU = model FLOPs per token (train.trainer.model_flops_per_token) x tokens /
 time / peak, with the peak both the datasheet bf16 dense rate and the matmul rate measured in this run.
 
-    python bench/train_step.py --out profiles/train_step.json
+    python bench/train_step.py --out profiles/train_step.json [--trace trace.json]
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def roofline() -> dict:
     return {"copy_GBps": 2 * n / copy_ms / 1e6, "bf16_matmul_TFLOPs": 2 * 8192**3 / mm_ms / 1e9}
 
 
-def bench_step(batch: int, seq: int, backend: str, compile_: bool, reps: int) -> dict:
+def bench_step(batch: int, seq: int, backend: str, compile_: bool, reps: int, trace: str | None = None) -> dict:
     os.environ["HYLA_BACKEND"] = backend
     torch.manual_seed(0)
     cfg = get_config("95m")
@@ -75,6 +75,12 @@ def bench_step(batch: int, seq: int, backend: str, compile_: bool, reps: int) ->
 
     torch.cuda.reset_peak_memory_stats()
     times = timed(step, 3, reps)
+    if trace:  # one more step under the profiler: kernels, nvtx ranges, launch gaps
+        with torch.profiler.profile(record_shapes=True) as prof:
+            step()
+            torch.cuda.synchronize()
+        prof.export_chrome_trace(trace)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
     ms = median(times)
     flops = model_flops_per_token(cfg, seq) * batch * seq
     row = {
@@ -91,6 +97,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default="profiles/train_step.json")
+    ap.add_argument("--trace", default=None, help="write a chrome trace of one eager kernel step here")
     args = ap.parse_args()
     dev = torch.device("cuda")
     roof = roofline()
@@ -98,7 +105,8 @@ def main() -> None:
     rows = []
     for backend, compile_ in [("auto", False), ("auto", True), ("reference", False)]:
         try:
-            row = bench_step(args.batch, args.seq, backend, compile_, args.reps)
+            trace = args.trace if (backend, compile_) == ("auto", False) else None
+            row = bench_step(args.batch, args.seq, backend, compile_, args.reps, trace)
             torch.cuda.empty_cache()
         except Exception as e:  # report the failure of one variant, keep the others
             row = {"backend": backend, "compile": compile_, "error": f"{type(e).__name__}: {e}"[:500]}
@@ -122,8 +130,11 @@ def main() -> None:
             summary["speedup_vs_reference"] = ref["ms_median"] / best["ms_median"]
     result = {
         "device": torch.cuda.get_device_name(dev),
-        "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__,
-                     "python": platform.python_version()},  # fmt: skip
+        "versions": {
+            "torch": torch.__version__,
+            "triton": __import__("triton").__version__,
+            "python": platform.python_version(),
+        },  # fmt: skip
         "command": " ".join(["python", *sys.argv]),
         "flops_per_token": model_flops_per_token(get_config("95m"), args.seq),
         "peak_datasheet_TFLOPs": peak / 1e12 if peak else None,
