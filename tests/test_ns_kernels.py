@@ -186,6 +186,13 @@ def test_cuda_source_compiles_for_sm90a(tmp_path):
 GPU_SHAPES = [(4, 576, 1536), (2, 3024, 576), (3, 1008, 576), (2, 576, 576), (2, 9, 576), (2, 3024, 4), (2, 192, 192)]
 
 
+def _spread(G: torch.Tensor) -> bool:
+    """Rectangular enough (aspect >= 1.5) that a Gaussian G has no near-zero singular value: 5 quintic
+    steps lift a normalized singular value s only to about 3.44^5 s, so square random matrices, whose
+    smallest singular value is ~0, keep one far below 0.6 in every implementation."""
+    return max(G.shape[-2:]) >= 1.5 * min(G.shape[-2:])
+
+
 def _poison_cache():
     """Leave NaNs in the caching allocator's free blocks, so an unwritten output element shows up."""
     torch.full((1 << 26,), float("nan"), device="cuda")
@@ -207,7 +214,7 @@ def test_gpu_triton_bf16(in_dtype):
         assert X.shape == G.shape and X.dtype == G.dtype
         R = ref64(G)
         assert relerr(X, R) < 2e-2, G.shape
-        for b in range(G.shape[0]):
+        for b in range(G.shape[0] if _spread(G) else 0):
             lo, hi = sv_range(X[b])
             assert 0.6 <= lo and hi <= 1.25, (G.shape, lo, hi)
         _poison_cache()
@@ -233,7 +240,7 @@ def test_gpu_triton_fp32_and_no_symmetry():
     for G, X in zip(Gs, newton_schulz_many(Gs, 5, sched), strict=True):
         assert relerr(X, ref64(G, sched)) < 2e-2, G.shape
         lo, hi = sv_range(X[0])
-        assert 0.8 <= lo and hi <= 1.2, (G.shape, lo, hi)
+        assert hi <= 1.2 and (0.8 <= lo or not _spread(G)), (G.shape, lo, hi)
 
 
 @pytest.mark.gpu
@@ -245,7 +252,7 @@ def test_gpu_cuda_backend():
         assert X.shape == G.shape and X.dtype == G.dtype
         assert relerr(X, ref64(G)) < 2e-2, G.shape
         lo, hi = sv_range(X[0])
-        assert 0.6 <= lo and hi <= 1.25, (G.shape, lo, hi)
+        assert hi <= 1.25 and (0.6 <= lo or not _spread(G)), (G.shape, lo, hi)
         assert torch.equal(newton_schulz(G[1], 5, backend="cuda"), X[1])
         if min(G.shape[-2:]) > cuda.TINY:  # (tiny sides went to the fp32 reference above)
             F = cuda.newton_schulz_cuda(G, [NS_COEFFS] * 5, sym=False)
