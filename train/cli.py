@@ -1,4 +1,4 @@
-"""`hyla` command line: data, train, generate."""
+"""`hyla` command line: data, train, generate, export."""
 
 from __future__ import annotations
 
@@ -93,6 +93,14 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(ns: argparse.Namespace) -> int:
+    from train.export import export_checkpoint
+
+    info = export_checkpoint(ns.ckpt, ns.out, ns.quant, ns.tokenizer_out)
+    print(f"wrote {info['model']} ({info['quant']}, {info['bytes']:,} bytes) and {info['tokenizer']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hyla", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default="auto")
     g.set_defaults(func=cmd_generate)
+    e = sub.add_parser("export", help="write model.bin (+ tokenizer.bin) for the C engine (csrc/)")
+    e.add_argument("--ckpt", required=True)
+    e.add_argument("--out", required=True, help="model file, e.g. model.bin")
+    e.add_argument("--quant", choices=["fp32", "int8"], default="fp32")
+    e.add_argument("--tokenizer-out", default=None, help="default: tokenizer.bin beside --out")
+    e.set_defaults(func=cmd_export)
     ns = parser.parse_args(argv)
     return ns.func(ns)
 
