@@ -311,10 +311,75 @@ def layer_bench(B: int, T: int, compiled: bool = False) -> dict:
     return res
 
 
+def graph_ms(step) -> float:
+    """Per-call GPU time of step() replayed from a CUDA graph (no CPU launch cost at all)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return bench(lambda i: graph.replay(), calls=10)
+
+
+def cpu_issue_us(step, n: int = 50) -> float:
+    """Host microseconds per call of issuing step() (the GPU queue absorbs the work; one sync at the end)."""
+    step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        step()
+    dt = time.perf_counter() - t
+    torch.cuda.synchronize()
+    return dt / n * 1e6
+
+
+def graph_rows(B: int, flex_fn, sdpa) -> list[dict]:
+    """GPU-only times (CUDA graphs) of ours, flex and SDPA at T 1024, and the host cost of our eager path."""
+    rows = []
+    xs = inputs(B, 1024, seed=1)
+    xf = to_bhtd(xs)
+    do = torch.randn(B, 1024, H, D, device="cuda", dtype=DT)
+    dof = do.transpose(1, 2).contiguous()
+    variants = {
+        "ours": (lambda: csa.csa_attention(*xs, backend="triton"), xs, do),
+        "flex": (lambda: flex_fn(*xf), xf, dof),
+        "sdpa_full_default": (lambda: sdpa(*xf[:3]), xf[:3], dof),
+    }
+    for name, (fwd, leaves, g) in variants.items():
+        row = {"variant": name, "B": B, "T": 1024}
+        try:
+            with torch.no_grad():
+                row["fwd_graph_ms"] = graph_ms(fwd)
+            row["fwdbwd_graph_ms"] = graph_ms(lambda f=fwd, x=leaves, g=g: torch.autograd.grad(f(), x, g))
+        except Exception as e:  # capture not supported by a variant
+            row["error"] = repr(e)[:300]
+        rows.append(row)
+        print(row, flush=True)
+    x0 = [x.detach() for x in xs]
+    saved = triton_csa.csa_fwd(*x0, WINDOW, STRIDE, SCALE, True)
+    host = {"variant": "ours_host_us", "B": B, "T": 1024}
+    host["fwd_save"] = cpu_issue_us(lambda: triton_csa.csa_fwd(*x0, WINDOW, STRIDE, SCALE, True))
+    host["bwd"] = cpu_issue_us(lambda: triton_csa.csa_bwd(do, *x0, *saved, WINDOW, STRIDE, SCALE))
+    host["fwdbwd_step"] = cpu_issue_us(lambda: torch.autograd.grad(csa.csa_attention(*xs), xs, do))
+    print(host, flush=True)
+    return [*rows, host]
+
+
+def graph_mode(out_dir: Path, meta: dict) -> None:
+    flex_fn, sdpa = make_flex(1024), sdpa_variants()["default"]
+    rows = [r for B in (16, 64) for r in graph_rows(B, flex_fn, sdpa)]
+    (out_dir / "csa_graphs.json").write_text(json.dumps({**meta, "graph_rows": rows}, indent=1, default=str))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="profiles")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--graphs", action="store_true", help="only the CUDA-graph GPU times and host costs")
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -326,6 +391,10 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda},
         "command": "python " + " ".join(sys.argv),
     }
+    if args.graphs:
+        meta["config"] = triton_csa.CONFIG
+        graph_mode(out_dir, meta)
+        return
     meta["ceilings"] = ceil = ceilings()
     print(meta, flush=True)
     if not args.no_sweep:

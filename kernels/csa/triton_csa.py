@@ -279,10 +279,12 @@ def _csa_bwd_dkv(
         tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=in_kv)
 
 
-# Tile shapes and launch settings per kernel (the benchmark may sweep them).
+# Tile shapes and launch settings per kernel: the fastest correct ones of bench/csa.py's sweep on an H100
+# (B 16, T 1024, H 9, Hkv 3, D 64; profiles/csa.json "sweep"). BLOCK_N tiles compressed keys (raw keys
+# in _bwd_dkv), BLOCK_NL the window's raw keys.
 CONFIG = {
-    "fwd": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_NL=128, num_warps=4, num_stages=3),
-    "bwd_dq": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_NL=64, num_warps=4, num_stages=2),
+    "fwd": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_NL=64, num_warps=4, num_stages=3),
+    "bwd_dq": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_NL=128, num_warps=4, num_stages=3),
     "bwd_dkv": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
 }
 
