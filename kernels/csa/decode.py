@@ -98,6 +98,10 @@ class CSADecodeState:
             zeros(batch, n_blocks, n_kv_heads, head_dim),
             zeros(batch, n_blocks, n_kv_heads, head_dim),
         )
+        # RoPE tables of every block's position stride j + stride // 2, made once (no host copy per block)
+        positions = torch.arange(n_blocks) * stride + stride // 2
+        table_dtype = torch.promote_types(weight_k.dtype, torch.float32)  # as compress_kv: fp32, fp64 for fp64
+        self.cos, self.sin = (t.to(device) for t in rope_tables(positions, rotary_dim, theta, table_dtype))
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, k_raw: Tensor, blend: Tensor) -> Tensor:
         """Attend the token at position `self.pos` and advance by one.
@@ -133,11 +137,7 @@ class CSADecodeState:
         qg = q.to(dt).view(B, Hkv, H // Hkv, D)
         n_win, n_comp = min(t + 1, W), t // self.stride
         local = _attend(qg, self.k_win[:, :n_win], self.v_win[:, :n_win], self.scale)
-        comp = (
-            _attend(qg, self.kc[:, :n_comp], self.vc[:, :n_comp], self.scale)
-            if n_comp
-            else torch.zeros_like(local)
-        )
+        comp = _attend(qg, self.kc[:, :n_comp], self.vc[:, :n_comp], self.scale) if n_comp else torch.zeros_like(local)
         out = torch.lerp(local, comp, blend.to(dt).view(B, Hkv, H // Hkv, D)).reshape(B, H, D)
 
         if (t + 1) % self.stride == 0:
@@ -153,9 +153,7 @@ class CSADecodeState:
             if tuple(x.shape) != (B, T, Hkv, D):
                 raise ValueError(f"{name} must have shape {(B, T, Hkv, D)}, got {tuple(x.shape)}")
         if self.pos != 0 or T > self.max_len:
-            raise ValueError(
-                f"prefill needs an empty state and T <= max_len ({self.max_len}); pos={self.pos}, T={T}"
-            )
+            raise ValueError(f"prefill needs an empty state and T <= max_len ({self.max_len}); pos={self.pos}, T={T}")
         first = max(T - W, 0)
         slots = torch.arange(first, T, device=self.k_win.device) % W
         self.k_win[:, slots], self.v_win[:, slots] = (
@@ -184,10 +182,6 @@ class CSADecodeState:
         w_dtype = self.weight_k.dtype
         kc = F.linear((self.sum_k / self.stride).to(w_dtype), self.weight_k).view(B, 1, Hkv, D)
         vc = F.linear((self.sum_v / self.stride).to(w_dtype), self.weight_v).view(B, 1, Hkv, D)
-        position = torch.tensor([self.stride * j + self.stride // 2], device=kc.device)
-        cos, sin = rope_tables(
-            position, self.rotary_dim, self.theta, torch.promote_types(kc.dtype, torch.float32)
-        )
-        self.kc[:, j], self.vc[:, j] = apply_rope(kc, cos, sin)[:, 0], vc[:, 0]
+        self.kc[:, j], self.vc[:, j] = apply_rope(kc, self.cos[j : j + 1], self.sin[j : j + 1])[:, 0], vc[:, 0]
         self.sum_k.zero_()
         self.sum_v.zero_()
