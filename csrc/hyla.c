@@ -77,7 +77,7 @@ _Static_assert(sizeof(FileEntry) == ENTRY_BYTES, "table entry layout");
 typedef struct {  /* a [rows, cols] weight, fp32 or int8 with fp32 scales per group of cols */
     int dtype, rows, cols;
     const float *f;
-    const int8_t *q;
+    const uint8_t *q;  /* int8 weights stored offset by 128 (q + 128) */
     const float *s;
 } Mat;
 
@@ -110,8 +110,9 @@ struct Hyla {
     float *x, *xn, *f;       /* [CHUNK, dim] */
     float *p1, *p2, *kb, *vb, *kraw, *blend, *ctx, *ba; /* per-chunk projections */
     float *scores;           /* per thread [max keys] */
-    uint8_t *xq;             /* int8 activations + 128 [CHUNK, widest input] and their scales */
+    int8_t *xq;              /* int8 activations [CHUNK, widest input], their scales and sums */
     float *xqs;
+    int32_t *xqc;
     int vnni;
     int max_keys, n_threads, pos;
     char err[512];
@@ -227,7 +228,7 @@ static int get_mat(Reader *r, Mat *m, const char *name, int rows, int cols) {
         m->f = (const float *)(r->base + e->offset);
     } else {
         size_t qbytes = ((size_t)rows * cols + ALIGN - 1) / ALIGN * ALIGN;
-        m->q = (const int8_t *)(r->base + e->offset);
+        m->q = (const uint8_t *)(r->base + e->offset);
         m->s = (const float *)(r->base + e->offset + qbytes);
     }
     return 0;
@@ -360,6 +361,7 @@ static int alloc_state(Hyla *m) {
     widest = widest > kv ? widest : kv;
     m->xq = xcalloc((size_t)T * widest, 1);
     m->xqs = xcalloc((size_t)T * (widest / QGROUP + 1), sizeof(float));
+    m->xqc = xcalloc((size_t)T * (widest / QGROUP + 1) * 16, sizeof(int32_t));
 #ifdef HAVE_VNNI_KERNEL
     m->vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") && !getenv("HYLA_NO_VNNI");
 #endif
@@ -367,7 +369,7 @@ static int alloc_state(Hyla *m) {
     m->cos = xcalloc((size_t)c->max_seq_len * half, sizeof(float));
     m->sin = xcalloc((size_t)c->max_seq_len * half, sizeof(float));
     if (!m->x || !m->xn || !m->f || !m->p1 || !m->p2 || !m->kb || !m->vb || !m->kraw || !m->blend || !m->ctx ||
-        !m->ba || !m->scores || !m->cos || !m->sin || !m->xq || !m->xqs)
+        !m->ba || !m->scores || !m->cos || !m->sin || !m->xq || !m->xqs || !m->xqc)
         return 1;
     /* RoPE tables as kernels/rope.py: angles in float64, then cast */
     for (int p = 0; p < c->max_seq_len; p++)
@@ -447,7 +449,7 @@ void hyla_free(Hyla *m) {
         }
     free(m->st); free(m->layers); free(m->cos); free(m->sin); free(m->x); free(m->xn); free(m->f); free(m->p1);
     free(m->p2); free(m->kb); free(m->vb); free(m->kraw); free(m->blend); free(m->ctx); free(m->ba); free(m->scores);
-    free(m->xq); free(m->xqs);
+    free(m->xq); free(m->xqs); free(m->xqc);
     if (m->map) munmap(m->map, m->map_bytes);
     free(m);
 }
@@ -485,6 +487,7 @@ void hyla_reset(Hyla *m) {
 
 static inline float hsum(const float *acc) {
     float s = 0;
+#pragma omp simd reduction(+ : s)
     for (int j = 0; j < LANES; j++) s += acc[j];
     return s;
 }
@@ -516,36 +519,44 @@ HOT static void rows_f32(float *y, int ldy, const float *x, int T, const float *
 }
 
 /* int8 weights: activations are quantized per token and group of QGROUP dims the same way
- * (x ~ xq * xs, xq in [-127, 127], stored as xq + 128 in uint8), so each group is an integer dot product:
- *   y[t, r] = sum_g ws[r, g] xs[t, g] sum_{i in g} wq[r, i] xq[t, i]. */
-static void quantize_rows(uint8_t *xu, float *xs, const float *x, int T, int cols) {
+ * (x ~ xq * xs, xq in [-127, 127]), so each group is an integer dot product:
+ *   y[t, r] = sum_g ws[r, g] xs[t, g] sum_{i in g} wq[r, i] xq[t, i].
+ * Weights are stored as wq + 128 (unsigned), which is what the VNNI instruction takes; the offset is
+ * removed with the group sums of xq: sum (wq + 128) xq = sum wq xq + 128 sum xq. xc holds, per token
+ * and group, a 16-lane int32 vector (-128 sum xq, 0, ..., 0) that seeds the VNNI accumulator. */
+static void quantize_rows(int8_t *xq, float *xs, int32_t *xc, const float *x, int T, int cols) {
     int ng = (cols + QGROUP - 1) / QGROUP;
     for (int t = 0; t < T; t++)
         for (int g = 0; g < ng; g++) {
             const float *xg = x + (size_t)t * cols + g * QGROUP;
+            int8_t *qg = xq + (size_t)t * cols + g * QGROUP;
             int n = cols - g * QGROUP < QGROUP ? cols - g * QGROUP : QGROUP;
             float mx = 0;
             for (int i = 0; i < n; i++) mx = fabsf(xg[i]) > mx ? fabsf(xg[i]) : mx;
-            float scale = mx / 127.0f, inv = mx > 0 ? 127.0f / mx : 0.0f;
-            xs[(size_t)t * ng + g] = scale;
-            for (int i = 0; i < n; i++) xu[(size_t)t * cols + g * QGROUP + i] = (uint8_t)(lrintf(xg[i] * inv) + 128);
+            float inv = mx > 0 ? 127.0f / mx : 0.0f;
+            int32_t sum = 0;
+            for (int i = 0; i < n; i++) sum += qg[i] = (int8_t)lrintf(xg[i] * inv);
+            xs[(size_t)t * ng + g] = mx / 127.0f;
+            int32_t *c = xc + ((size_t)t * ng + g) * 16;
+            memset(c, 0, 16 * sizeof(int32_t));
+            c[0] = -128 * sum;
         }
 }
 
-/* Portable form: the compiler vectorizes the int8 products (widened to 16/32 bits). */
-HOT static void rows_q8(float *y, int ldy, const uint8_t *xu, const float *xs, int T, const int8_t *q, const float *s,
+/* Portable form: the compiler vectorizes the integer products. */
+HOT static void rows_q8(float *y, int ldy, const int8_t *xq, const float *xs, int T, const uint8_t *q, const float *s,
                         int cols, int r0, int r1) {
     int ng = (cols + QGROUP - 1) / QGROUP;
     for (int r = r0; r < r1; r++) {
-        const int8_t *qr = q + (size_t)r * cols;
+        const uint8_t *qr = q + (size_t)r * cols;
         const float *sr = s + (size_t)r * ng;
         for (int t = 0; t < T; t++) {
-            const uint8_t *xt = xu + (size_t)t * cols;
+            const int8_t *xt = xq + (size_t)t * cols;
             float acc = 0;
             for (int g = 0; g < ng; g++) {
                 int n = cols - g * QGROUP < QGROUP ? cols - g * QGROUP : QGROUP;
                 int32_t d = 0;
-                for (int i = 0; i < n; i++) d += (int32_t)qr[g * QGROUP + i] * ((int32_t)xt[g * QGROUP + i] - 128);
+                for (int i = 0; i < n; i++) d += ((int32_t)qr[g * QGROUP + i] - 128) * (int32_t)xt[g * QGROUP + i];
                 acc += (float)d * (sr[g] * xs[(size_t)t * ng + g]);
             }
             y[(size_t)t * ldy + r] = acc;
@@ -554,31 +565,49 @@ HOT static void rows_q8(float *y, int ldy, const uint8_t *xu, const float *xs, i
 }
 
 #ifdef HAVE_VNNI_KERNEL
-/* AVX-512 VNNI: vpdpbusd multiplies 64 unsigned by 64 signed bytes into 16 int32 lanes. With
- * xu = xq + 128: sum xq w = dpbusd(xu, w) - 128 dpbusd(1, w). */
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void rows_q8_vnni(
-    float *y, int ldy, const uint8_t *xu, const float *xs, int T, const int8_t *q, const float *s, int cols, int r0,
-    int r1) {
+/* AVX-512 VNNI: vpdpbusd multiplies 64 unsigned (weight) by 64 signed (activation) bytes into 16 int32
+ * lanes, added to the seed xc (the offset correction); then one FMA per group applies the scales.
+ * In prefill, 4 tokens share each weight load. */
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#define VNNI_GROUP(acc, t)                                                                                    \
+    do {                                                                                                      \
+        size_t tg = (size_t)(t) * ng + g;                                                                     \
+        __m512i x = _mm512_maskz_loadu_epi8(mk, xq + (size_t)(t) * cols + g * QGROUP);                        \
+        __m512i d = _mm512_dpbusd_epi32(_mm512_loadu_si512(xc + tg * 16), w, x);                              \
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(sr[g] * xs[tg]), acc);                   \
+    } while (0)
+
+VNNI static void rows_q8_vnni(float *y, int ldy, const int8_t *xq, const float *xs, const int32_t *xc, int T,
+                              const uint8_t *q, const float *s, int cols, int r0, int r1) {
     int ng = (cols + QGROUP - 1) / QGROUP, tail = cols - (ng - 1) * QGROUP;
     __mmask64 tail_mask = tail == 64 ? ~0ull : (1ull << tail) - 1;
-    const __m512i ones = _mm512_set1_epi8(1), zero = _mm512_setzero_si512();
     for (int r = r0; r < r1; r++) {
-        const int8_t *qr = q + (size_t)r * cols;
+        const uint8_t *qr = q + (size_t)r * cols;
         const float *sr = s + (size_t)r * ng;
-        for (int t = 0; t < T; t++) {
-            const uint8_t *xt = xu + (size_t)t * cols;
-            const float *st = xs + (size_t)t * ng;
-            __m512 acc = _mm512_setzero_ps();
+        int t = 0;
+        for (; t + 4 <= T; t += 4) {
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             for (int g = 0; g < ng; g++) {
                 __mmask64 mk = g == ng - 1 ? tail_mask : ~0ull;
                 __m512i w = _mm512_maskz_loadu_epi8(mk, qr + g * QGROUP);
-                __m512i x = _mm512_maskz_loadu_epi8(mk, xt + g * QGROUP);
-                __m512i d = _mm512_dpbusd_epi32(zero, x, w);
-                __m512i wsum = _mm512_dpbusd_epi32(zero, ones, w);
-                d = _mm512_sub_epi32(d, _mm512_slli_epi32(wsum, 7));
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(sr[g] * st[g]), acc);
+                VNNI_GROUP(a0, t);
+                VNNI_GROUP(a1, t + 1);
+                VNNI_GROUP(a2, t + 2);
+                VNNI_GROUP(a3, t + 3);
             }
-            y[(size_t)t * ldy + r] = _mm512_reduce_add_ps(acc);
+            y[(size_t)t * ldy + r] = _mm512_reduce_add_ps(a0);
+            y[(size_t)(t + 1) * ldy + r] = _mm512_reduce_add_ps(a1);
+            y[(size_t)(t + 2) * ldy + r] = _mm512_reduce_add_ps(a2);
+            y[(size_t)(t + 3) * ldy + r] = _mm512_reduce_add_ps(a3);
+        }
+        for (; t < T; t++) {
+            __m512 a0 = _mm512_setzero_ps();
+            for (int g = 0; g < ng; g++) {
+                __mmask64 mk = g == ng - 1 ? tail_mask : ~0ull;
+                __m512i w = _mm512_maskz_loadu_epi8(mk, qr + g * QGROUP);
+                VNNI_GROUP(a0, t);
+            }
+            y[(size_t)t * ldy + r] = _mm512_reduce_add_ps(a0);
         }
     }
 }
@@ -588,7 +617,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void rows_q8_vnni(
  * multiple of LANES go through a scalar pass; int8 rows are multiples of LANES (checked at load). */
 static void matmul(Hyla *m, float *y, const float *x, int T, const Mat *W) {
     int rows = W->rows, cols = W->cols, main = cols / LANES * LANES;
-    if (W->dtype == DT_Q8) quantize_rows(m->xq, m->xqs, x, T, cols);
+    if (W->dtype == DT_Q8) quantize_rows(m->xq, m->xqs, m->xqc, x, T, cols);
 #pragma omp parallel if ((long)rows * cols * T >= PAR_MIN)
     {
 #ifdef _OPENMP
@@ -599,7 +628,7 @@ static void matmul(Hyla *m, float *y, const float *x, int T, const Mat *W) {
         int r0 = (int)((long)rows * id / nt), r1 = (int)((long)rows * (id + 1) / nt);
         if (W->dtype == DT_Q8) {
 #ifdef HAVE_VNNI_KERNEL
-            if (m->vnni) rows_q8_vnni(y, rows, m->xq, m->xqs, T, W->q, W->s, cols, r0, r1);
+            if (m->vnni) rows_q8_vnni(y, rows, m->xq, m->xqs, m->xqc, T, W->q, W->s, cols, r0, r1);
             else
 #endif
                 rows_q8(y, rows, m->xq, m->xqs, T, W->q, W->s, cols, r0, r1);
@@ -625,6 +654,7 @@ static inline float softplusf(float x) { return x > 20.0f ? x : log1pf(expf(x));
 /* y = x / sqrt(mean(x^2) + eps) * (plus_one + w) */
 static void rmsnorm(float *y, const float *x, const float *w, int n, float eps, float plus_one) {
     float ss = 0;
+#pragma omp simd reduction(+ : ss)
     for (int i = 0; i < n; i++) ss += x[i] * x[i];
     float inv = 1.0f / sqrtf(ss / n + eps);
     for (int i = 0; i < n; i++) y[i] = x[i] * inv * (plus_one + w[i]);
@@ -648,11 +678,13 @@ static void attend(float *out, const float *q, const float *k, const float *v, i
     for (int s = 0; s < n; s++) {
         const float *ks = k + (size_t)s * ld;
         float a = 0;
+#pragma omp simd reduction(+ : a)
         for (int i = 0; i < D; i++) a += q[i] * ks[i];
         sc[s] = a * scale;
         mx = sc[s] > mx ? sc[s] : mx;
     }
     float sum = 0;
+#pragma omp simd reduction(+ : sum)
     for (int s = 0; s < n; s++) sum += sc[s] = expf(sc[s] - mx);
     for (int i = 0; i < D; i++) out[i] = 0;
     for (int s = 0; s < n; s++) {
@@ -806,6 +838,7 @@ static void gdn(Hyla *m, const Layer *L, LayerState *s, int T) {
         for (int t = 0; t < T; t++) {
             float *q = qkv + (size_t)t * C + h * Dg, *k = q + HD, *v = q + 2 * HD;
             float qq = 0, kk = 0;
+#pragma omp simd reduction(+ : qq, kk)
             for (int i = 0; i < Dg; i++) { qq += q[i] * q[i]; kk += k[i] * k[i]; }
             float qn = qscale / sqrtf(qq + L2_EPS), kn = 1.0f / sqrtf(kk + L2_EPS);
             for (int i = 0; i < Dg; i++) { q[i] *= qn; k[i] *= kn; }
@@ -824,6 +857,7 @@ static void gdn(Hyla *m, const Layer *L, LayerState *s, int T) {
                 for (int j = 0; j < Dg; j++) { row[j] += ki * u[j]; o[j] += row[j] * qi; }
             }
             float ss = 0;
+#pragma omp simd reduction(+ : ss)
             for (int j = 0; j < Dg; j++) ss += o[j] * o[j];
             float inv = 1.0f / sqrtf(ss / Dg + eps);
             const float *zz = z + (size_t)t * HD + h * Dg;
@@ -863,7 +897,7 @@ static void embed_row(const Hyla *m, float *x, int token) {
         return;
     }
     int ng = (d + QGROUP - 1) / QGROUP;
-    for (int i = 0; i < d; i++) x[i] = E->q[(size_t)token * d + i] * E->s[(size_t)token * ng + i / QGROUP];
+    for (int i = 0; i < d; i++) x[i] = ((int)E->q[(size_t)token * d + i] - 128) * E->s[(size_t)token * ng + i / QGROUP];
 }
 
 static void forward_chunk(Hyla *m, const int *tokens, int T, float *logits, int all_logits) {

@@ -5,7 +5,8 @@ model.bin (little-endian, format version 1):
                          kinds, tensor count, data CRC32, file size, header CRC32
     table    n x 128 B   `ENTRY`: name (state_dict key), dtype, shape, offset, size
     data                 tensors at 64-byte aligned offsets (mmap-able), zero padding between them
-dtypes: 0 = fp32; 1 = int8 group-quantized: int8 q [rows, cols], zero padding to 64 bytes, then fp32
+dtypes: 0 = fp32; 1 = int8 group-quantized: q + 128 as uint8 [rows, cols] (offset binary: the unsigned
+operand of the C engine's VNNI dot products), zero padding to 64 bytes, then fp32
 scales [rows, ceil(cols / 64)], w = q * scale per group of 64 consecutive input dims (the last group of
 a row may be shorter; symmetric, scale = max|w| / 127). `--quant int8` stores every 2-D weight whose
 cols are a multiple of 16 (the tied embedding included) as int8; vectors, norms and the conv stay fp32.
@@ -134,7 +135,8 @@ def _blobs(state: dict[str, torch.Tensor], cfg: HylaConfig, quant: str) -> list[
         if quant == "int8" and w.ndim == 2 and shape[1] % Q8_MULTIPLE == 0:
             q, scale = quantize_q8(w)
             pad = bytes(_align(q.nbytes) - q.nbytes)
-            out.append((name, DTYPE_Q8, shape, [q.tobytes(), pad, scale.tobytes()]))
+            stored = (q.astype(np.int16) + 128).astype(np.uint8)
+            out.append((name, DTYPE_Q8, shape, [stored.tobytes(), pad, scale.tobytes()]))
         else:
             out.append((name, DTYPE_F32, shape, [w.astype("<f4").tobytes()]))
     return out
