@@ -16,11 +16,16 @@ import torch
 
 import kernels.gdn as gdn
 from kernels.gdn import reference
-from kernels.gdn.triton_op import triton_gated_delta_rule
+from kernels.gdn.triton_op import triton_gated_delta_rule, unsupported_reason
 from tests.helpers import compile_for_hopper, relerr
 
 GRAD_NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
-DEV = "cuda" if torch.cuda.is_available() else "cpu"  # fp32 tests: the interpreter without a GPU
+# fp32 tests run the kernels under the interpreter; with a GPU the fp32 path is not taken (`unsupported_reason`)
+interpreter_only = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="fp32 interpreter test; on CUDA the Triton path takes bf16, K, V >= 64 only"
+)
+# the custom-op tests run on either: fp32 in the interpreter, bf16 (K = V = 64) on a GPU
+OP_DEV, OP_DTYPE, OP_D = ("cuda", torch.bfloat16, 64) if torch.cuda.is_available() else ("cpu", torch.float32, 16)
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +39,7 @@ def poison_empty():
     torch.utils.deterministic.fill_uninitialized_memory = old_fill
 
 
-def make_inputs(B, T, H, K, V, with_h0, device=DEV, dtype=torch.float32):
+def make_inputs(B, T, H, K, V, with_h0, device="cpu", dtype=torch.float32):
     """Fresh random inputs in the model's ranges: unit q, k (as after the L2 norm), g <= 0, beta in (0, 1)."""
     q, k = (gdn.l2norm(torch.randn(B, T, H, K, device=device)).to(dtype) for _ in range(2))
     v = torch.randn(B, T, H, V, device=device, dtype=dtype)
@@ -67,6 +72,7 @@ CPU_CASES = [  # (B, T, H, K, V, with_h0)
 ]
 
 
+@interpreter_only
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "B{}-T{}-H{}-K{}-V{}-h0{}".format(*c))
 def test_fp32_matches_float64_reference(case):
     B, T, H, K, V, with_h0 = case
@@ -85,6 +91,7 @@ def test_fp32_matches_float64_reference(case):
             assert relerr(a, r) < 1e-5, name
 
 
+@interpreter_only
 def test_no_final_state_and_no_grad_path():
     """Without the final state the loss sees only o; without grad the forward saves nothing."""
     q, k, v, g, beta, _ = make_inputs(1, 40, 1, 16, 16, False)
@@ -100,8 +107,23 @@ def test_no_final_state_and_no_grad_path():
         assert relerr(a.grad, r.grad) < 1e-5, name
 
 
+@interpreter_only
+def test_stride0_output_gradients():
+    """o.sum() + S_T.sum() hands the backward expanded (stride-0) gradients; they must be read as dense."""
+    xs = make_inputs(1, 70, 1, 16, 16, True)
+    grads = []
+    for f in (triton_gated_delta_rule, reference.recurrent_gated_delta_rule):
+        leaves = [x.detach().double().requires_grad_() if f is not triton_gated_delta_rule else
+                  x.detach().requires_grad_() for x in xs]  # fmt: skip
+        o, ht = f(*leaves[:5], 0.25, leaves[5], True)
+        (o.sum() + ht.sum()).backward()
+        grads.append([x.grad for x in leaves])
+    for name, a, r in zip(GRAD_NAMES, *grads, strict=True):
+        assert relerr(a, r) < 1e-5, name
+
+
 def test_custom_op_schema_and_fake():
-    q, k, v, g, beta, h0 = make_inputs(1, 20, 1, 16, 16, True)
+    q, k, v, g, beta, h0 = make_inputs(1, 20, 1, OP_D, OP_D, True, OP_DEV, OP_DTYPE)
     torch.library.opcheck(
         torch.ops.hyla.gdn_chunk_fwd.default,
         (q, k, v, g, beta, 0.25, h0, True),
@@ -111,7 +133,7 @@ def test_custom_op_schema_and_fake():
 
 def test_custom_op_autograd_matches_function():
     """The path torch.compile takes (custom ops + registered autograd) gives the eager Function's gradients."""
-    xs = make_inputs(1, 70, 2, 16, 32, True)
+    xs = make_inputs(1, 70, 2, OP_D, 2 * OP_D, True, OP_DEV, OP_DTYPE)
     leaves = [x.detach().requires_grad_() for x in xs]
     co, cht, *_ = torch.ops.hyla.gdn_chunk_fwd(*leaves[:5], 0.2, leaves[5], True)
     do, dht = torch.randn_like(co), torch.randn_like(cht)
@@ -127,14 +149,21 @@ def test_custom_op_autograd_matches_function():
 def test_bad_input_fails_before_launch():
     q, k, v, g, beta, _ = make_inputs(1, 8, 1, 16, 16, False)
     with pytest.raises(ValueError, match="not available"):
-        gdn.gated_delta_rule(*(x.cpu() for x in (q, k, v, g, beta)), backend="triton")
+        gdn.gated_delta_rule(q, k, v, g, beta, backend="triton")  # CPU tensors
     with pytest.raises(ValueError, match="head dims"):
-        big = torch.randn(1, 8, 1, 272, device=DEV)
+        big = torch.randn(1, 8, 1, 272)
         gdn.gated_delta_rule(big, big, v, g, beta)
     with pytest.raises(ValueError, match="shape"):
         gdn.gated_delta_rule(q, k[:, :4], v, g, beta)
     with pytest.raises(ValueError, match="shape"):
-        gdn.gated_delta_rule(q, k, v, g, beta, initial_state=torch.zeros(1, 1, 16, 8, device=DEV))
+        gdn.gated_delta_rule(q, k, v, g, beta, initial_state=torch.zeros(1, 1, 16, 8))
+
+
+def test_gpu_path_takes_only_verified_inputs():
+    bf = torch.zeros(1, 4, 1, 112, dtype=torch.bfloat16)
+    assert unsupported_reason(bf, bf, bf) is None
+    assert "dtype" in unsupported_reason(bf.float(), bf.float(), bf.float())
+    assert "K, V >= 64" in unsupported_reason(bf, bf, bf[..., :32])
 
 
 # ---- compile-only check for sm_90: the launchers' constexprs for K = V = 112 and 128 ----
@@ -221,6 +250,8 @@ def test_gpu_deterministic_and_l2norm():
     assert torch.equal(a, b)
     ref = gdn.gated_delta_rule(q, k, v, g, beta, initial_state=h0, use_qk_l2norm=True, backend="reference")[0]
     assert relerr(a, ref) < 5e-3
+    with pytest.raises(ValueError, match="needs"):
+        gdn.gated_delta_rule(q.float(), k.float(), v.float(), g, beta, backend="triton")
 
 
 @pytest.mark.gpu

@@ -1,8 +1,9 @@
 """Gated delta rule: one public function, `gated_delta_rule`, dispatching to a backend.
 
 Backends, in "auto" order: "triton" (CUDA tensors, when Triton is installed: `triton_op.py`, kernels in
-`triton_fwd.py` / `triton_bwd.py`; "auto" takes it for bf16 and fp32 inputs) and "reference" (the chunked
-PyTorch form in `reference.py`, any device, differentiable by autograd).
+`triton_fwd.py` / `triton_bwd.py`; "auto" takes it for bf16 inputs with K, V >= 64, see
+`unsupported_reason`) and "reference" (the chunked PyTorch form in `reference.py`, any device,
+differentiable by autograd).
 The recurrence and the layout are documented in `reference.py` and kept by every backend.
 """
 
@@ -18,7 +19,7 @@ __all__ = ["gated_delta_rule", "chunk_gated_delta_rule", "recurrent_gated_delta_
 MAX_HEAD_DIM = 256
 
 try:
-    from kernels.gdn.triton_op import SUPPORTED_DTYPES, triton_gated_delta_rule
+    from kernels.gdn.triton_op import triton_gated_delta_rule, unsupported_reason
 except ImportError:  # no Triton on this machine
     triton_gated_delta_rule = None
 
@@ -89,13 +90,9 @@ def gated_delta_rule(
         q, k = l2norm(q), l2norm(k)
     name = pick_backend(backend, device, BACKENDS)
     if name == "triton":
-        fits = q.dtype in SUPPORTED_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
-        check(
-            fits or backend == "auto",
-            f"backend 'triton' needs q, k, v of one dtype in {SUPPORTED_DTYPES}, "
-            f"got {q.dtype}, {k.dtype}, {v.dtype}",
-        )
-        if fits:
+        reason = unsupported_reason(q, k, v)
+        check(reason is None or backend == "auto", f"backend 'triton' needs {reason}")
+        if reason is None:
             scale = K**-0.5 if scale is None else scale
             return triton_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)
     return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)

@@ -12,11 +12,25 @@ from kernels.gdn.triton_bwd import chunk_bwd
 from kernels.gdn.triton_fwd import BT, chunk_fwd
 
 Tensor = torch.Tensor
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
+# What the GPU path was verified with (H100, Triton 3.6): bf16 q/k/v with K, V >= 64. Its one fp32 run (tf32x3
+# products, K = V = 16) stopped with an illegal memory access, so fp32 and narrow heads go to the reference
+# on CUDA; the interpreter runs the kernels in fp32 at any head size.
+GPU_DTYPES = (torch.bfloat16,)
+GPU_MIN_HEAD_DIM = 64
+
+
+def unsupported_reason(q: Tensor, k: Tensor, v: Tensor) -> str | None:
+    """Why the Triton path does not take these CUDA inputs, or None when it does."""
+    if not (q.dtype == k.dtype == v.dtype and q.dtype in GPU_DTYPES):
+        return f"q, k, v of one dtype in {GPU_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}"
+    if min(q.shape[-1], v.shape[-1]) < GPU_MIN_HEAD_DIM:
+        return f"K, V >= {GPU_MIN_HEAD_DIM}, got K={q.shape[-1]}, V={v.shape[-1]}"
+    return None
 
 
 def _grads(saved: tuple[Tensor, ...], scale: float, has_h0: bool, do: Tensor, dht: Tensor | None):
     q, k, v, g, beta, h0, G, Tinv, Wk, hs, W = saved
+    dht = dht.contiguous() if dht is not None else None  # the gradient of S_T.sum() is a stride-0 expand
     dq, dk, dv, dg, dbeta, dh0 = chunk_bwd(q, k, v, g, beta, scale, G, Tinv, Wk, hs, W, do.contiguous(),
                                            dht, has_h0)  # fmt: skip
     return dq, dk, dv, dg, dbeta, (dh0.to(h0.dtype) if has_h0 else None)
@@ -109,7 +123,7 @@ def triton_gated_delta_rule(
     output_final_state: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """(o, final state or None) by the Triton kernels; inputs as `kernels.gdn.gated_delta_rule` takes them,
-    validated there. q, k, v share a dtype in SUPPORTED_DTYPES; non-contiguous inputs are copied."""
+    validated there; on CUDA, `unsupported_reason` must be None. Non-contiguous inputs are copied."""
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     if initial_state is not None:
         initial_state = initial_state.contiguous()
