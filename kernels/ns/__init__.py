@@ -26,7 +26,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from kernels.common import check, check_tensor, pick_backend
+from kernels.common import FLOAT_DTYPES, check, check_tensor, pick_backend
 from kernels.ns import cuda, reference
 from kernels.ns.reference import NS_COEFFS
 
@@ -102,10 +102,12 @@ def _schedule(coeffs: Coeffs, steps: int) -> list[tuple[float, float, float]]:
 
 
 def _check_input(G: torch.Tensor, check_finite: bool) -> None:
-    check(isinstance(G, torch.Tensor), f"G must be a torch.Tensor, got {type(G).__name__}")
-    check(G.dim() in (2, 3), f"G must be [m, n] or [N, m, n], got shape {tuple(G.shape)}")
-    check_tensor("G", G, (None,) * G.dim())
-    check(G.numel() > 0, f"G is empty: shape {tuple(G.shape)}")
+    ok = isinstance(G, torch.Tensor) and G.dim() in (2, 3) and G.dtype in FLOAT_DTYPES and G.numel() > 0
+    if not ok:  # the checks that say what is wrong (formatting them for every matrix of Muon costs ~10 us)
+        check(isinstance(G, torch.Tensor), f"G must be a torch.Tensor, got {type(G).__name__}")
+        check(G.dim() in (2, 3), f"G must be [m, n] or [N, m, n], got shape {tuple(G.shape)}")
+        check_tensor("G", G, (None,) * G.dim())
+        check(G.numel() > 0, f"G is empty: shape {tuple(G.shape)}")
     if check_finite:  # one device sync
         check(bool(torch.isfinite(G).all()), "G has non-finite entries (NaN or inf)")
 

@@ -298,40 +298,39 @@ def _runner(shapes, schedule, eps, work_dtype, cfg, sym, device) -> _Runner:
     return _RUNNERS[key]
 
 
-def _aligned(G: torch.Tensor) -> torch.Tensor:
-    """G as a [N, mo, ldg] stack with rows padded by zeros to ldg and ALIGN-aligned starts (a copy only
-    when G's own layout is not already that)."""
-    G3 = G if G.dim() == 3 else G.unsqueeze(0)
-    N, mo, no = G3.shape
-    ldg, a = _round(no), int(ALIGN)
-    ok = G3.stride(2) == 1 and G3.stride(1) == ldg and (N == 1 or G3.stride(0) % a == 0)
-    if ok and no == ldg and G3.data_ptr() % (a * G3.element_size()) == 0:
-        return G3
-    Gp = G3.new_zeros(N, mo, ldg)
-    Gp[..., :no] = G3
-    return Gp
+def _aligned(G: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(T, N, stride between matrices): G itself when its rows are already ldg = round(n) elements long
+    with ALIGN-aligned matrix starts, else a zero-padded copy [N, m, ldg] (the per-call Python here is
+    kept small: Muon may pass ~130 separate matrices)."""
+    mo, no = G.shape[-2:]
+    ldg, a, st = _round(no), int(ALIGN), G.stride()
+    N, s0 = (G.shape[0], st[0]) if G.dim() == 3 else (1, 0)
+    if st[-1] == 1 and st[-2] == no == ldg and s0 % a == 0 and G.data_ptr() % (a * G.element_size()) == 0:
+        return G, N, s0
+    Gp = G.new_zeros(N, mo, ldg)
+    Gp[..., :no] = G
+    return Gp, N, mo * ldg
 
 
 def _run_group(Gs, coeffs, eps, work_dtype, sym, cfg, graphs) -> list[torch.Tensor]:
-    G3s = [_aligned(G) for G in Gs]
-    base = min(G3s, key=lambda G: G.data_ptr())
-    esize, dev = base.element_size(), base.device
+    Ts = [_aligned(G) for G in Gs]
+    base = min((T for T, _, _ in Ts), key=lambda T: T.data_ptr())
+    esize, dev, p0 = base.element_size(), base.device, base.data_ptr()
     shapes, g_off = [], []
-    for G, G3 in zip(Gs, G3s, strict=True):
-        shapes += [tuple(G.shape[-2:])] * G3.shape[0]
-        g_off += [(G3.data_ptr() - base.data_ptr()) // esize + b * G3.stride(0) for b in range(G3.shape[0])]
+    for G, (T, N, s0) in zip(Gs, Ts, strict=True):
+        shapes += [tuple(G.shape[-2:])] * N
+        off = (T.data_ptr() - p0) // esize
+        g_off += [off + b * s0 for b in range(N)]
     run = _runner(tuple(shapes), coeffs, eps, work_dtype, cfg, sym, dev)
     g_t = torch.tensor(g_off, dtype=torch.int64)
     g_t = g_t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else g_t
     out = torch.empty(run.plan.out_size, dtype=base.dtype, device=dev)
     run(g_t, base, out, graphs)
-    outs, o = [], 0
-    for G, G3 in zip(Gs, G3s, strict=True):
-        O = out[o : o + G3.numel()].view(G3.shape)
-        if O.shape[-1] != G.shape[-1]:
-            O = O[..., : G.shape[-1]].contiguous()
+    outs = []
+    for G, (T, N, _), O in zip(Gs, Ts, out.split([N * T.shape[-2] * T.shape[-1] for T, N, _ in Ts]), strict=True):
+        if T.shape[-1] != G.shape[-1]:  # padded rows: [N, m, ldg] -> [N, m, n]
+            O = O.view(N, *T.shape[-2:])[..., : G.shape[-1]].contiguous()
         outs.append(O.view(G.shape))
-        o += G3.numel()
     return outs
 
 
