@@ -1,9 +1,8 @@
 """Gated delta rule: one public function, `gated_delta_rule`, dispatching to a backend.
 
 Backends, in "auto" order: "triton" (CUDA tensors, when Triton is installed: `triton_op.py`, kernels in
-`triton_fwd.py` / `triton_bwd.py`; "auto" takes it for bf16 inputs with K, V >= 64, see
-`unsupported_reason`) and "reference" (the chunked PyTorch form in `reference.py`, any device,
-differentiable by autograd).
+`triton_fwd.py` / `triton_bwd.py`; "auto" takes it for bf16 and fp32 inputs, see `unsupported_reason`)
+and "reference" (the chunked PyTorch form in `reference.py`, any device, differentiable by autograd).
 The recurrence and the layout are documented in `reference.py` and kept by every backend.
 """
 

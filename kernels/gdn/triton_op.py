@@ -12,19 +12,15 @@ from kernels.gdn.triton_bwd import chunk_bwd
 from kernels.gdn.triton_fwd import BT, chunk_fwd
 
 Tensor = torch.Tensor
-# What the GPU path was verified with (H100, Triton 3.6): bf16 q/k/v with K, V >= 64. Its one fp32 run (tf32x3
-# products, K = V = 16) stopped with an illegal memory access, so fp32 and narrow heads go to the reference
-# on CUDA; the interpreter runs the kernels in fp32 at any head size.
-GPU_DTYPES = (torch.bfloat16,)
-GPU_MIN_HEAD_DIM = 64
+# bf16 and fp32 (exact "ieee" products, slow to compile) q/k/v; both checked on an H100 with Triton 3.6.
+# fp32 through tf32x3 products stopped there with an illegal memory access, hence "ieee".
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def unsupported_reason(q: Tensor, k: Tensor, v: Tensor) -> str | None:
-    """Why the Triton path does not take these CUDA inputs, or None when it does."""
-    if not (q.dtype == k.dtype == v.dtype and q.dtype in GPU_DTYPES):
-        return f"q, k, v of one dtype in {GPU_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}"
-    if min(q.shape[-1], v.shape[-1]) < GPU_MIN_HEAD_DIM:
-        return f"K, V >= {GPU_MIN_HEAD_DIM}, got K={q.shape[-1]}, V={v.shape[-1]}"
+    """Why the Triton path does not take these inputs, or None when it does."""
+    if not (q.dtype == k.dtype == v.dtype and q.dtype in SUPPORTED_DTYPES):
+        return f"q, k, v of one dtype in {SUPPORTED_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}"
     return None
 
 
@@ -123,7 +119,7 @@ def triton_gated_delta_rule(
     output_final_state: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """(o, final state or None) by the Triton kernels; inputs as `kernels.gdn.gated_delta_rule` takes them,
-    validated there; on CUDA, `unsupported_reason` must be None. Non-contiguous inputs are copied."""
+    validated there, with `unsupported_reason` None. Non-contiguous inputs are copied."""
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     if initial_state is not None:
         initial_state = initial_state.contiguous()
