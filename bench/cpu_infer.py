@@ -166,78 +166,79 @@ def main() -> None:
     for suffix, d in builds.items():
         build(d, native=bool(suffix))
     threads = [int(t) for t in args.threads.split(",")]
-    tmp = Path(tempfile.mkdtemp(prefix="hyla_bench_"))
-    torch.manual_seed(0)
-    cfg = get_config("95m")
-    model = Hyla(cfg)
-    torch.save(model.state_dict(), tmp / "state.pt")
-    fp32_bytes = export_model(model.state_dict(), cfg, tmp / "model.bin")
-    int8_bytes = export_model(model.state_dict(), cfg, tmp / "model8.bin", quant="int8")
-    weight_bytes = sum(p.numel() for p in model.parameters()) * 4  # read once per decoded token (tied head)
-    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, PREFILL).astype(np.int64)
-    np.save(tmp / "ids.npy", ids)
-    del model
+    with tempfile.TemporaryDirectory(prefix="hyla_bench_") as tmp_name:
+        tmp = Path(tmp_name)
+        torch.manual_seed(0)
+        cfg = get_config("95m")
+        model = Hyla(cfg)
+        torch.save(model.state_dict(), tmp / "state.pt")
+        fp32_bytes = export_model(model.state_dict(), cfg, tmp / "model.bin")
+        int8_bytes = export_model(model.state_dict(), cfg, tmp / "model8.bin", quant="int8")
+        weight_bytes = sum(p.numel() for p in model.parameters()) * 4  # read once per decoded token (tied head)
+        ids = np.random.default_rng(0).integers(0, cfg.vocab_size, PREFILL).astype(np.int64)
+        np.save(tmp / "ids.npy", ids)
+        del model
 
-    runs = []
-    for r in range(args.runs):
-        run: dict = {}
-        for n in threads:
-            row = {"copy": spawn("copy", str(n))}
-            first = r == 0 and n == threads[0]
-            for suffix, d in builds.items():
-                lg = str(tmp / f"c{suffix}.npy") if first else None
-                row["c_fp32" + suffix] = spawn("c", str(n), str(tmp / "model.bin"), str(tmp / "ids.npy"), str(d),
-                                               *([lg] if lg else []))  # fmt: skip
-                row["c_int8" + suffix] = spawn("c", str(n), str(tmp / "model8.bin"), str(tmp / "ids.npy"), str(d))
-            row["torch"] = spawn("torch", str(n), str(tmp / "state.pt"), str(tmp / "ids.npy"),
-                                 *([str(tmp / "torch.npy")] if first else []))  # fmt: skip
-            fp32 = row["c_fp32"]["decode_tok_s"] * weight_bytes / 1e9
-            row["fp32_weight_GBps"] = fp32
-            row["fp32_fraction_of_copy"] = fp32 / row["copy"]["copy_GBps"]
-            run[str(n)] = row
-            print(f"run {r} threads {n}: " + json.dumps(row), flush=True)
-        runs.append(run)
+        runs = []
+        for r in range(args.runs):
+            run: dict = {}
+            for n in threads:
+                row = {"copy": spawn("copy", str(n))}
+                first = r == 0 and n == threads[0]
+                for suffix, d in builds.items():
+                    lg = str(tmp / f"c{suffix}.npy") if first else None
+                    row["c_fp32" + suffix] = spawn("c", str(n), str(tmp / "model.bin"), str(tmp / "ids.npy"), str(d),
+                                                   *([lg] if lg else []))  # fmt: skip
+                    row["c_int8" + suffix] = spawn("c", str(n), str(tmp / "model8.bin"), str(tmp / "ids.npy"), str(d))
+                row["torch"] = spawn("torch", str(n), str(tmp / "state.pt"), str(tmp / "ids.npy"),
+                                     *([str(tmp / "torch.npy")] if first else []))  # fmt: skip
+                fp32 = row["c_fp32"]["decode_tok_s"] * weight_bytes / 1e9
+                row["fp32_weight_GBps"] = fp32
+                row["fp32_fraction_of_copy"] = fp32 / row["copy"]["copy_GBps"]
+                run[str(n)] = row
+                print(f"run {r} threads {n}: " + json.dumps(row), flush=True)
+            runs.append(run)
 
-    c_logits, t_logits = np.load(tmp / "c.npy"), np.load(tmp / "torch.npy")
-    parity_abs = float(np.abs(c_logits - t_logits).max())
-    parity_rel = parity_abs / float(np.abs(t_logits).max())
-    c_rate = lambda run: sum(run[n]["c_fp32"]["decode_tok_s"] + run[n]["c_int8"]["decode_tok_s"] for n in run)  # noqa: E731
-    best = max(runs, key=c_rate)
-    top = lambda key: max(best[n][key]["decode_tok_s"] for n in best)  # noqa: E731
-    n_fp32 = max(best, key=lambda n: best[n]["c_fp32"]["decode_tok_s"])
-    summary = {
-        "decode_tok_s_fp32": top("c_fp32"),
-        "decode_tok_s_int8": top("c_int8"),
-        "decode_tok_s_torch_cpu": top("torch"),
-        "speedup_vs_torch_cpu": top("c_int8") / top("torch"),
-        "speedup_fp32_vs_torch_cpu": top("c_fp32") / top("torch"),
-        "speedup_int8_vs_fp32": top("c_int8") / top("c_fp32"),
-        "fp32_fraction_of_copy_bandwidth": best[n_fp32]["fp32_fraction_of_copy"],
-        "parity_max_abs": parity_abs,
-        "parity_max_rel": parity_rel,
-    }
-    result = {
-        "summary": summary,
-        "note": "summary values are the best over thread counts of the best run; speedups compare those bests",
-        "device": cpu_name(),
-        "cpu_flags": cpu_flags(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "compiler": subprocess.run(["cc", "--version"], capture_output=True, text=True).stdout.splitlines()[0],
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
-        "model": {
-            "preset": "95m",
-            "params": weight_bytes // 4,
-            "fp32_file_bytes": fp32_bytes,
-            "int8_file_bytes": int8_bytes,
-            "weight_bytes_per_token_fp32": weight_bytes,
-        },  # fmt: skip
-        "protocol": {"prompt": PROMPT, "decode_tokens": DECODE, "prefill_tokens": PREFILL, "runs": args.runs},
-        "best_run": runs.index(best),
-        "runs": runs,
-    }
+        c_logits, t_logits = np.load(tmp / "c.npy"), np.load(tmp / "torch.npy")
+        parity_abs = float(np.abs(c_logits - t_logits).max())
+        parity_rel = parity_abs / float(np.abs(t_logits).max())
+        c_rate = lambda run: sum(run[n]["c_fp32"]["decode_tok_s"] + run[n]["c_int8"]["decode_tok_s"] for n in run)  # noqa: E731
+        best = max(runs, key=c_rate)
+        top = lambda key: max(best[n][key]["decode_tok_s"] for n in best)  # noqa: E731
+        n_fp32 = max(best, key=lambda n: best[n]["c_fp32"]["decode_tok_s"])
+        summary = {
+            "decode_tok_s_fp32": top("c_fp32"),
+            "decode_tok_s_int8": top("c_int8"),
+            "decode_tok_s_torch_cpu": top("torch"),
+            "speedup_vs_torch_cpu": top("c_int8") / top("torch"),
+            "speedup_fp32_vs_torch_cpu": top("c_fp32") / top("torch"),
+            "speedup_int8_vs_fp32": top("c_int8") / top("c_fp32"),
+            "fp32_fraction_of_copy_bandwidth": best[n_fp32]["fp32_fraction_of_copy"],
+            "parity_max_abs": parity_abs,
+            "parity_max_rel": parity_rel,
+        }
+        result = {
+            "summary": summary,
+            "note": "summary values are the best over thread counts of the best run; speedups compare those bests",
+            "device": cpu_name(),
+            "cpu_flags": cpu_flags(),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "compiler": subprocess.run(["cc", "--version"], capture_output=True, text=True).stdout.splitlines()[0],
+            "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+            "model": {
+                "preset": "95m",
+                "params": weight_bytes // 4,
+                "fp32_file_bytes": fp32_bytes,
+                "int8_file_bytes": int8_bytes,
+                "weight_bytes_per_token_fp32": weight_bytes,
+            },  # fmt: skip
+            "protocol": {"prompt": PROMPT, "decode_tokens": DECODE, "prefill_tokens": PREFILL, "runs": args.runs},
+            "best_run": runs.index(best),
+            "runs": runs,
+        }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cpu_infer.json").write_text(json.dumps(result, indent=2) + "\n")

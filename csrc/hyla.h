@@ -1,6 +1,6 @@
 /* hyla: CPU inference for the hybrid GDN + CSA + full-attention LM (shared/spec/hybrid-95m.md).
  *
- * One sequence per engine. Weights are mmap'd from model.bin (train/export.py documents the format);
+ * One sequence per engine. Weights are read from model.bin (train/export.py documents the format):
  * fp32 and int8 group-quantized matrices. Every function that can fail returns 0 on success and a
  * non-zero code otherwise, with a message in hyla_error() / the `err` buffer; nothing aborts.
  *

@@ -247,6 +247,8 @@ def export_tokenizer(model_path: str | os.PathLike, out: str | os.PathLike) -> N
     flag = lambda msg, field, default: bool(msg.get(field, [default])[-1])
     if flag(trainer, 24, False):
         raise ValueError(f"{model_path}: treat_whitespace_as_suffix is not supported by the C encoder")
+    if normalizer.get(2, [b""])[0]:  # precompiled_charsmap: rules such as NFKC, which the C side lacks
+        raise ValueError(f"{model_path}: only the identity normalization is supported by the C encoder")
     pieces = []
     for raw in proto.get(1, []):
         p = _proto_fields(raw)
