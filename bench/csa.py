@@ -508,7 +508,8 @@ def markdown(r: dict) -> str:
         f"bf16 matmul {r['ceilings']['bf16_matmul_TFLOPs']:.0f} TFLOP/s.",
         f"H={H}, Hkv={HKV}, D={D}, window {WINDOW}, stride {STRIDE}, bf16. Kernel config: {r['config']}.",
         "",
-        "ms are per call with 10 calls back to back (GPU-bound, as in a training step); the latency columns",
+        "ms are per call with 10 calls back to back (the host runs ahead as in a training step, so a variant shows",
+        "its GPU time unless its host cost is larger, as ours is at B16); the latency columns",
         "time single calls, CPU launch cost included. TFLOP/s count useful (unmasked) FLOPs only.",
         "",
         "| variant | B | T | fwd ms | fwd+bwd ms | fwd lat. ms | fwd+bwd lat. ms | fwd+bwd tok/s | fwd TFLOP/s "
