@@ -151,7 +151,7 @@ from kernels.ns.triton_ns import _ns_stage_kernel
 sig = {"tiles": "*i32", "meta": "*i64", "g_off": "*i64", "g": "*fp32", "out": "*fp32", "x_in": "*bf16",
        "x_out": "*bf16", "a_buf": "*bf16", "b_buf": "*bf16", "trace": "*fp32", "coef_a": "fp32",
        "coef_b": "fp32", "coef_c": "fp32", "eps": "fp32"}
-for stage, first in [(0, False), (1, True), (2, True), (3, True), (2, False), (4, False)]:
+for stage, first in [(0, False), (1, True), (2, True), (3, False), (4, False)]:
     k = compile_for_hopper(_ns_stage_kernel, sig, dict(STAGE=stage, FIRST=first, SYM=True, NDIAG=16,
                            BM=128, BN=128, BK=64, DOT_PREC="tf32"))
     assert (stage in (0, 4)) != ("wgmma.mma_async" in k.asm["ptx"]), (stage, first)
@@ -159,6 +159,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_triton_compiles_for_sm90():
     # helper @jit functions cannot be compiled from their interpreter wrappers: compile in a fresh process
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
