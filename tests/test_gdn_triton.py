@@ -183,38 +183,48 @@ def _signature(kernel, dtype, constexprs):
     return {name: kind(name) for name in kernel.arg_names}
 
 
-def compile_all_for_hopper() -> list[str]:
+def compile_all_for_hopper(D: int) -> list[str]:
+    """Compile every kernel with the launchers' constexprs for K = V = D (bf16, 9 heads of a batch of 16)."""
     import triton
 
     from kernels.gdn import triton_bwd, triton_fwd
     from kernels.gdn.triton_fwd import BS, BT, pick_bv
 
+    base = dict(H=9, K=D, V=D, BT=BT, BK=triton.next_power_of_2(D), PREC="tf32")
+    bv = pick_bv(D, 16 * 9)
+    specs = [
+        (triton_fwd._prep_kernel, dict(base, BS=BS, BV=triton.next_power_of_2(D))),
+        (triton_fwd._state_out_kernel, dict(base, BV=bv, USE_H0=True, STORE_HT=True, SAVE=True)),
+        (triton_bwd._bwd_state_kernel, dict(base, BV=bv, USE_DHT=True, STORE_DH0=True)),
+        (triton_bwd._bwd_chunk_kernel, dict(base, BV=triton_bwd.pick_bv_chunk(D))),
+    ]
     built = []
-    for D in (112, 128):
-        base = dict(H=9, K=D, V=D, BT=BT, BK=triton.next_power_of_2(D), PREC="tf32")
-        bv = pick_bv(D, 16 * 9)
-        specs = [
-            (triton_fwd._prep_kernel, dict(base, BS=BS, BV=triton.next_power_of_2(D))),
-            (triton_fwd._state_out_kernel, dict(base, BV=bv, USE_H0=True, STORE_HT=True, SAVE=True)),
-            (triton_bwd._bwd_state_kernel, dict(base, BV=bv, USE_DHT=True, STORE_DH0=True)),
-            (triton_bwd._bwd_chunk_kernel, dict(base, BV=triton_bwd.pick_bv_chunk(D))),
-        ]
-        for kernel, constexprs in specs:
-            compiled = compile_for_hopper(kernel, _signature(kernel, "bf16", constexprs), constexprs)
-            if compiled.asm["cubin"]:
-                built.append(f"{kernel.fn.__name__ if hasattr(kernel, 'fn') else kernel.__name__}-{D}")
+    for kernel, constexprs in specs:
+        compiled = compile_for_hopper(kernel, _signature(kernel, "bf16", constexprs), constexprs)
+        if compiled.asm["cubin"]:
+            built.append(f"{kernel.fn.__name__ if hasattr(kernel, 'fn') else kernel.__name__}-{D}")
     return built
 
 
 @pytest.mark.slow
 def test_compiles_for_hopper():
-    """In a fresh interpreter-free process: under TRITON_INTERPRET=1 triton.language's own @jit helpers are
-    interpreter objects that the compiler cannot lower."""
+    """In fresh interpreter-free processes (one per head size, run side by side): under TRITON_INTERPRET=1
+    triton.language's own @jit helpers are interpreter objects that the compiler cannot lower."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "from tests.test_gdn_triton import compile_all_for_hopper as f; print(*f())"
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert len(res.stdout.split()) == 8, res.stdout
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", f"from tests.test_gdn_triton import compile_all_for_hopper as f; print(*f({D}))"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for D in (112, 128)
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        assert len(out.split()) == 4, out
 
 
 # ---- GPU: bf16 through the public dispatch ----
