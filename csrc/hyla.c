@@ -46,7 +46,7 @@ enum { DT_F32 = 0, DT_Q8 = 1 };
 #endif
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
-#define HAVE_VNNI_KERNEL 1 /* an AVX-512 VNNI int8 kernel, used when the CPU has it */
+#define HAVE_AVX512_KERNELS 1 /* AVX-512 (fp32 prefill) and VNNI (int8) kernels, used when the CPU has them */
 #endif
 
 /* ----------------------------------------------------------------------------- file layout */
@@ -113,7 +113,7 @@ struct Hyla {
     int8_t *xq;              /* int8 activations [CHUNK, widest input], their scales and sums */
     float *xqs;
     int32_t *xqc;
-    int vnni;
+    int vnni, avx512;
     int max_keys, n_threads, pos;
     char err[512];
 };
@@ -362,8 +362,9 @@ static int alloc_state(Hyla *m) {
     m->xq = xcalloc((size_t)T * widest, 1);
     m->xqs = xcalloc((size_t)T * (widest / QGROUP + 1), sizeof(float));
     m->xqc = xcalloc((size_t)T * (widest / QGROUP + 1) * 16, sizeof(int32_t));
-#ifdef HAVE_VNNI_KERNEL
-    m->vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") && !getenv("HYLA_NO_VNNI");
+#ifdef HAVE_AVX512_KERNELS
+    m->avx512 = __builtin_cpu_supports("avx512f") && !getenv("HYLA_PORTABLE"); /* HYLA_PORTABLE: tests */
+    m->vnni = m->avx512 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
 #endif
     int half = c->rotary_dim / 2;
     m->cos = xcalloc((size_t)c->max_seq_len * half, sizeof(float));
@@ -585,7 +586,7 @@ HOT static void rows_q8(float *y, int ldy, const int8_t *xq, const float *xs, in
     }
 }
 
-#ifdef HAVE_VNNI_KERNEL
+#ifdef HAVE_AVX512_KERNELS
 /* AVX-512 VNNI: vpdpbusd multiplies 64 unsigned (weight) by 64 signed (activation) bytes into 16 int32
  * lanes, added to the seed xc (the offset correction); then one FMA per group applies the scales.
  * In prefill, 4 tokens share each weight load. */
@@ -634,6 +635,38 @@ VNNI static void rows_q8_vnni(float *y, int ldy, const int8_t *xq, const float *
 }
 #endif
 
+#ifdef HAVE_AVX512_KERNELS
+/* fp32 prefill on AVX-512: a 2-row x 4-token register tile (8 accumulators), so each loaded weight
+ * vector feeds 4 FMAs and each token vector 2. cols % 16 == 0; rows r0..r1, tokens 0..T4 (T4 % 4 == 0). */
+__attribute__((target("avx512f"))) static void tile_f32_avx512(float *y, int ldy, const float *x, int T4,
+                                                               const float *w, int cols, int r0, int r1) {
+    int r = r0;
+    for (; r + 2 <= r1; r += 2) {
+        const float *w0 = w + (size_t)r * cols, *w1 = w0 + cols;
+        for (int t = 0; t < T4; t += 4) {
+            const float *x0 = x + (size_t)t * cols;
+            __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
+            __m512 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+            for (int i = 0; i < cols; i += 16) {
+                __m512 u = _mm512_loadu_ps(w0 + i), v = _mm512_loadu_ps(w1 + i);
+                __m512 b0 = _mm512_loadu_ps(x0 + i), b1 = _mm512_loadu_ps(x0 + cols + i);
+                __m512 b2 = _mm512_loadu_ps(x0 + 2 * cols + i), b3 = _mm512_loadu_ps(x0 + 3 * cols + i);
+                a00 = _mm512_fmadd_ps(u, b0, a00); a01 = _mm512_fmadd_ps(u, b1, a01);
+                a02 = _mm512_fmadd_ps(u, b2, a02); a03 = _mm512_fmadd_ps(u, b3, a03);
+                a10 = _mm512_fmadd_ps(v, b0, a10); a11 = _mm512_fmadd_ps(v, b1, a11);
+                a12 = _mm512_fmadd_ps(v, b2, a12); a13 = _mm512_fmadd_ps(v, b3, a13);
+            }
+            float *yt = y + (size_t)t * ldy + r;
+            yt[0] = _mm512_reduce_add_ps(a00); yt[ldy] = _mm512_reduce_add_ps(a01);
+            yt[2 * ldy] = _mm512_reduce_add_ps(a02); yt[3 * ldy] = _mm512_reduce_add_ps(a03);
+            yt[1] = _mm512_reduce_add_ps(a10); yt[ldy + 1] = _mm512_reduce_add_ps(a11);
+            yt[2 * ldy + 1] = _mm512_reduce_add_ps(a12); yt[3 * ldy + 1] = _mm512_reduce_add_ps(a13);
+        }
+    }
+    if (r < r1) rows_f32(y, ldy, x, T4, w, cols, r, r1);
+}
+#endif
+
 /* y [T, W.rows] = x [T, W.cols] W^T, rows split evenly across the threads. fp32 cols that are not a
  * multiple of LANES go through a scalar pass; int8 rows are multiples of LANES (checked at load). */
 static void matmul(Hyla *m, float *y, const float *x, int T, const Mat *W) {
@@ -648,13 +681,19 @@ static void matmul(Hyla *m, float *y, const float *x, int T, const Mat *W) {
 #endif
         int r0 = (int)((long)rows * id / nt), r1 = (int)((long)rows * (id + 1) / nt);
         if (W->dtype == DT_Q8) {
-#ifdef HAVE_VNNI_KERNEL
+#ifdef HAVE_AVX512_KERNELS
             if (m->vnni) rows_q8_vnni(y, rows, m->xq, m->xqs, m->xqc, T, W->q, W->s, cols, r0, r1);
             else
 #endif
                 rows_q8(y, rows, m->xq, m->xqs, T, W->q, W->s, cols, r0, r1);
         } else if (main == cols) {
+#ifdef HAVE_AVX512_KERNELS
+            int T4 = m->avx512 ? T / 4 * 4 : 0;
+            if (T4) tile_f32_avx512(y, rows, x, T4, W->f, cols, r0, r1);
+            if (T4 < T) rows_f32(y + (size_t)T4 * rows, rows, x + (size_t)T4 * cols, T - T4, W->f, cols, r0, r1);
+#else
             rows_f32(y, rows, x, T, W->f, cols, r0, r1);
+#endif
         } else {
             for (int r = r0; r < r1; r++)
                 for (int t = 0; t < T; t++) {

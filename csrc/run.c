@@ -76,7 +76,12 @@ static int encode(Run *r, const char *text, int *ids) { return hyla_encode(r->to
 static int generate_mode(Run *r, const char *prompt, int steps) {
     int *ids = malloc(sizeof(int) * (strlen(prompt) + 3));
     if (!ids) return 1;
-    int n = encode(r, prompt, ids);
+    int n = encode(r, prompt, ids), context = hyla_config(r->m)->max_seq_len;
+    if (n > context) {
+        fprintf(stderr, "error: the prompt has %d tokens, the context is %d\n", n, context);
+        free(ids);
+        return 1;
+    }
     double t0 = now_s(), decode_s = 0;
     fputs(prompt, stdout);
     int done = n > 0 ? continue_text(r, ids, n, steps, &decode_s) : -1;
