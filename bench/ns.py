@@ -8,8 +8,8 @@ Times, side by side in one process (CUDA events, medians, L2 flushed between run
 - the same iteration in bf16, batched by shape and torch.compile'd (modded-nanogpt style);
 - the fp32 per-matrix loop (reference.newton_schulz per matrix);
 - per wide shape: Triton vs CUDA on that stack alone (the table behind "auto");
-- the whole optimizer step of the 95m model (train.optim: Muon + fused AdamW), and the same step with
-  Muon done by `kernels.ns.muon_update_` (one grouped NS call);
+- the whole optimizer step of the 95m model (train.optim: Muon, all shape groups in one
+  `newton_schulz_many` call, + fused AdamW);
 plus the bf16 matmul rate and copy bandwidth of the same GPU, for the roofline fractions.
 
 Usage: python bench/ns.py --out DIR   (writes DIR/ns.json and DIR/ns.md)
@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels.ns import (  # noqa: E402
     NS_COEFFS,
     cuda,
-    muon_update_,
     newton_schulz,
     newton_schulz_many,
     polar_express,
@@ -144,17 +143,7 @@ def optimizer_step(records: dict) -> dict:
             o.step()
 
     out["train_optim_ms"] = median_ms(step_train, warmup=5, rep=300)
-    muon_p = split_params(model)[0]
-    moms = [torch.zeros_like(p) for p in muon_p]
-    grads = [p.grad for p in muon_p]
-    adamw = opts[1]
-
-    def step_fused():
-        muon_update_(muon_p, grads, moms, lr=0.02, weight_decay=0.01)
-        adamw.step()
-
-    out["muon_update_plus_adamw_ms"] = median_ms(step_fused, warmup=5, rep=300)
-    out["adamw_only_ms"] = median_ms(adamw.step, warmup=5, rep=300)
+    out["adamw_only_ms"] = median_ms(opts[1].step, warmup=5, rep=300)
     records["optimizer"] = out
     return out
 
@@ -306,13 +295,11 @@ def main() -> None:
 
 def summarize(rec: dict) -> dict:
     """The headline numbers: our fastest NS variant against the baselines, and the fastest measured whole
-    optimizer step (train/optim.py as it stands, or Muon through kernels.ns.muon_update_), with AdamW."""
+    optimizer step (train/optim.py: Muon + fused AdamW)."""
     variants, opt = rec["variants"], rec.get("optimizer", {})
     ours_ms, ours = min((v["ms"], k) for k, v in variants.items() if k.startswith(("triton", "cuda")))
     comp = variants["compiled bf16 batched by shape (torch.compile)"]["ms"]
     loop = variants["fp32 per-matrix loop"]["ms"]
-    steps = {k: v for k, v in opt.items() if k in ("train_optim_ms", "muon_update_plus_adamw_ms")}
-    step_path = min(steps, key=steps.get) if steps else None
     flops = rec["grouping"]["gflop_per_ns_call"] * 1e9
     return {
         "device": rec["device"],
@@ -322,8 +309,7 @@ def summarize(rec: dict) -> dict:
         "fp32_loop_ms": loop,
         "speedup_vs_compiled_bf16": comp / ours_ms,
         "speedup_vs_fp32_loop": loop / ours_ms,
-        "optimizer_step_ms": steps.get(step_path),
-        "optimizer_step_path": step_path,
+        "optimizer_step_ms": opt.get("train_optim_ms"),
         "tflops": flops / ours_ms / 1e9,
         "bf16_matmul_tflops": rec["ceilings"]["bf16_matmul_tflops"],
         "fraction_of_matmul_rate": flops / ours_ms / 1e9 / rec["ceilings"]["bf16_matmul_tflops"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 
@@ -32,9 +33,7 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
     return next(iter(devices.values()))
 
 
-def pick_backend(
-    backend: str, device: torch.device, available: dict[str, Callable[[torch.device], bool]]
-) -> str:
+def pick_backend(backend: str, device: torch.device, available: dict[str, Callable[[torch.device], bool]]) -> str:
     """Resolve "auto" to the first available backend in `available`'s order; validate the rest.
 
     The environment variable HYLA_BACKEND (e.g. `HYLA_BACKEND=reference`, the pure-PyTorch fallback)
@@ -48,3 +47,21 @@ def pick_backend(
     check(backend in available, f"unknown backend {backend!r}; choose from {['auto', *available]}")
     check(available[backend](device), f"backend {backend!r} is not available for device {device}")
     return backend
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Reference ops compute in fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def without_autocast(fn: Callable) -> Callable:
+    """Run a reference op in its stated precision even inside a bf16 autocast region (whose matmuls
+    would otherwise run in bf16 and mix dtypes with the op's fp32 arithmetic)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper

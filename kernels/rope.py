@@ -14,8 +14,8 @@ def rope_tables(
     positions: torch.Tensor, rotary_dim: int, theta: float, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [len(positions), rotary_dim] for integer `positions`."""
-    inv_freq = theta ** -(torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
-    angles = positions.to(torch.float64)[:, None] * inv_freq.to(positions.device)[None, :]
+    dims = torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=positions.device)  # no host copy
+    angles = positions.to(torch.float64)[:, None] * (theta ** -(dims / rotary_dim))[None, :]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 

@@ -93,7 +93,7 @@ def test_32k_tokenizer_path(tmp_path, corpus):
         pytest.skip("mistral-common is not installed (.ci/run installs it for this test)")
     model = os.path.join(spec.submodule_search_locations[0], "data", "tokenizer.model.v1")
     m = prepare(tmp_path, corpus[0], tokenizer=model, val_docs=2)
-    assert m["tokenizer"]["vocab_size"] == 40000 and m["dtype"] == "uint16"
+    assert m["tokenizer"]["vocab_size"] == 32000 and m["dtype"] == "uint16"
     data = TokenData(tmp_path)
     assert (data.tokenizer.bos_id, data.tokenizer.eos_id) == (1, 2)
     assert data.tokenizer.decode(data.splits["train"][1:30]) in corpus[1][0]

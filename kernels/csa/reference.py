@@ -17,13 +17,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.common import compute_dtype, without_autocast
 from kernels.rope import apply_rope, rope_tables
 
 Tensor = torch.Tensor
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def compressed_attention(q: Tensor, kc: Tensor, vc: Tensor, stride: int, scale: float) -> Tensor:
@@ -61,6 +58,7 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, scale
     return out.reshape(B, n * W, H, D)[:, :T]
 
 
+@without_autocast
 def csa_attention(
     q: Tensor,
     k: Tensor,
@@ -79,7 +77,7 @@ def csa_attention(
     """
     B, T, H, D = q.shape
     scale = D**-0.5 if scale is None else scale
-    dt, out_dtype = _compute_dtype(q), q.dtype
+    dt, out_dtype = compute_dtype(q), q.dtype
     q, k, v, kc, vc, blend = (x.to(dt) for x in (q, k, v, kc, vc, blend))
     comp = compressed_attention(q, kc, vc, stride, scale)
     local = sliding_window_attention(q, k, v, window, scale)
@@ -115,5 +113,5 @@ def compress_kv(
     kc = F.linear(pool(k), weight_k).view(B, Tc, Hkv, D)
     vc = F.linear(pool(v), weight_v).view(B, Tc, Hkv, D)
     positions = (first_block + torch.arange(Tc, device=k.device)) * stride + stride // 2
-    cos, sin = rope_tables(positions, rotary_dim, theta, dtype=_compute_dtype(kc))
+    cos, sin = rope_tables(positions, rotary_dim, theta, dtype=compute_dtype(kc))
     return apply_rope(kc, cos, sin), vc

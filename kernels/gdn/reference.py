@@ -17,13 +17,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.common import compute_dtype, without_autocast
+
 Tensor = torch.Tensor
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
+@without_autocast
 def recurrent_gated_delta_rule(
     q: Tensor,
     k: Tensor,
@@ -38,7 +37,7 @@ def recurrent_gated_delta_rule(
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale
-    dt, out_dtype = _compute_dtype(v), v.dtype
+    dt, out_dtype = compute_dtype(v), v.dtype
     q, k, v, g, beta = (x.to(dt) for x in (q, k, v, g, beta))
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dt).clone()
     o = q.new_empty(B, T, H, V)
@@ -52,6 +51,7 @@ def recurrent_gated_delta_rule(
     return o.to(out_dtype), (S if output_final_state else None)
 
 
+@without_autocast
 def chunk_gated_delta_rule(
     q: Tensor,
     k: Tensor,
@@ -84,7 +84,7 @@ def chunk_gated_delta_rule(
     V = v.shape[-1]
     C = chunk_size
     scale = K**-0.5 if scale is None else scale
-    dt = _compute_dtype(v)
+    dt = compute_dtype(v)
     out_dtype = v.dtype
     pad = (-T) % C
     if pad:

@@ -20,6 +20,7 @@ exchange following Amsel et al. 2025, "The Polar Express"); the default is uncha
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -35,7 +36,7 @@ try:  # triton is a Linux-only dependency
 except ImportError:
     triton_ns = None
 
-__all__ = ["newton_schulz", "newton_schulz_many", "muon_update_", "polar_express", "NS_COEFFS", "AUTO_TABLE"]
+__all__ = ["newton_schulz", "newton_schulz_many", "polar_express", "NS_COEFFS", "AUTO_TABLE"]
 
 BACKENDS = {
     "triton": lambda device: device.type == "cuda" and triton_ns is not None,
@@ -137,7 +138,7 @@ def _reference(G: torch.Tensor, schedule: list[tuple[float, float, float]], eps:
 
 
 def _resolve(backend: str, G: torch.Tensor) -> str:
-    if backend == "auto" and G.device.type == "cuda":
+    if backend == "auto" and G.device.type == "cuda" and os.environ.get("HYLA_BACKEND", "auto") == "auto":
         wide = tuple(sorted(G.shape[-2:]))
         choice = AUTO_TABLE.get(wide, "triton")
         if BACKENDS[choice](G.device):
@@ -199,46 +200,7 @@ def newton_schulz_many(
     check(len({(G.dtype, G.device) for G in Gs}) == 1, "all of Gs must share one dtype and one device")
     check(steps >= 0, f"steps must be >= 0, got {steps}")
     schedule = _schedule(coeffs, steps)
-    G0 = Gs[0]
-    if backend == "auto" and G0.device.type == "cuda" and BACKENDS["triton"](G0.device) and steps > 0:
-        backend = "triton"
-    if backend == "triton" and steps > 0:
-        pick_backend(backend, G0.device, BACKENDS)
+    name = pick_backend(backend, Gs[0].device, BACKENDS)  # "auto" on CUDA: triton, all shapes at once
+    if name == "triton" and steps > 0:
         return triton_ns.newton_schulz_triton(list(Gs), schedule, eps)
-    return [newton_schulz(G, steps, coeffs, backend, eps, check_finite=False) for G in Gs]
-
-
-@torch.no_grad()
-def muon_update_(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    momenta: Sequence[torch.Tensor],
-    lr: float,
-    weight_decay: float = 0.0,
-    momentum: float = 0.95,
-    nesterov: bool = True,
-    steps: int = 5,
-    coeffs: Coeffs = NS_COEFFS,
-) -> None:
-    """One Muon step for 2-D parameters of any shapes, in place, with one orthogonalization call.
-
-    Per matrix W [rows, cols] with gradient G and momentum buffer M (same shape, updated in place):
-        M <- mu M + G;   U <- G + mu M (nesterov) or M;   O <- newton_schulz(U);
-        W <- (1 - lr wd) W - lr * max(1, rows / cols) ** 0.5 * O
-    Momentum, decay and the update are `torch._foreach_*` launches over all matrices; the Newton-Schulz
-    runs through `newton_schulz_many` (on CUDA: 3 launches a step for all shapes together).
-
-    Example:
-        >>> W = [torch.randn(64, 32), torch.randn(16, 64)]
-        >>> M = [torch.zeros_like(w) for w in W]
-        >>> muon_update_(W, [torch.randn_like(w) for w in W], M, lr=0.02, weight_decay=0.01)
-    """
-    check(len(params) == len(grads) == len(momenta), "params, grads and momenta must have equal lengths")
-    check(all(p.dim() == 2 for p in params), "muon_update_ takes 2-D parameters only")
-    torch._foreach_mul_(momenta, momentum)
-    torch._foreach_add_(momenta, grads)
-    updates = torch._foreach_add(grads, momenta, alpha=momentum) if nesterov else list(momenta)
-    ortho = newton_schulz_many(updates, steps, coeffs, check_finite=False)
-    torch._foreach_mul_(ortho, [max(1.0, p.shape[0] / p.shape[1]) ** 0.5 for p in params])
-    torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    torch._foreach_add_(params, ortho, alpha=-lr)
+    return [newton_schulz(G, steps, coeffs, name, eps, check_finite=False) for G in Gs]
