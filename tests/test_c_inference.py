@@ -199,6 +199,17 @@ def check_tokenizer(pyhyla, model_path, tmp_path):
 
 def test_tokenizer_matches_sentencepiece(pyhyla, trained, tmp_path):
     check_tokenizer(pyhyla, trained[1] / "tokenizer.model", tmp_path)
+    good = (tmp_path / "tok.bin").read_bytes()
+    rng = np.random.default_rng(0)
+    bad = [good[:cut] for cut in (0, 20, 41, len(good) // 2, len(good) - 1)]
+    for pos in rng.integers(0, len(good), 20):
+        flipped = bytearray(good)
+        flipped[pos] ^= 1 << int(rng.integers(8))
+        bad.append(bytes(flipped))
+    for blob in bad:
+        (tmp_path / "bad.bin").write_bytes(blob)
+        with pytest.raises(ValueError):
+            pyhyla.Tokenizer(str(tmp_path / "bad.bin"))
 
 
 def test_tokenizer_llama2_layout_32k(pyhyla, tmp_path):
