@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.csa import compress_kv, csa_attention
+from kernels.csa import CSADecodeState, compress_kv, csa_attention
 from kernels.gdn import gated_delta_rule
 from kernels.rope import apply_rope, rope_tables
 from model.config import HylaConfig
@@ -73,12 +73,7 @@ class AttentionCache:
 
 @dataclass
 class CSACache:
-    k_window: Tensor | None = None  # last (window - 1) keys (RoPE'd) and values, [B, <= W-1, Hkv, D]
-    v_window: Tensor | None = None
-    k_pending: Tensor | None = None  # tokens of the unfinished compression block: k before RoPE, raw v
-    v_pending: Tensor | None = None
-    kc: Tensor | None = None  # compressed keys (RoPE'd) and values of finished blocks [B, Tc, Hkv, D]
-    vc: Tensor | None = None
+    state: CSADecodeState | None = None  # window ring, unfinished block sums, compressed cache
 
 
 @dataclass
@@ -174,23 +169,15 @@ class CSA(Attention):
     def __init__(self, cfg: HylaConfig):
         super().__init__(cfg)
         kv_dim = cfg.n_kv_heads * cfg.head_dim
-        self.stride, self.window = cfg.csa_stride, cfg.csa_window
+        self.stride, self.window, self.max_seq_len = cfg.csa_stride, cfg.csa_window, cfg.max_seq_len
         self.rotary_dim, self.theta = cfg.rotary_dim, cfg.rope_theta
         self.compress_k = nn.Linear(kv_dim, kv_dim, bias=False)
         self.compress_v = nn.Linear(kv_dim, kv_dim, bias=False)
         self.blend_gate = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
 
-    def compress(self, k: Tensor, v: Tensor, first_block: int = 0) -> tuple[Tensor, Tensor]:
-        return compress_kv(
-            k,
-            v,
-            self.compress_k.weight,
-            self.compress_v.weight,
-            self.stride,
-            self.rotary_dim,
-            self.theta,
-            first_block,
-        )
+    def compress(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        w_k, w_v = self.compress_k.weight, self.compress_v.weight
+        return compress_kv(k, v, w_k, w_v, self.stride, self.rotary_dim, self.theta)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: CSACache | None = None) -> Tensor:
         q, gate, k_raw, v = self.project(x)
@@ -204,35 +191,21 @@ class CSA(Attention):
         return self.output(ctx, gate)
 
     def _forward_cached(self, q, k, k_raw, v, blend, cache: CSACache) -> Tensor:
-        """The next T tokens given the window, the unfinished block and the compressed cache."""
+        """A prompt into an empty cache goes through the full-sequence kernel and then fills the decode
+        state; later tokens are decoded one at a time against it (`kernels.csa.CSADecodeState`)."""
         B, T, H, D = q.shape
-        S, W = self.stride, self.window
-        n_prev = 0 if cache.k_window is None else cache.k_window.shape[1]
-        n_done = 0 if cache.kc is None else cache.kc.shape[1]
-        n_pending = 0 if cache.k_pending is None else cache.k_pending.shape[1]
-        pos = n_done * S + n_pending  # position of the first new token
-        dev = q.device
-        cat = lambda old, new: new if old is None else torch.cat([old, new], 1)
-        # compress the blocks this chunk finishes
-        k_pend, v_pend = cat(cache.k_pending, k_raw), cat(cache.v_pending, v)
-        n_new = k_pend.shape[1] // S
-        if n_new:
-            kc_new, vc_new = self.compress(k_pend[:, : n_new * S], v_pend[:, : n_new * S], first_block=n_done)
-            cache.kc, cache.vc = cat(cache.kc, kc_new), cat(cache.vc, vc_new)
-        cache.k_pending, cache.v_pending = k_pend[:, n_new * S :], v_pend[:, n_new * S :]
-        # local path over the kept window plus the new keys
-        k_loc, v_loc = cat(cache.k_window, k), cat(cache.v_window, v)
-        q_pos = torch.arange(pos, pos + T, device=dev)[:, None]
-        k_pos = torch.arange(pos - n_prev, pos + T, device=dev)[None, :]
-        local = attend(q, k_loc, v_loc, (k_pos <= q_pos) & (k_pos > q_pos - W), self.scale)
-        cache.k_window, cache.v_window = k_loc[:, -(W - 1) :], v_loc[:, -(W - 1) :]
-        # compressed path: block j is visible at t iff t >= S (j + 1)
-        if cache.kc is None:
-            comp = torch.zeros_like(local)
-        else:
-            j = torch.arange(cache.kc.shape[1], device=dev)[None, :]
-            comp = attend(q, cache.kc, cache.vc, q_pos >= S * (j + 1), self.scale)
-        return torch.lerp(local, comp, blend.view(B, T, H, D).to(local.dtype))
+        if cache.state is None:
+            kc, vc = self.compress(k_raw, v)
+            ctx = csa_attention(q, k, v, kc, vc, blend, self.window, self.stride, self.scale)
+            cache.state = CSADecodeState(
+                B, self.n_kv_heads, D, self.max_seq_len, self.compress_k.weight, self.compress_v.weight,
+                self.window, self.stride, self.rotary_dim, self.theta, self.scale,
+                dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device,
+            )  # fmt: skip
+            cache.state.prefill(k, v, k_raw)
+            return ctx
+        steps = [cache.state.step(q[:, t], k[:, t], v[:, t], k_raw[:, t], blend[:, t]) for t in range(T)]
+        return torch.stack(steps, 1)
 
 
 class GatedDeltaNet(nn.Module):

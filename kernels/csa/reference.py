@@ -93,15 +93,13 @@ def compress_kv(
     stride: int = 4,
     rotary_dim: int = 32,
     theta: float = 20000.0,
-    first_block: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Compressor: mean over blocks of `stride` tokens, a linear map mixing KV heads, RoPE on keys.
 
     k [B, T, Hkv, D] is taken after k_norm and before RoPE, v raw. Both are flattened to
     [B, T, Hkv * D], zero-padded to a multiple of `stride` in T, averaged per block, and mapped by
     weight_k / weight_v [Hkv * D, Hkv * D] (x @ W^T). Compressed key j gets RoPE at position
-    stride * j + stride // 2, where j counts from `first_block` (for decoding, which compresses blocks
-    as they finish). Returns kc, vc [B, ceil(T / stride), Hkv, D].
+    stride * j + stride // 2. Returns kc, vc [B, ceil(T / stride), Hkv, D].
     """
     B, T, Hkv, D = k.shape
     Tc = -(-T // stride)
@@ -112,6 +110,6 @@ def compress_kv(
 
     kc = F.linear(pool(k), weight_k).view(B, Tc, Hkv, D)
     vc = F.linear(pool(v), weight_v).view(B, Tc, Hkv, D)
-    positions = (first_block + torch.arange(Tc, device=k.device)) * stride + stride // 2
+    positions = torch.arange(Tc, device=k.device) * stride + stride // 2
     cos, sin = rope_tables(positions, rotary_dim, theta, dtype=compute_dtype(kc))
     return apply_rope(kc, cos, sin), vc
