@@ -40,9 +40,7 @@ class HylaConfig:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
-            raise ValueError(
-                f"rope_fraction * head_dim must be an even number of dims, got {self.rotary_dim}"
-            )
+            raise ValueError(f"rope_fraction * head_dim must be an even number of dims, got {self.rotary_dim}")
 
     @property
     def layer_types(self) -> tuple[str, ...]:
