@@ -34,6 +34,7 @@
 #define QGROUP 64  /* int8 quantization group (input dims per scale) */
 #define L2_EPS 1e-6f /* GDN q/k L2 norm: x / sqrt(sum x^2 + eps) */
 #define PAR_MIN (1L << 16) /* multiply-adds below which a loop stays on one thread (fork/join costs more) */
+#define PAR_MIN_ATTN (1L << 13) /* the same for attention, whose loops also do exp and scattered reads */
 
 enum { DT_F32 = 0, DT_Q8 = 1 };
 
@@ -667,42 +668,70 @@ __attribute__((target("avx512f"))) static void tile_f32_avx512(float *y, int ldy
 }
 #endif
 
-/* y [T, W.rows] = x [T, W.cols] W^T, rows split evenly across the threads. fp32 cols that are not a
- * multiple of LANES go through a scalar pass; int8 rows are multiples of LANES (checked at load). */
-static void matmul(Hyla *m, float *y, const float *x, int T, const Mat *W) {
-    int rows = W->rows, cols = W->cols, main = cols / LANES * LANES;
-    if (W->dtype == DT_Q8) quantize_rows(m->xq, m->xqs, m->xqc, x, T, cols);
-#pragma omp parallel if ((long)rows * cols * T >= PAR_MIN)
+typedef struct {
+    float *y;
+    const Mat *W;
+} Product;
+
+/* Rows [r0, r1) of y [T, W.rows] = x [T, W.cols] W^T. fp32 cols that are not a multiple of LANES go
+ * through a scalar pass; int8 rows are multiples of LANES (checked at load) and x is already quantized. */
+static void product_rows(const Hyla *m, const Product *p, const float *x, int T, int r0, int r1) {
+    const Mat *W = p->W;
+    int rows = W->rows, cols = W->cols;
+    float *y = p->y;
+    if (W->dtype == DT_Q8) {
+#ifdef HAVE_AVX512_KERNELS
+        if (m->vnni) {
+            rows_q8_vnni(y, rows, m->xq, m->xqs, m->xqc, T, W->q, W->s, cols, r0, r1);
+            return;
+        }
+#endif
+        rows_q8(y, rows, m->xq, m->xqs, T, W->q, W->s, cols, r0, r1);
+    } else if (cols % LANES == 0) {
+#ifdef HAVE_AVX512_KERNELS
+        int T4 = m->avx512 ? T / 4 * 4 : 0;
+        if (T4) tile_f32_avx512(y, rows, x, T4, W->f, cols, r0, r1);
+        if (T4 < T) rows_f32(y + (size_t)T4 * rows, rows, x + (size_t)T4 * cols, T - T4, W->f, cols, r0, r1);
+#else
+        rows_f32(y, rows, x, T, W->f, cols, r0, r1);
+#endif
+    } else {
+        for (int r = r0; r < r1; r++)
+            for (int t = 0; t < T; t++) {
+                float acc = 0;
+                for (int i = 0; i < cols; i++) acc += W->f[(size_t)r * cols + i] * x[(size_t)t * cols + i];
+                y[(size_t)t * rows + r] = acc;
+            }
+    }
+}
+
+/* Products that share their input x [T, cols], in one parallel region (one fork/join): every thread
+ * takes an even share of every matrix's rows. */
+static void matmuls(Hyla *m, const float *x, int T, int n, const Product *p) {
+    long work = 0;
+    int q8 = 0;
+    for (int k = 0; k < n; k++) {
+        work += (long)p[k].W->rows * p[k].W->cols * T;
+        q8 |= p[k].W->dtype == DT_Q8;
+    }
+    if (q8) quantize_rows(m->xq, m->xqs, m->xqc, x, T, p[0].W->cols);
+#pragma omp parallel if (work >= PAR_MIN)
     {
 #ifdef _OPENMP
         int nt = omp_get_num_threads(), id = omp_get_thread_num();
 #else
         int nt = 1, id = 0;
 #endif
-        int r0 = (int)((long)rows * id / nt), r1 = (int)((long)rows * (id + 1) / nt);
-        if (W->dtype == DT_Q8) {
-#ifdef HAVE_AVX512_KERNELS
-            if (m->vnni) rows_q8_vnni(y, rows, m->xq, m->xqs, m->xqc, T, W->q, W->s, cols, r0, r1);
-            else
-#endif
-                rows_q8(y, rows, m->xq, m->xqs, T, W->q, W->s, cols, r0, r1);
-        } else if (main == cols) {
-#ifdef HAVE_AVX512_KERNELS
-            int T4 = m->avx512 ? T / 4 * 4 : 0;
-            if (T4) tile_f32_avx512(y, rows, x, T4, W->f, cols, r0, r1);
-            if (T4 < T) rows_f32(y + (size_t)T4 * rows, rows, x + (size_t)T4 * cols, T - T4, W->f, cols, r0, r1);
-#else
-            rows_f32(y, rows, x, T, W->f, cols, r0, r1);
-#endif
-        } else {
-            for (int r = r0; r < r1; r++)
-                for (int t = 0; t < T; t++) {
-                    float acc = 0;
-                    for (int i = 0; i < cols; i++) acc += W->f[(size_t)r * cols + i] * x[(size_t)t * cols + i];
-                    y[(size_t)t * rows + r] = acc;
-                }
+        for (int k = 0; k < n; k++) {
+            int rows = p[k].W->rows;
+            product_rows(m, &p[k], x, T, (int)((long)rows * id / nt), (int)((long)rows * (id + 1) / nt));
         }
     }
+}
+
+static void matmul(Hyla *m, float *y, const float *x, int T, const Mat *W) {
+    Product p = {y, W};
+    matmuls(m, x, T, 1, &p);
 }
 
 /* ----------------------------------------------------------------------------- elementwise */
@@ -764,14 +793,14 @@ static float *thread_scores(Hyla *m) {
 
 /* ----------------------------------------------------------------------------- mixers */
 
-/* q|gate = wq xn, k = wk xn, v = wv xn; q and k RMS-normed per head; q RoPE'd. kraw keeps k before RoPE. */
-static void attn_project(Hyla *m, const Layer *L, int T) {
+/* q|gate = wq xn, k = wk xn, v = wv xn (and the CSA blend gate when `blend`); q and k RMS-normed per head,
+ * then RoPE'd; kraw keeps k before RoPE. */
+static void attn_project(Hyla *m, const Layer *L, int T, int blend) {
     const HylaConfig *c = &m->c;
     int H = c->n_heads, Hkv = c->n_kv_heads, D = c->head_dim, kv = Hkv * D;
     float eps = (float)c->norm_eps;
-    matmul(m, m->p1, m->xn, T, &L->wq);
-    matmul(m, m->kb, m->xn, T, &L->wk);
-    matmul(m, m->vb, m->xn, T, &L->wv);
+    Product p[4] = {{m->p1, &L->wq}, {m->kb, &L->wk}, {m->vb, &L->wv}, {m->blend, &L->blend_gate}};
+    matmuls(m, m->xn, T, blend ? 4 : 3, p);
     for (int t = 0; t < T; t++) {
         for (int h = 0; h < H; h++) {
             float *q = m->p1 + (size_t)t * 2 * H * D + h * 2 * D; /* [q | gate] */
@@ -803,11 +832,11 @@ static void attn_output(Hyla *m, const Layer *L, int T) {
 static void full_attention(Hyla *m, const Layer *L, LayerState *s, int T) {
     const HylaConfig *c = &m->c;
     int H = c->n_heads, D = c->head_dim, kv = c->n_kv_heads * D, group = H / c->n_kv_heads;
-    attn_project(m, L, T);
+    attn_project(m, L, T, 0);
     memcpy(s->k + (size_t)m->pos * kv, m->kb, sizeof(float) * T * kv);
     memcpy(s->v + (size_t)m->pos * kv, m->vb, sizeof(float) * T * kv);
     float scale = 1.0f / sqrtf((float)D);
-#pragma omp parallel for collapse(2) schedule(dynamic) if ((long)T * H * (m->pos + T) * D >= PAR_MIN)
+#pragma omp parallel for collapse(2) schedule(dynamic) if ((long)T * H * (m->pos + T) * D >= PAR_MIN_ATTN)
     for (int t = 0; t < T; t++)
         for (int h = 0; h < H; h++) {
             const float *q = m->p1 + (size_t)t * 2 * H * D + h * 2 * D;
@@ -827,14 +856,13 @@ static void csa(Hyla *m, const Layer *L, LayerState *s, int T) {
     int H = c->n_heads, D = c->head_dim, Hkv = c->n_kv_heads, kv = Hkv * D, group = H / Hkv;
     int S = c->csa_stride, W = c->csa_window;
     float scale = 1.0f / sqrtf((float)D);
-    attn_project(m, L, T);
-    matmul(m, m->blend, m->xn, T, &L->blend_gate);
+    attn_project(m, L, T, 1);
     for (int t = 0; t < T; t++) {
         int p = m->pos + t, slot = p % W;
         memcpy(s->k + (size_t)slot * kv, m->kb + (size_t)t * kv, sizeof(float) * kv);
         memcpy(s->v + (size_t)slot * kv, m->vb + (size_t)t * kv, sizeof(float) * kv);
         int n_local = p + 1 < W ? p + 1 : W, n_comp = p / S;
-#pragma omp parallel for schedule(static) if ((long)H * (n_local + n_comp) * D >= PAR_MIN)
+#pragma omp parallel for schedule(static) if ((long)H * (n_local + n_comp) * D >= PAR_MIN_ATTN)
         for (int h = 0; h < H; h++) {
             float local[512], comp[512]; /* head_dim <= 512 (checked at load) */
             const float *q = m->p1 + (size_t)t * 2 * H * D + h * 2 * D;
@@ -873,10 +901,8 @@ static void gdn(Hyla *m, const Layer *L, LayerState *s, int T) {
     const HylaConfig *c = &m->c;
     int Hg = c->gdn_heads, Dg = c->gdn_head_dim, HD = Hg * Dg, C = 3 * HD, K = c->gdn_conv;
     float *qkv = m->p1, *z = m->p2, *b = m->ba, *a = m->ba + (size_t)T * Hg;
-    matmul(m, qkv, m->xn, T, &L->in_qkv);
-    matmul(m, z, m->xn, T, &L->in_z);
-    matmul(m, b, m->xn, T, &L->in_b);
-    matmul(m, a, m->xn, T, &L->in_a);
+    Product p[4] = {{qkv, &L->in_qkv}, {z, &L->in_z}, {b, &L->in_b}, {a, &L->in_a}};
+    matmuls(m, m->xn, T, 4, p);
     /* y[t, ch] = sum_i w[ch, i] x[t - (K - 1) + i, ch]; the state holds each channel's last K - 1 inputs */
 #pragma omp parallel for schedule(static) if ((long)C * T * K >= PAR_MIN)
     for (int ch = 0; ch < C; ch++) {
@@ -930,8 +956,8 @@ static void gdn(Hyla *m, const Layer *L, LayerState *s, int T) {
 static void ffn(Hyla *m, const Layer *L, int T) {
     const HylaConfig *c = &m->c;
     int F = c->ffn_hidden;
-    matmul(m, m->p1, m->xn, T, &L->w1);
-    matmul(m, m->p2, m->xn, T, &L->w3);
+    Product p[2] = {{m->p1, &L->w1}, {m->p2, &L->w3}};
+    matmuls(m, m->xn, T, 2, p);
     for (size_t i = 0; i < (size_t)T * F; i++) m->p1[i] = siluf(m->p1[i]) * m->p2[i];
     matmul(m, m->f, m->p1, T, &L->w2);
 }
