@@ -3,7 +3,8 @@ the same 95m model (random weights), with 1 and 2 threads, and the copy bandwidt
 
 Per thread count, in fresh subprocesses (PyTorch and the engine bring separate OpenMP runtimes; one
 process each keeps their thread pools from competing):
-  copy      torch copy of a 256 MiB fp32 array, best of 10; bytes read + written per second
+  copy      torch copy of a 256 MiB fp32 array, best of 10; bytes read + written per second (and, for
+            reference, the read rate of a torch sum over it: decoding mostly reads)
   c_fp32    pyhyla.Engine on model.bin (portable build): decode = 128 tokens one at a time after a
             64-token prefill (teacher-forced on fixed random ids, so all engines see the same tokens),
             best of 3; prefill = 512 tokens in one call, best of 2
@@ -61,7 +62,13 @@ def worker_copy(threads: int) -> dict:
         t = time.perf_counter()
         dst.copy_(src)
         times.append(time.perf_counter() - t)
-    return {"copy_GBps": 2 * src.numel() * 4 / min(times[2:]) / 1e9}
+    reads = []
+    for _ in range(12):
+        t = time.perf_counter()
+        src.sum()
+        reads.append(time.perf_counter() - t)
+    nbytes = src.numel() * 4
+    return {"copy_GBps": 2 * nbytes / min(times[2:]) / 1e9, "read_GBps": nbytes / min(reads[2:]) / 1e9}
 
 
 def worker_c(threads: int, model_bin: str, ids: np.ndarray, build_dir: str, logits_out: str | None) -> dict:
@@ -200,6 +207,7 @@ def main() -> None:
                 fp32 = row["c_fp32"]["decode_tok_s"] * weight_bytes / 1e9
                 row["fp32_weight_GBps"] = fp32
                 row["fp32_fraction_of_copy"] = fp32 / row["copy"]["copy_GBps"]
+                row["fp32_fraction_of_read"] = fp32 / row["copy"]["read_GBps"]
                 run[str(n)] = row
                 print(f"run {r} threads {n}: " + json.dumps(row), flush=True)
             runs.append(run)
@@ -219,6 +227,7 @@ def main() -> None:
             "speedup_fp32_vs_torch_cpu": top("c_fp32") / top("torch"),
             "speedup_int8_vs_fp32": top("c_int8") / top("c_fp32"),
             "fp32_fraction_of_copy_bandwidth": best[n_fp32]["fp32_fraction_of_copy"],
+            "fp32_fraction_of_read_bandwidth": best[n_fp32]["fp32_fraction_of_read"],
             "parity_max_abs": parity_abs,
             "parity_max_rel": parity_rel,
         }
@@ -276,17 +285,18 @@ def markdown(res: dict) -> str:
         for k, v in row.items():
             if isinstance(v, dict) and "decode_tok_s" in v:
                 lines.append(f"| {n} | {k} | {v['decode_tok_s']:.1f} | {v['prefill_tok_s']:.1f} |")
-    lines += ["", "| threads | copy GB/s (read + write) | fp32 weight bytes/token x tok/s, GB/s | fraction |",
-              "|---|---|---|---|"]  # fmt: skip
+    lines += ["", "| threads | copy GB/s (read + write) | read GB/s | fp32 weight bytes/token x tok/s, GB/s | "
+              "fraction of copy | fraction of read |", "|---|---|---|---|---|---|"]  # fmt: skip
     for n, row in best.items():
-        copy, fp32, frac = row["copy"]["copy_GBps"], row["fp32_weight_GBps"], row["fp32_fraction_of_copy"]
-        lines.append(f"| {n} | {copy:.1f} | {fp32:.1f} | {frac:.0%} |")
+        copy, read, fp32 = row["copy"]["copy_GBps"], row["copy"]["read_GBps"], row["fp32_weight_GBps"]
+        lines.append(f"| {n} | {copy:.1f} | {read:.1f} | {fp32:.1f} | {fp32 / copy:.0%} | {fp32 / read:.0%} |")
     lines += [
         "",
         f"Summary (best over threads): C fp32 {s['decode_tok_s_fp32']:.1f} tok/s, C int8 "
         f"{s['decode_tok_s_int8']:.1f} tok/s, PyTorch {s['decode_tok_s_torch_cpu']:.1f} tok/s: int8 "
         f"{s['speedup_vs_torch_cpu']:.1f}x PyTorch and {s['speedup_int8_vs_fp32']:.2f}x our fp32; fp32 "
         f"{s['speedup_fp32_vs_torch_cpu']:.1f}x PyTorch at {s['fp32_fraction_of_copy_bandwidth']:.0%} of the copy "
+        f"({s['fp32_fraction_of_read_bandwidth']:.0%} of the read) "
         f"bandwidth. Parity (C fp32 vs PyTorch, 128 decoding steps): max |diff| {s['parity_max_abs']:.2e} "
         f"({s['parity_max_rel']:.1e} of the largest logit).",
         "",

@@ -558,7 +558,10 @@ static void quantize_rows(int8_t *xq, float *xs, int32_t *xc, const float *x, in
             for (int i = 0; i < n; i++) mx = fabsf(xg[i]) > mx ? fabsf(xg[i]) : mx;
             float inv = mx > 0 ? 127.0f / mx : 0.0f;
             int32_t sum = 0;
-            for (int i = 0; i < n; i++) sum += qg[i] = (int8_t)lrintf(xg[i] * inv);
+            for (int i = 0; i < n; i++) { /* round to nearest even: |x inv| <= 127 < 2^22 */
+                float r = (xg[i] * inv + 12582912.0f) - 12582912.0f;
+                sum += qg[i] = (int8_t)r;
+            }
             xs[(size_t)t * ng + g] = mx / 127.0f;
             int32_t *c = xc + ((size_t)t * ng + g) * 16;
             memset(c, 0, 16 * sizeof(int32_t));
@@ -917,39 +920,49 @@ static void gdn(Hyla *m, const Layer *L, LayerState *s, int T) {
         }
     }
     float qscale = 1.0f / sqrtf((float)Dg), eps = (float)c->norm_eps;
-#pragma omp parallel for schedule(static) if ((long)Hg * Dg * Dg * T >= PAR_MIN / 2)
-    for (int h = 0; h < Hg; h++) {
-        float *St = s->S + (size_t)h * Dg * Dg, mem[512], u[512]; /* Dg <= 512 (checked at load) */
-        float decay_rate = -expf(L->A_log[h]);
-        for (int t = 0; t < T; t++) {
-            float *q = qkv + (size_t)t * C + h * Dg, *k = q + HD, *v = q + 2 * HD;
-            float qq = 0, kk = 0;
+    for (int t = 0; t < T; t++) /* per token and head: normed q, k; beta and the decay exp(g) in place of b, a */
+        for (int h = 0; h < Hg; h++) {
+            float *q = qkv + (size_t)t * C + h * Dg, *k = q + HD, qq = 0, kk = 0;
 #pragma omp simd reduction(+ : qq, kk)
             for (int i = 0; i < Dg; i++) { qq += q[i] * q[i]; kk += k[i] * k[i]; }
             float qn = qscale / sqrtf(qq + L2_EPS), kn = 1.0f / sqrtf(kk + L2_EPS);
             for (int i = 0; i < Dg; i++) { q[i] *= qn; k[i] *= kn; }
-            float beta = sigmoidf(b[(size_t)t * Hg + h]);
-            float decay = expf(decay_rate * softplusf(a[(size_t)t * Hg + h] + L->dt_bias[h]));
-            for (int j = 0; j < Dg; j++) mem[j] = 0;
+            float *bt = b + (size_t)t * Hg + h, *at = a + (size_t)t * Hg + h;
+            *bt = sigmoidf(*bt);
+            *at = expf(-expf(L->A_log[h]) * softplusf(*at + L->dt_bias[h]));
+        }
+    /* The value columns of a state are independent, so work items are (head, half of the columns):
+     * 2 Hg items balance across threads where Hg heads alone would not. */
+#pragma omp parallel for schedule(static) if ((long)Hg * Dg * Dg * T >= PAR_MIN / 2)
+    for (int item = 0; item < 2 * Hg; item++) {
+        int h = item / 2, j0 = item % 2 ? Dg / 2 : 0, j1 = item % 2 ? Dg : Dg / 2;
+        float *St = s->S + (size_t)h * Dg * Dg, mem[512], u[512]; /* Dg <= 512 (checked at load) */
+        for (int t = 0; t < T; t++) {
+            const float *q = qkv + (size_t)t * C + h * Dg, *k = q + HD, *v = q + 2 * HD;
+            float beta = b[(size_t)t * Hg + h], decay = a[(size_t)t * Hg + h];
+            for (int j = j0; j < j1; j++) mem[j] = 0;
             for (int i = 0; i < Dg; i++) { /* S <- exp(g) S; mem = S^T k */
                 float *row = St + (size_t)i * Dg, ki = k[i];
-                for (int j = 0; j < Dg; j++) { row[j] *= decay; mem[j] += row[j] * ki; }
+                for (int j = j0; j < j1; j++) { row[j] *= decay; mem[j] += row[j] * ki; }
             }
-            for (int j = 0; j < Dg; j++) u[j] = beta * (v[j] - mem[j]);
+            for (int j = j0; j < j1; j++) u[j] = beta * (v[j] - mem[j]);
             float *o = m->ctx + (size_t)t * HD + h * Dg;
-            for (int j = 0; j < Dg; j++) o[j] = 0;
+            for (int j = j0; j < j1; j++) o[j] = 0;
             for (int i = 0; i < Dg; i++) { /* S += k u^T; o = S^T q */
                 float *row = St + (size_t)i * Dg, ki = k[i], qi = q[i];
-                for (int j = 0; j < Dg; j++) { row[j] += ki * u[j]; o[j] += row[j] * qi; }
+                for (int j = j0; j < j1; j++) { row[j] += ki * u[j]; o[j] += row[j] * qi; }
             }
-            float ss = 0;
+        }
+    }
+    for (int t = 0; t < T; t++) /* w * rmsnorm(o) * silu(z) per head */
+        for (int h = 0; h < Hg; h++) {
+            float *o = m->ctx + (size_t)t * HD + h * Dg, ss = 0;
 #pragma omp simd reduction(+ : ss)
             for (int j = 0; j < Dg; j++) ss += o[j] * o[j];
             float inv = 1.0f / sqrtf(ss / Dg + eps);
             const float *zz = z + (size_t)t * HD + h * Dg;
             for (int j = 0; j < Dg; j++) o[j] = L->gnorm[j] * (o[j] * inv) * siluf(zz[j]);
         }
-    }
     matmul(m, m->f, m->ctx, T, &L->out_proj);
 }
 
