@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels.common import compute_dtype
+
 
 def rope_tables(
     positions: torch.Tensor, rotary_dim: int, theta: float, dtype: torch.dtype = torch.float32
@@ -23,7 +25,7 @@ def rope_tables(
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [..., T, H, D] with tables [T, rotary_dim]; computed in fp32 (fp64 for fp64 x)."""
     r = cos.shape[-1]
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dt = compute_dtype(x)
     xr = x[..., :r].to(dt)
     x1, x2 = xr.chunk(2, dim=-1)
     cos, sin = cos[:, None, :].to(dt), sin[:, None, :].to(dt)  # broadcast over heads

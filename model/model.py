@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.common import compute_dtype
 from kernels.csa import CSADecodeState, compress_kv, csa_attention
 from kernels.gdn import gated_delta_rule
 from kernels.rope import apply_rope, rope_tables
@@ -28,13 +29,8 @@ from model.config import HylaConfig
 Tensor = torch.Tensor
 
 
-def _norm_dtype(x: Tensor) -> torch.dtype:
-    """Norms compute in fp32 (fp64 when the model runs in fp64)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def rms_normalize(x: Tensor, eps: float) -> Tensor:
-    xf = x.to(_norm_dtype(x))
+    xf = x.to(compute_dtype(x))  # norms compute in fp32 (fp64 when the model runs in fp64)
     return xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
 
 
@@ -59,7 +55,7 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, o: Tensor, z: Tensor) -> Tensor:
-        return self.weight * rms_normalize(o, self.eps) * F.silu(z.to(_norm_dtype(o)))
+        return self.weight * rms_normalize(o, self.eps) * F.silu(z.to(compute_dtype(o)))
 
 
 # ----------------------------------------------------------------------------- caches
@@ -200,7 +196,7 @@ class CSA(Attention):
             cache.state = CSADecodeState(
                 B, self.n_kv_heads, D, self.max_seq_len, self.compress_k.weight, self.compress_v.weight,
                 self.window, self.stride, self.rotary_dim, self.theta, self.scale,
-                dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device,
+                dtype=compute_dtype(q), device=q.device,
             )  # fmt: skip
             cache.state.prefill(k, v, k_raw)
             return ctx
@@ -244,7 +240,7 @@ class GatedDeltaNet(nn.Module):
         qkv = F.silu(self.causal_conv(self.in_proj_qkv(x), cache))
         q, k, v = (t.reshape(B, T, H, Dh) for t in qkv.split(H * Dh, dim=-1))
         beta = torch.sigmoid(self.in_proj_b(x))
-        a = self.in_proj_a(x).to(_norm_dtype(x))
+        a = self.in_proj_a(x).to(compute_dtype(x))
         g = -self.A_log.exp() * F.softplus(a + self.dt_bias)  # log-space decay, fp32
         o, state = gated_delta_rule(
             q,

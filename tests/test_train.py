@@ -73,7 +73,7 @@ def test_shards_and_manifest(corpus, data_dir):
         decoded = [tok.decode(ids[a + 1 : b - 1]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         assert decoded == texts
         # the per-token byte table accounts for every byte (one dummy-prefix space per document)
-        assert tok.token_bytes()[ids].sum() == m["splits"][split]["bytes"] + len(texts)
+        assert tok.token_bytes[ids].sum() == m["splits"][split]["bytes"] + len(texts)
     assert 0 < data.unigram_bpb() < 8
 
 

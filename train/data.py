@@ -13,6 +13,7 @@ and the ranks of a DDP run together see the same global batch as one process wou
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -102,6 +103,7 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
 
+    @functools.cached_property
     def token_bytes(self) -> np.ndarray:
         """UTF-8 bytes each token stands for (control tokens 0, byte pieces 1, '▁' counts as a space)."""
         out = np.zeros(self.vocab_size, dtype=np.int64)
@@ -230,7 +232,7 @@ class TokenData:
         counts = np.bincount(self.splits["train"], minlength=self.tokenizer.vocab_size).astype(np.float64) + 1.0
         logp = np.log2(counts / counts.sum())
         targets = np.asarray(self.splits["val"][1:])
-        return float(-logp[targets].sum() / self.tokenizer.token_bytes()[targets].sum())
+        return float(-logp[targets].sum() / self.tokenizer.token_bytes[targets].sum())
 
 
 class BatchSampler:

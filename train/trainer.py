@@ -139,7 +139,7 @@ def evaluate(
 ) -> dict:
     """Mean loss (nats/token) and bits per byte over the first max_tokens of val (0: all of it).
     Bits per byte = total NLL / ln 2 / UTF-8 bytes of the predicted tokens (tokenizer-independent)."""
-    token_bytes = torch.from_numpy(data.tokenizer.token_bytes()).to(device)
+    token_bytes = torch.from_numpy(data.tokenizer.token_bytes).to(device)
     model.eval()
     nll, tokens, nbytes = 0.0, 0, 0
     for batch in val_batches(data.splits["val"], seq_len, batch_size, max_tokens or None):
@@ -165,11 +165,12 @@ def rng_state() -> dict:
     return state
 
 
-def restore(path: Path, model: Hyla, optimizers, cfg: HylaConfig, data: TokenData, args: TrainArgs) -> int:
+def restore(path: Path, model: Hyla, optimizers, data: TokenData) -> int:
     """Load a checkpoint into model and optimizers after checking it belongs to this run; returns step."""
     ckpt = checkpoint.load(path)
-    if ckpt["config"] != cfg.to_dict():
-        diff = {k: (v, cfg.to_dict().get(k)) for k, v in ckpt["config"].items() if cfg.to_dict().get(k) != v}
+    now = model.cfg.to_dict()
+    if ckpt["config"] != now:
+        diff = {k: (v, now.get(k)) for k, v in ckpt["config"].items() if now.get(k) != v}
         raise checkpoint.CheckpointError(f"{path} was trained with another model config (ckpt, now): {diff}")
     if ckpt["tokenizer"] != data.tokenizer.identity():
         raise checkpoint.CheckpointError(f"{path} was trained with another tokenizer: {ckpt['tokenizer']}")
@@ -238,7 +239,7 @@ def train(args: TrainArgs) -> tuple[Hyla, dict]:
     model = Hyla(cfg).to(device)
     optimizers = build_optimizers(model, args.muon_lr, args.adamw_lr, args.weight_decay)
     ckpt_path = out / CKPT_NAME
-    start = restore(ckpt_path, model, optimizers, cfg, data, args) if args.resume else 0
+    start = restore(ckpt_path, model, optimizers, data) if args.resume else 0
     ddp = DistributedDataParallel(model) if world > 1 else model
     fwd = torch.compile(ddp) if args.compile else ddp
     sampler = BatchSampler(data.splits["train"], args.seq_len, args.batch_size, args.seed, rank, world)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.common import check, check_same_device, check_tensor, pick_backend
+from kernels.common import check, check_same_device, check_tensor, compute_dtype, pick_backend
 from kernels.gdn.reference import chunk_gated_delta_rule, recurrent_gated_delta_rule
 
 __all__ = ["gated_delta_rule", "chunk_gated_delta_rule", "recurrent_gated_delta_rule", "l2norm"]
@@ -30,7 +30,7 @@ BACKENDS = {
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / sqrt(sum(x^2) + eps) over the last dim, in fp32 (eps inside the root)."""
-    xf = x.float() if x.dtype != torch.float64 else x
+    xf = x.to(compute_dtype(x))
     return (xf * torch.rsqrt(xf.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 

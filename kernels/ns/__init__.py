@@ -27,7 +27,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from kernels.common import FLOAT_DTYPES, check, check_tensor, pick_backend
+from kernels.common import FLOAT_DTYPES, check, check_tensor, compute_dtype, pick_backend
 from kernels.ns import cuda, reference
 from kernels.ns.reference import NS_COEFFS
 
@@ -127,7 +127,7 @@ def _check_input(G: torch.Tensor, check_finite: bool) -> None:
 def _reference(G: torch.Tensor, schedule: list[tuple[float, float, float]], eps: float) -> torch.Tensor:
     if len(set(schedule)) <= 1:
         return reference.newton_schulz(G, len(schedule), schedule[0] if schedule else NS_COEFFS, eps)
-    dt = torch.float64 if G.dtype == torch.float64 else torch.float32
+    dt = compute_dtype(G)
     X = reference.newton_schulz(G.to(dt), 0, NS_COEFFS, eps)  # normalized
     tall = X.shape[-2] > X.shape[-1]
     X = X.mT if tall else X

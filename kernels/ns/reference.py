@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels.common import compute_dtype
+
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
@@ -22,7 +24,7 @@ def newton_schulz(
 ) -> torch.Tensor:
     """Quintic Newton-Schulz iteration on a matrix [m, n] or a stack [N, m, n]; see the module doc."""
     a, b, c = coeffs
-    dt = torch.float64 if G.dtype == torch.float64 else torch.float32
+    dt = compute_dtype(G)
     X = G.to(dt)
     tall = X.shape[-2] > X.shape[-1]
     if tall:
