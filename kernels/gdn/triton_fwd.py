@@ -4,7 +4,7 @@ Notation and equations (3)-(5) are those of `reference.chunk_gated_delta_rule`.
 
 1. `_prep_kernel`, one program per (chunk, head), all independent: the cumulative gate G, the strictly
    lower A of (3), T = (I + A)^-1, and the WY factors U = T diag(beta) V, W_k = T diag(beta e^G) K.
-   T is built from exact 16x16 diagonal-block inverses (forward substitution) merged in one step:
+   T is built from fp32 inverses of the 16x16 diagonal blocks (by doubling) merged in one step:
    with D = (I + A_diag)^-1 and N = D A_off (strictly block lower, so N^4 = 0),
        (I + A)^-1 = (I + N)^-1 D = (I - N)(I + N^2) D.                                      (6)
 2. `_state_out_kernel`, one program per (head, V block), sequential over chunks: W = U - W_k S,
@@ -24,7 +24,7 @@ BT = 64  # chunk length
 BS = 16  # diagonal block of the triangular solve
 # Launch configuration (H100, K = V = 112 / 128): warps, software-pipeline stages, and V blocks of the
 # sequential kernels ("state_bv": None picks by head count) and of the backward's per-chunk loop.
-CONFIG = dict(prep_warps=8, state_bv=None, state_warps=4, state_stages=2, chunk_bv=32, chunk_warps=8, chunk_stages=1)
+CONFIG = dict(prep_warps=4, state_bv=None, state_warps=4, state_stages=2, chunk_bv=32, chunk_warps=8, chunk_stages=1)
 
 
 @triton.jit
@@ -105,15 +105,46 @@ def _decay(G, INCLUSIVE: tl.constexpr):
 
 
 @triton.jit
-def _inverse_unit_lower16(a):
-    """X = (I - a)^-1 - I for a strictly lower 16x16 `a`, by forward substitution, row by row."""
-    r = tl.arange(0, 16)
-    x = a
-    for i in tl.static_range(1, 16):
-        a_i = tl.sum(tl.where(r[:, None] == i, a, 0.0), 0)
-        x_i = a_i + tl.sum(a_i[:, None] * x, 0)  # rows j < i of x are final; a_i[j] = 0 for j >= i
-        x = tl.where(r[:, None] == i, x_i[None, :], x)
-    return x
+def _dot_f32_lowp(a, b, PREC: tl.constexpr):
+    """a @ b for fp32 `a` and a bf16 (or fp32) `b`. bf16: `a` split into two bf16 terms, a = hi + lo, so the
+    products keep ~16 bits of `a` on bf16 tensor cores (tf32 would keep 10); fp32: one dot at PREC."""
+    if b.dtype.is_bf16():
+        hi = a.to(tl.bfloat16)
+        out = tl.dot((a - hi.to(tl.float32)).to(tl.bfloat16), b, tl.dot(hi, b))
+    else:
+        out = tl.dot(a, b, input_precision=PREC)
+    return out
+
+
+@triton.jit
+def _unit_lower_inverse(A, k, b, Gc, BS: tl.constexpr, PREC: tl.constexpr):
+    """T = (I + A)^-1 for the strictly lower A of (3), [BT, BT] fp32 (k, b, Gc: the chunk's keys, beta, G).
+
+    The diagonal BS x BS blocks A_d are recomputed from k as one batched product and inverted exactly in fp32
+    by doubling: with N = -A_d (nilpotent, N^16 = 0), (I - N)^-1 = (I + N)(I + N^2)(I + N^4)(I + N^8).
+    The blocks are then merged by (6)."""
+    BT: tl.constexpr = A.shape[0]
+    NB: tl.constexpr = BT // BS
+    kr = tl.reshape(k, [NB, BS, k.shape[1]])
+    Ad = tl.dot(kr, tl.permute(kr, (0, 2, 1)), input_precision=PREC)
+    Gr, br = tl.reshape(Gc, [NB, BS]), tl.reshape(b, [NB, BS])
+    s = tl.arange(0, BS)
+    lower = (s[:, None] > s[None, :])[None, :, :]
+    Ad = br[:, :, None] * Ad * tl.exp(tl.where(lower, Gr[:, :, None] - Gr[:, None, :], float("-inf")))
+    N = -Ad
+    X = tl.where((s[:, None] == s[None, :])[None, :, :], 1.0, 0.0) + N
+    for _ in tl.static_range(3):
+        N = tl.dot(N, N, input_precision="ieee")
+        X += tl.dot(X, N, input_precision="ieee")
+    # block-diagonal D = (I + A_diag)^-1 as a [BT, BT] tile, then (6) with N = D A_off
+    i = tl.arange(0, NB)
+    same = (i[:, None, None, None] == i[None, None, :, None])
+    D = tl.reshape(tl.where(same, tl.broadcast_to(X[:, :, None, :], [NB, BS, NB, BS]), 0.0), [BT, BT])
+    blk = tl.arange(0, BT) // BS
+    N = tl.dot(D, tl.where(blk[:, None] > blk[None, :], A, 0.0), input_precision=PREC)
+    N2 = tl.dot(N, N, input_precision=PREC)
+    eye = tl.where(tl.arange(0, BT)[:, None] == tl.arange(0, BT)[None, :], 1.0, 0.0)
+    return tl.dot(eye - N + N2 - tl.dot(N, N2, input_precision=PREC), D, input_precision=PREC)
 
 
 @triton.jit
@@ -132,36 +163,17 @@ def _prep_kernel(
     tl.store(G + bh.to(tl.int64) * Tp + t0 + r, Gc)
     b = _rows(beta, bh, t0, T, H, BT)
     kb = _load_io(k, bh, t0, T, H, K, BT, BK)
-    vb = _load_io(v, bh, t0, T, H, V, BT, BV)
-    kf = kb.to(tl.float32)
 
-    # (3): A_ij = beta_i exp(G_i - G_j) k_i . k_j for j < i; -A goes to the scratch (later T) first
-    A = b[:, None] * tl.dot(kf, tl.trans(kf), input_precision=PREC) * _decay(Gc, False)
-    p_T = Tinv + (bh.to(tl.int64) * NT + n) * BT * BT + r[:, None] * BT + r[None, :]
-    tl.store(p_T, -A)
-    tl.debug_barrier()
-    # exact inverses of the four 16x16 diagonal blocks, written over them
-    s = tl.arange(0, BS)
-    for i in tl.static_range(BT // BS):
-        p_D = Tinv + (bh.to(tl.int64) * NT + n) * BT * BT + (i * BS + s[:, None]) * BT + i * BS + s[None, :]
-        tl.store(p_D, _inverse_unit_lower16(tl.load(p_D)))
-    tl.debug_barrier()
-    M = tl.load(p_T)
-    tl.debug_barrier()
-
-    # merge (6)
-    blk = r // BS
-    eye = (r[:, None] == r[None, :]).to(tl.float32)
-    D = tl.where(blk[:, None] == blk[None, :], M, 0.0) + eye
-    N = tl.dot(D, tl.where(blk[:, None] > blk[None, :], -M, 0.0), input_precision=PREC)
-    N2 = tl.dot(N, N, input_precision=PREC)
-    Tm = tl.dot(eye - N + N2 - tl.dot(N, N2, input_precision=PREC), D, input_precision=PREC)
-    tl.store(p_T, Tm)
+    # (3): A_ij = beta_i exp(G_i - G_j) k_i . k_j for j < i (bf16 products are exact in the fp32 accumulator)
+    A = b[:, None] * tl.dot(kb, tl.trans(kb), input_precision=PREC) * _decay(Gc, False)
+    Tm = _unit_lower_inverse(A, kb, b, Gc, BS, PREC)
+    tl.store(Tinv + (bh.to(tl.int64) * NT + n) * BT * BT + r[:, None] * BT + r[None, :], Tm)
 
     # WY factors: U = T diag(beta) V, W_k = T diag(beta e^G) K
-    u = tl.dot(Tm, b[:, None] * vb.to(tl.float32), input_precision=PREC)
-    w = tl.dot(Tm, (b * tl.exp(Gc))[:, None] * kf, input_precision=PREC)
+    vb = _load_io(v, bh, t0, T, H, V, BT, BV)
+    u = _dot_f32_lowp(Tm * b[None, :], vb, PREC)
     _store_buf(U, u.to(U.dtype.element_ty), bh, t0, Tp, V, BT, BV)
+    w = _dot_f32_lowp(Tm * (b * tl.exp(Gc))[None, :], kb, PREC)
     _store_buf(Wk, w.to(Wk.dtype.element_ty), bh, t0, Tp, K, BT, BK)
 
 
