@@ -78,8 +78,9 @@ _Static_assert(sizeof(FileEntry) == ENTRY_BYTES, "table entry layout");
 typedef struct {  /* a [rows, cols] weight, fp32 or int8 with fp32 scales per group of cols */
     int dtype, rows, cols;
     const float *f;
-    const uint8_t *q;  /* int8 weights stored offset by 128 (q + 128) */
-    const float *s;
+    const uint8_t *q;  /* int8 weights stored offset by 128 (q + 128), [rows, cols] as in the file */
+    const float *s;    /* their scales [rows, groups] */
+    const uint8_t *pk; /* with VNNI: the same int8 weights and scales repacked for the VNNI kernel (pack_q8) */
 } Mat;
 
 typedef struct {
@@ -111,9 +112,11 @@ struct Hyla {
     float *x, *xn, *f;       /* [CHUNK, dim] */
     float *p1, *p2, *kb, *vb, *kraw, *blend, *ctx, *ba; /* per-chunk projections */
     float *scores;           /* per thread [max keys] */
-    int8_t *xq;              /* int8 activations [CHUNK, widest input], their scales and sums */
+    int8_t *xq;              /* int8 activations [CHUNK, widest input], their scales and sums per group */
     float *xqs;
-    int32_t *xqc;
+    int32_t *xqsum;
+    uint8_t *packed;         /* with VNNI: all int8 matrices in the VNNI layout (Mat.pk points in here) */
+    size_t packed_bytes;
     int vnni, avx512;
     int max_keys, n_threads, pos;
     char err[512];
@@ -362,7 +365,7 @@ static int alloc_state(Hyla *m) {
     widest = widest > kv ? widest : kv;
     m->xq = xcalloc((size_t)T * widest, 1);
     m->xqs = xcalloc((size_t)T * (widest / QGROUP + 1), sizeof(float));
-    m->xqc = xcalloc((size_t)T * (widest / QGROUP + 1) * 16, sizeof(int32_t));
+    m->xqsum = xcalloc((size_t)T * (widest / QGROUP + 1), sizeof(int32_t));
 #ifdef HAVE_AVX512_KERNELS
     m->avx512 = __builtin_cpu_supports("avx512f") && !getenv("HYLA_PORTABLE"); /* HYLA_PORTABLE: tests */
     m->vnni = m->avx512 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
@@ -371,7 +374,7 @@ static int alloc_state(Hyla *m) {
     m->cos = xcalloc((size_t)c->max_seq_len * half, sizeof(float));
     m->sin = xcalloc((size_t)c->max_seq_len * half, sizeof(float));
     if (!m->x || !m->xn || !m->f || !m->p1 || !m->p2 || !m->kb || !m->vb || !m->kraw || !m->blend || !m->ctx ||
-        !m->ba || !m->scores || !m->cos || !m->sin || !m->xq || !m->xqs || !m->xqc)
+        !m->ba || !m->scores || !m->cos || !m->sin || !m->xq || !m->xqs || !m->xqsum)
         return 1;
     /* RoPE tables as kernels/rope.py: angles in float64, then cast */
     for (int p = 0; p < c->max_seq_len; p++)
@@ -403,6 +406,8 @@ static void *read_all(int fd, size_t size) {
     }
     return buf;
 }
+
+static int pack_weights(Hyla *m);
 
 int hyla_load(Hyla **out, const char *path, char *err, size_t errlen) {
     *out = NULL;
@@ -458,6 +463,7 @@ int hyla_load(Hyla **out, const char *path, char *err, size_t errlen) {
     }
     if (m) { m->map = map; m->map_bytes = size; }
     if (!e && alloc_state(m)) e = fail(err, errlen, "out of memory for the decoding state");
+    if (!e && m->vnni && m->quantized && pack_weights(m)) e = fail(err, errlen, "out of memory for the int8 weights");
     if (e) { if (m) hyla_free(m); else munmap(map, size); return 1; }
     *out = m;
     return 0;
@@ -472,7 +478,8 @@ void hyla_free(Hyla *m) {
         }
     free(m->st); free(m->layers); free(m->cos); free(m->sin); free(m->x); free(m->xn); free(m->f); free(m->p1);
     free(m->p2); free(m->kb); free(m->vb); free(m->kraw); free(m->blend); free(m->ctx); free(m->ba); free(m->scores);
-    free(m->xq); free(m->xqs); free(m->xqc);
+    free(m->xq); free(m->xqs); free(m->xqsum);
+    if (m->packed) munmap(m->packed, m->packed_bytes);
     if (m->map) munmap(m->map, m->map_bytes);
     free(m);
 }
@@ -515,12 +522,28 @@ static inline float hsum(const float *acc) {
     return s;
 }
 
+/* y[r] = sum_i W[r, i] x[i] for rows [r0, r1) of one token. Each row is one contiguous stream with
+ * 4 independent FMA chains (one chain would be bound by the FMA latency, below the memory bandwidth). */
+HOT static void rows_f32_1(float *y, const float *x, const float *w, int cols, int r0, int r1) {
+    for (int r = r0; r < r1; r++) {
+        const float *wr = w + (size_t)r * cols;
+        float a[4][LANES] = {{0}};
+        int i = 0;
+        for (; i + 4 * LANES <= cols; i += 4 * LANES)
+            for (int u = 0; u < 4; u++)
+                for (int j = 0; j < LANES; j++) a[u][j] += wr[i + u * LANES + j] * x[i + u * LANES + j];
+        for (; i < cols; i += LANES)
+            for (int j = 0; j < LANES; j++) a[0][j] += wr[i + j] * x[i + j];
+        for (int j = 0; j < LANES; j++) a[0][j] += a[1][j] + a[2][j] + a[3][j];
+        y[r] = hsum(a[0]);
+    }
+}
+
 /* y[t, r] = sum_i W[r, i] x[t, i] for rows [r0, r1) and T tokens; 4 tokens share each weight load. */
 HOT static void rows_f32(float *y, int ldy, const float *x, int T, const float *w, int cols, int r0, int r1) {
     for (int r = r0; r < r1; r++) {
         const float *wr = w + (size_t)r * cols;
-        int t = 0;
-        for (; t + 4 <= T; t += 4) {
+        for (int t = 0; t + 4 <= T; t += 4) {
             float a0[LANES] = {0}, a1[LANES] = {0}, a2[LANES] = {0}, a3[LANES] = {0};
             const float *x0 = x + (size_t)t * cols, *x1 = x0 + cols, *x2 = x1 + cols, *x3 = x2 + cols;
             for (int i = 0; i < cols; i += LANES)
@@ -531,23 +554,17 @@ HOT static void rows_f32(float *y, int ldy, const float *x, int T, const float *
             y[(size_t)t * ldy + r] = hsum(a0); y[(size_t)(t + 1) * ldy + r] = hsum(a1);
             y[(size_t)(t + 2) * ldy + r] = hsum(a2); y[(size_t)(t + 3) * ldy + r] = hsum(a3);
         }
-        for (; t < T; t++) {
-            float a0[LANES] = {0};
-            const float *x0 = x + (size_t)t * cols;
-            for (int i = 0; i < cols; i += LANES)
-                for (int j = 0; j < LANES; j++) a0[j] += wr[i + j] * x0[i + j];
-            y[(size_t)t * ldy + r] = hsum(a0);
-        }
     }
+    for (int t = T / 4 * 4; t < T; t++) /* the remaining tokens (decoding: all): 4 rows share each x load */
+        rows_f32_1(y + (size_t)t * ldy, x + (size_t)t * cols, w, cols, r0, r1);
 }
 
 /* int8 weights: activations are quantized per token and group of QGROUP dims the same way
  * (x ~ xq * xs, xq in [-127, 127]), so each group is an integer dot product:
  *   y[t, r] = sum_g ws[r, g] xs[t, g] sum_{i in g} wq[r, i] xq[t, i].
  * Weights are stored as wq + 128 (unsigned), which is what the VNNI instruction takes; the offset is
- * removed with the group sums of xq: sum (wq + 128) xq = sum wq xq + 128 sum xq. xc holds, per token
- * and group, a 16-lane int32 vector (-128 sum xq, 0, ..., 0) that seeds the VNNI accumulator. */
-static void quantize_rows(int8_t *xq, float *xs, int32_t *xc, const float *x, int T, int cols) {
+ * removed with the group sums of xq: sum (wq + 128) xq = sum wq xq + 128 sum xq (xsum). */
+static void quantize_rows(int8_t *xq, float *xs, int32_t *xsum, const float *x, int T, int cols) {
     int ng = (cols + QGROUP - 1) / QGROUP;
     for (int t = 0; t < T; t++)
         for (int g = 0; g < ng; g++) {
@@ -563,9 +580,7 @@ static void quantize_rows(int8_t *xq, float *xs, int32_t *xc, const float *x, in
                 sum += qg[i] = (int8_t)r;
             }
             xs[(size_t)t * ng + g] = mx / 127.0f;
-            int32_t *c = xc + ((size_t)t * ng + g) * 16;
-            memset(c, 0, 16 * sizeof(int32_t));
-            c[0] = -128 * sum;
+            xsum[(size_t)t * ng + g] = sum;
         }
 }
 
@@ -590,51 +605,156 @@ HOT static void rows_q8(float *y, int ldy, const int8_t *xq, const float *xs, in
     }
 }
 
-#ifdef HAVE_AVX512_KERNELS
-/* AVX-512 VNNI: vpdpbusd multiplies 64 unsigned (weight) by 64 signed (activation) bytes into 16 int32
- * lanes, added to the seed xc (the offset correction); then one FMA per group applies the scales.
- * In prefill, 4 tokens share each weight load. */
-#define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
-#define VNNI_GROUP(acc, t)                                                                                    \
-    do {                                                                                                      \
-        size_t tg = (size_t)(t) * ng + g;                                                                     \
-        __m512i x = _mm512_maskz_loadu_epi8(mk, xq + (size_t)(t) * cols + g * QGROUP);                        \
-        __m512i d = _mm512_dpbusd_epi32(_mm512_loadu_si512(xc + tg * 16), w, x);                              \
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(sr[g] * xs[tg]), acc);                   \
-    } while (0)
+/* The VNNI layout: rows in blocks of 16 (the last one padded); per block, per group of QGROUP columns,
+ * the 16 rows' scales (64 bytes) and then the group's weights as 4-column slices, 16 rows x 4 bytes each
+ * (64 bytes: one vpdpbusd operand). A thread streams one contiguous run of blocks, scales included, and
+ * one vpdpbusd with 4 broadcast activation bytes adds 4 products to each of 16 row sums: no horizontal
+ * sums, one int -> float conversion and one FMA per 16 rows and group. */
+#define VNNI_ROWS 16
 
-VNNI static void rows_q8_vnni(float *y, int ldy, const int8_t *xq, const float *xs, const int32_t *xc, int T,
-                              const uint8_t *q, const float *s, int cols, int r0, int r1) {
-    int ng = (cols + QGROUP - 1) / QGROUP, tail = cols - (ng - 1) * QGROUP;
-    __mmask64 tail_mask = tail == 64 ? ~0ull : (1ull << tail) - 1;
-    for (int r = r0; r < r1; r++) {
-        const uint8_t *qr = q + (size_t)r * cols;
-        const float *sr = s + (size_t)r * ng;
-        int t = 0;
-        for (; t + 4 <= T; t += 4) {
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int g = 0; g < ng; g++) {
-                __mmask64 mk = g == ng - 1 ? tail_mask : ~0ull;
-                __m512i w = _mm512_maskz_loadu_epi8(mk, qr + g * QGROUP);
-                VNNI_GROUP(a0, t);
-                VNNI_GROUP(a1, t + 1);
-                VNNI_GROUP(a2, t + 2);
-                VNNI_GROUP(a3, t + 3);
+static size_t packed_block_bytes(int cols) { return (size_t)(cols + QGROUP - 1) / QGROUP * 64 + (size_t)cols * VNNI_ROWS; }
+
+static size_t packed_bytes(const Mat *W) {
+    return (size_t)(W->rows + VNNI_ROWS - 1) / VNNI_ROWS * packed_block_bytes(W->cols);
+}
+
+/* The byte offset of weight (r, i) in the VNNI layout (its group's scales are 4 r % 16 bytes after the
+ * group start, which is where the slices begin minus 64). */
+static size_t packed_index(int cols, int r, int i) {
+    int g = i / QGROUP, slice = i % QGROUP / 4;
+    return (size_t)(r / VNNI_ROWS) * packed_block_bytes(cols) + (size_t)g * (64 + QGROUP * VNNI_ROWS) + 64 +
+           (size_t)slice * 64 + r % VNNI_ROWS * 4 + i % 4;
+}
+
+static void pack_q8(uint8_t *dst, const Mat *W) {
+    int rows = W->rows, cols = W->cols, ng = (cols + QGROUP - 1) / QGROUP;
+    memset(dst, 0, packed_bytes(W)); /* padding rows: scale 0 */
+    for (int r0 = 0; r0 < rows; r0 += VNNI_ROWS)
+        for (int g = 0; g < ng; g++) {
+            int n = cols - g * QGROUP < QGROUP ? cols - g * QGROUP : QGROUP;
+            for (int r = r0; r < r0 + VNNI_ROWS && r < rows; r++) {
+                memcpy(dst + (r - r0) * 4, &W->s[(size_t)r * ng + g], 4);
+                for (int k = 0; k < n / 4; k++)
+                    memcpy(dst + 64 + k * 64 + (r - r0) * 4, W->q + (size_t)r * cols + g * QGROUP + 4 * k, 4);
             }
-            y[(size_t)t * ldy + r] = _mm512_reduce_add_ps(a0);
-            y[(size_t)(t + 1) * ldy + r] = _mm512_reduce_add_ps(a1);
-            y[(size_t)(t + 2) * ldy + r] = _mm512_reduce_add_ps(a2);
-            y[(size_t)(t + 3) * ldy + r] = _mm512_reduce_add_ps(a3);
+            dst += 64 + (size_t)n * VNNI_ROWS;
         }
-        for (; t < T; t++) {
-            __m512 a0 = _mm512_setzero_ps();
-            for (int g = 0; g < ng; g++) {
-                __mmask64 mk = g == ng - 1 ? tail_mask : ~0ull;
-                __m512i w = _mm512_maskz_loadu_epi8(mk, qr + g * QGROUP);
-                VNNI_GROUP(a0, t);
+}
+
+/* With VNNI, every int8 matrix is copied into the VNNI layout (one huge-page buffer) and the file's
+ * copy of it is released. */
+static int pack_weights(Hyla *m) {
+    int n = 1;
+    Mat **all = xcalloc((size_t)m->c.n_layers * 15 + 1, sizeof *all);
+    if (!all) return 1;
+    all[0] = &m->emb;
+    for (int i = 0; i < m->c.n_layers; i++) {
+        Layer *L = &m->layers[i];
+        Mat *ms[15] = {&L->w1, &L->w2, &L->w3, &L->wq, &L->wk, &L->wv, &L->wo, &L->compress_k, &L->compress_v,
+                       &L->blend_gate, &L->in_qkv, &L->in_z, &L->in_b, &L->in_a, &L->out_proj};
+        for (int k = 0; k < 15; k++) all[n++] = ms[k];
+    }
+    size_t total = 0;
+    for (int k = 0; k < n; k++) total += all[k]->dtype == DT_Q8 ? packed_bytes(all[k]) : 0;
+    uint8_t *buf = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (buf == MAP_FAILED) { free(all); return 1; }
+#ifdef MADV_HUGEPAGE
+    madvise(buf, total, MADV_HUGEPAGE);
+#endif
+    m->packed = buf;
+    m->packed_bytes = total;
+    long page = sysconf(_SC_PAGESIZE);
+    for (int k = 0; k < n; k++) {
+        Mat *W = all[k];
+        if (W->dtype != DT_Q8) continue;
+        pack_q8(buf, W);
+        W->pk = buf;
+        buf += packed_bytes(W);
+        /* the file copy is not read again: give its whole pages back */
+        uintptr_t lo = ((uintptr_t)W->q + page - 1) / page * page;
+        uintptr_t hi = (uintptr_t)(W->s + (size_t)W->rows * ((W->cols + QGROUP - 1) / QGROUP)) / page * page;
+        if (hi > lo) madvise((void *)lo, hi - lo, MADV_DONTNEED);
+        W->q = NULL;
+        W->s = NULL;
+    }
+    free(all);
+    return 0;
+}
+
+static float q8_weight(const Mat *W, int r, int i) {
+    int ng = (W->cols + QGROUP - 1) / QGROUP;
+    if (!W->pk) return ((int)W->q[(size_t)r * W->cols + i] - 128) * W->s[(size_t)r * ng + i / QGROUP];
+    float sc;
+    size_t at = packed_index(W->cols, r, i);
+    memcpy(&sc, W->pk + at - 64 - (size_t)(i % QGROUP / 4) * 64 - i % 4, 4);
+    return ((int)W->pk[at] - 128) * sc;
+}
+
+#ifdef HAVE_AVX512_KERNELS
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+/* One 16-row block for NT (1..4) tokens: y[t, 0..nrows) (row stride 1, token stride ldy). Per group
+ * and token two int32 accumulators (even and odd slices) keep two vpdpbusd chains in flight; they start
+ * at -128 sum(xq) (the offset correction). */
+VNNI static inline __attribute__((always_inline)) void q8_block(float *y, int ldy, const int8_t *xq, const float *xs,
+                                                               const int32_t *xsum, const int NT, const uint8_t *p,
+                                                               int cols, int nrows) {
+    int ng = (cols + QGROUP - 1) / QGROUP;
+    __m512 acc[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
+    for (int g = 0; g < ng; g++) {
+        int slices = (cols - g * QGROUP < QGROUP ? cols - g * QGROUP : QGROUP) / 4;
+        __m512 sc = _mm512_load_ps((const float *)p);
+        const uint8_t *w = p + 64;
+        __m512i a[4], b[4];
+        for (int t = 0; t < NT; t++) {
+            a[t] = _mm512_set1_epi32(-128 * xsum[(size_t)t * ng + g]);
+            b[t] = _mm512_setzero_si512();
+        }
+        const int8_t *xg = xq + g * QGROUP;
+        int k = 0;
+        for (; k + 2 <= slices; k += 2) {
+            __m512i w0 = _mm512_load_si512(w + k * 64), w1 = _mm512_load_si512(w + k * 64 + 64);
+            for (int t = 0; t < NT; t++) {
+                int32_t x0, x1;
+                memcpy(&x0, xg + (size_t)t * cols + 4 * k, 4);
+                memcpy(&x1, xg + (size_t)t * cols + 4 * k + 4, 4);
+                a[t] = _mm512_dpbusd_epi32(a[t], w0, _mm512_set1_epi32(x0));
+                b[t] = _mm512_dpbusd_epi32(b[t], w1, _mm512_set1_epi32(x1));
             }
-            y[(size_t)t * ldy + r] = _mm512_reduce_add_ps(a0);
         }
+        if (k < slices) {
+            __m512i w0 = _mm512_load_si512(w + k * 64);
+            for (int t = 0; t < NT; t++) {
+                int32_t x0;
+                memcpy(&x0, xg + (size_t)t * cols + 4 * k, 4);
+                a[t] = _mm512_dpbusd_epi32(a[t], w0, _mm512_set1_epi32(x0));
+            }
+        }
+        for (int t = 0; t < NT; t++)
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a[t], b[t])),
+                                     _mm512_mul_ps(sc, _mm512_set1_ps(xs[(size_t)t * ng + g])), acc[t]);
+        p = w + slices * 64;
+    }
+    __mmask16 mk = nrows >= VNNI_ROWS ? 0xFFFF : (__mmask16)((1u << nrows) - 1);
+    for (int t = 0; t < NT; t++) _mm512_mask_storeu_ps(y + (size_t)t * ldy, mk, acc[t]);
+}
+
+/* Rows [r0, r1) (r0 a multiple of 16) of y [T, ldy] from the packed weights; 4 tokens share each block
+ * pass in prefill (the block stays in L1 across token tiles). */
+VNNI static void rows_q8_vnni(float *y, int ldy, const int8_t *xq, const float *xs, const int32_t *xsum, int T,
+                              const uint8_t *pk, int cols, int r0, int r1) {
+    int ng = (cols + QGROUP - 1) / QGROUP;
+    size_t block = packed_block_bytes(cols);
+    for (int r = r0; r < r1; r += VNNI_ROWS) {
+        const uint8_t *p = pk + (size_t)(r / VNNI_ROWS) * block;
+        int nrows = r1 - r < VNNI_ROWS ? r1 - r : VNNI_ROWS, t = 0;
+        for (; t + 4 <= T; t += 4)
+            q8_block(y + (size_t)t * ldy + r, ldy, xq + (size_t)t * cols, xs + (size_t)t * ng, xsum + (size_t)t * ng, 4,
+                     p, cols, nrows);
+        for (; t < T; t++)
+            q8_block(y + (size_t)t * ldy + r, ldy, xq + (size_t)t * cols, xs + (size_t)t * ng, xsum + (size_t)t * ng, 1,
+                     p, cols, nrows);
     }
 }
 #endif
@@ -684,8 +804,8 @@ static void product_rows(const Hyla *m, const Product *p, const float *x, int T,
     float *y = p->y;
     if (W->dtype == DT_Q8) {
 #ifdef HAVE_AVX512_KERNELS
-        if (m->vnni) {
-            rows_q8_vnni(y, rows, m->xq, m->xqs, m->xqc, T, W->q, W->s, cols, r0, r1);
+        if (W->pk) {
+            rows_q8_vnni(y, rows, m->xq, m->xqs, m->xqsum, T, W->pk, cols, r0, r1);
             return;
         }
 #endif
@@ -717,7 +837,7 @@ static void matmuls(Hyla *m, const float *x, int T, int n, const Product *p) {
         work += (long)p[k].W->rows * p[k].W->cols * T;
         q8 |= p[k].W->dtype == DT_Q8;
     }
-    if (q8) quantize_rows(m->xq, m->xqs, m->xqc, x, T, p[0].W->cols);
+    if (q8) quantize_rows(m->xq, m->xqs, m->xqsum, x, T, p[0].W->cols);
 #pragma omp parallel if (work >= PAR_MIN)
     {
 #ifdef _OPENMP
@@ -725,9 +845,10 @@ static void matmuls(Hyla *m, const float *x, int T, int n, const Product *p) {
 #else
         int nt = 1, id = 0;
 #endif
-        for (int k = 0; k < n; k++) {
-            int rows = p[k].W->rows;
-            product_rows(m, &p[k], x, T, (int)((long)rows * id / nt), (int)((long)rows * (id + 1) / nt));
+        for (int k = 0; k < n; k++) { /* packed int8 rows go in whole blocks of 16 */
+            int rows = p[k].W->rows, unit = p[k].W->pk ? VNNI_ROWS : 1, units = (rows + unit - 1) / unit;
+            int r0 = (int)((long)units * id / nt) * unit, r1 = (int)((long)units * (id + 1) / nt) * unit;
+            product_rows(m, &p[k], x, T, r0, r1 < rows ? r1 : rows);
         }
     }
 }
@@ -995,8 +1116,7 @@ static void embed_row(const Hyla *m, float *x, int token) {
         memcpy(x, E->f + (size_t)token * d, sizeof(float) * d);
         return;
     }
-    int ng = (d + QGROUP - 1) / QGROUP;
-    for (int i = 0; i < d; i++) x[i] = ((int)E->q[(size_t)token * d + i] - 128) * E->s[(size_t)token * ng + i / QGROUP];
+    for (int i = 0; i < d; i++) x[i] = q8_weight(E, token, i);
 }
 
 static void forward_chunk(Hyla *m, const int *tokens, int T, float *logits, int all_logits) {
