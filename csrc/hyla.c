@@ -96,7 +96,7 @@ typedef struct {
     float *k, *v;          /* full: KV cache [max_seq_len, kv]; CSA: window ring [window, kv] (RoPE'd k) */
     float *kc, *vc;        /* CSA: compressed blocks [max_seq_len / stride + 1, kv] */
     float *pend_k, *pend_v; /* CSA: sums of the unfinished block, k before RoPE, raw v [kv] */
-    float *conv, *S;       /* GDN: last conv-1 inputs [C, conv - 1]; state [heads, Dk, Dv] */
+    float *conv, *convw, *S; /* GDN: last conv - 1 inputs [conv - 1, C]; conv weight [conv, C]; state [heads, Dk, Dv] */
 } LayerState;
 
 struct Hyla {
@@ -320,8 +320,11 @@ static int alloc_state(Hyla *m) {
         LayerState *s = &m->st[i];
         if (c->layer_types[i] == HYLA_GDN) {
             s->conv = xcalloc((size_t)C * (c->gdn_conv - 1), sizeof(float));
+            s->convw = xcalloc((size_t)C * c->gdn_conv, sizeof(float));
             s->S = xcalloc((size_t)c->gdn_heads * c->gdn_head_dim * c->gdn_head_dim, sizeof(float));
-            if (!s->conv || !s->S) return 1;
+            if (!s->conv || !s->convw || !s->S) return 1;
+            for (int ch = 0; ch < C; ch++) /* channel-contiguous taps: the conv loops run over channels */
+                for (int k = 0; k < c->gdn_conv; k++) s->convw[(size_t)k * C + ch] = m->layers[i].conv[(size_t)ch * c->gdn_conv + k];
         } else {
             int rows = c->layer_types[i] == HYLA_FULL ? c->max_seq_len : c->csa_window;
             s->k = xcalloc((size_t)rows * kv, sizeof(float));
@@ -474,7 +477,7 @@ void hyla_free(Hyla *m) {
     if (m->st)
         for (int i = 0; i < m->c.n_layers; i++) {
             LayerState *s = &m->st[i];
-            free(s->k); free(s->v); free(s->kc); free(s->vc); free(s->pend_k); free(s->pend_v); free(s->conv); free(s->S);
+            free(s->k); free(s->v); free(s->kc); free(s->vc); free(s->pend_k); free(s->pend_v); free(s->conv); free(s->convw); free(s->S);
         }
     free(m->st); free(m->layers); free(m->cos); free(m->sin); free(m->x); free(m->xn); free(m->f); free(m->p1);
     free(m->p2); free(m->kb); free(m->vb); free(m->kraw); free(m->blend); free(m->ctx); free(m->ba); free(m->scores);
@@ -860,8 +863,22 @@ static void matmul(Hyla *m, float *y, const float *x, int T, const Mat *W) {
 
 /* ----------------------------------------------------------------------------- elementwise */
 
-static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
-static inline float siluf(float x) { return x / (1.0f + expf(-x)); }
+/* e^x for the activations and softmax, written so loops over it vectorize (libm's expf is a call):
+ * e^x = 2^n e^r with n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 in two parts, exact
+ * n ln2_hi), e^r by its degree-6 Taylor polynomial (truncation < 2e-7 relative); 2^n built in the
+ * exponent bits. x is clamped to the normal float range first. */
+static inline float exp_approx(float x) {
+    x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
+    float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f; /* round to nearest */
+    float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+static inline float sigmoidf(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+static inline float siluf(float x) { return x / (1.0f + exp_approx(-x)); }
 static inline float softplusf(float x) { return x > 20.0f ? x : log1pf(expf(x)); } /* torch's threshold 20 */
 
 /* y = x / sqrt(mean(x^2) + eps) * (plus_one + w) */
@@ -885,7 +902,7 @@ static void rope(const Hyla *m, float *x, int p) {
 }
 
 /* softmax(scale q.k) v over n keys (rows of k/v with stride ld) into out [D]; sc is scratch [n] */
-static void attend(float *out, const float *q, const float *k, const float *v, int ld, int n, int D, float scale,
+HOT static void attend(float *out, const float *q, const float *k, const float *v, int ld, int n, int D, float scale,
                    float *sc) {
     float mx = -INFINITY;
     for (int s = 0; s < n; s++) {
@@ -898,11 +915,18 @@ static void attend(float *out, const float *q, const float *k, const float *v, i
     }
     float sum = 0;
 #pragma omp simd reduction(+ : sum)
-    for (int s = 0; s < n; s++) sum += sc[s] = expf(sc[s] - mx);
+    for (int s = 0; s < n; s++) sum += sc[s] = exp_approx(sc[s] - mx);
+    float inv = 1.0f / sum;
     for (int i = 0; i < D; i++) out[i] = 0;
-    for (int s = 0; s < n; s++) {
+    int s = 0;
+    for (; s + 4 <= n; s += 4) { /* 4 keys per pass over out: fewer dependent load-add-stores */
+        const float *v0 = v + (size_t)s * ld, *v1 = v0 + ld, *v2 = v1 + ld, *v3 = v2 + ld;
+        float p0 = sc[s] * inv, p1 = sc[s + 1] * inv, p2 = sc[s + 2] * inv, p3 = sc[s + 3] * inv;
+        for (int i = 0; i < D; i++) out[i] += p0 * v0[i] + p1 * v1[i] + p2 * v2[i] + p3 * v3[i];
+    }
+    for (; s < n; s++) {
         const float *vs = v + (size_t)s * ld;
-        float p = sc[s] / sum;
+        float p = sc[s] * inv;
         for (int i = 0; i < D; i++) out[i] += p * vs[i];
     }
 }
@@ -1017,6 +1041,47 @@ static void csa(Hyla *m, const Layer *L, LayerState *s, int T) {
     attn_output(m, L, T);
 }
 
+/* One token of the delta rule on columns [j0, j1) of one head's state S [Dk, Dv] (see gdn below), as
+ * one read pass and one update pass: with d = exp(g),
+ *   u = beta (v - d S^T k),  o = S_t^T q = d S^T q + (k . q) u,  S_t = d S + k u^T. */
+HOT static void gdn_step(float *S, int Dg, int j0, int j1, const float *q, const float *k, const float *v, float beta,
+                         float decay, float *o) {
+    float sk[512], sq[512], u[512], kq = 0; /* Dg <= 512 (checked at load) */
+    for (int i = 0; i < Dg; i++) kq += k[i] * q[i];
+    for (int j = j0; j < j1; j++) sk[j] = sq[j] = 0;
+    for (int i = 0; i < Dg; i++) {
+        const float *row = S + (size_t)i * Dg;
+        float ki = k[i], qi = q[i];
+        for (int j = j0; j < j1; j++) { sk[j] += row[j] * ki; sq[j] += row[j] * qi; }
+    }
+    for (int j = j0; j < j1; j++) {
+        u[j] = beta * (v[j] - decay * sk[j]);
+        o[j] = decay * sq[j] + kq * u[j];
+    }
+    for (int i = 0; i < Dg; i++) {
+        float *row = S + (size_t)i * Dg, ki = k[i];
+        for (int j = j0; j < j1; j++) row[j] = decay * row[j] + ki * u[j];
+    }
+}
+
+/* Causal depthwise conv + SiLU of channels [0, n) of x [T, ld] in place, token by token:
+ *   y[t, ch] = sum_i w[i, ch] x[t - (K - 1) + i, ch]; hist [K - 1, ld] holds each channel's last K - 1 inputs. */
+HOT static void conv_silu(float *x, int ld, int T, int n, int K, float *hist, const float *w) {
+    float acc[64]; /* n <= 64 */
+    for (int t = 0; t < T; t++) {
+        float *xt = x + (size_t)t * ld;
+        for (int c = 0; c < n; c++) acc[c] = w[(size_t)(K - 1) * ld + c] * xt[c];
+        for (int i = 0; i < K - 1; i++)
+            for (int c = 0; c < n; c++) acc[c] += w[(size_t)i * ld + c] * hist[(size_t)i * ld + c];
+        for (int i = 0; i + 1 < K - 1; i++)
+            for (int c = 0; c < n; c++) hist[(size_t)i * ld + c] = hist[(size_t)(i + 1) * ld + c];
+        for (int c = 0; c < n; c++) {
+            hist[(size_t)(K - 2) * ld + c] = xt[c];
+            xt[c] = siluf(acc[c]);
+        }
+    }
+}
+
 /* Gated DeltaNet: causal depthwise conv + SiLU over q|k|v, then per head the gated delta rule
  *   S_t = exp(g_t) S_{t-1} + k_t (beta_t (v_t - exp(g_t) S_{t-1}^T k_t))^T,  o_t = S_t^T q_t / sqrt(Dk)
  * with L2-normed q, k, g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b); output
@@ -1027,19 +1092,9 @@ static void gdn(Hyla *m, const Layer *L, LayerState *s, int T) {
     float *qkv = m->p1, *z = m->p2, *b = m->ba, *a = m->ba + (size_t)T * Hg;
     Product p[4] = {{qkv, &L->in_qkv}, {z, &L->in_z}, {b, &L->in_b}, {a, &L->in_a}};
     matmuls(m, m->xn, T, 4, p);
-    /* y[t, ch] = sum_i w[ch, i] x[t - (K - 1) + i, ch]; the state holds each channel's last K - 1 inputs */
 #pragma omp parallel for schedule(static) if ((long)C * T * K >= PAR_MIN)
-    for (int ch = 0; ch < C; ch++) {
-        float *hist = s->conv + (size_t)ch * (K - 1);
-        const float *w = L->conv + (size_t)ch * K;
-        for (int t = 0; t < T; t++) {
-            float xin = qkv[(size_t)t * C + ch], y = w[K - 1] * xin;
-            for (int i = 0; i < K - 1; i++) y += w[i] * hist[i];
-            for (int i = 0; i + 1 < K - 1; i++) hist[i] = hist[i + 1];
-            hist[K - 2] = xin;
-            qkv[(size_t)t * C + ch] = siluf(y);
-        }
-    }
+    for (int c0 = 0; c0 < C; c0 += 64)
+        conv_silu(qkv + c0, C, T, c0 + 64 < C ? 64 : C - c0, K, s->conv + c0, s->convw + c0);
     float qscale = 1.0f / sqrtf((float)Dg), eps = (float)c->norm_eps;
     for (int t = 0; t < T; t++) /* per token and head: normed q, k; beta and the decay exp(g) in place of b, a */
         for (int h = 0; h < Hg; h++) {
@@ -1052,27 +1107,16 @@ static void gdn(Hyla *m, const Layer *L, LayerState *s, int T) {
             *bt = sigmoidf(*bt);
             *at = expf(-expf(L->A_log[h]) * softplusf(*at + L->dt_bias[h]));
         }
-    /* The value columns of a state are independent, so work items are (head, half of the columns):
+    /* The value columns of a state are independent, so work items are (head, part of the columns):
      * 2 Hg items balance across threads where Hg heads alone would not. */
+    int split = (Dg / 2 + LANES - 1) / LANES * LANES < Dg ? (Dg / 2 + LANES - 1) / LANES * LANES : Dg / 2;
 #pragma omp parallel for schedule(static) if ((long)Hg * Dg * Dg * T >= PAR_MIN / 2)
     for (int item = 0; item < 2 * Hg; item++) {
-        int h = item / 2, j0 = item % 2 ? Dg / 2 : 0, j1 = item % 2 ? Dg : Dg / 2;
-        float *St = s->S + (size_t)h * Dg * Dg, mem[512], u[512]; /* Dg <= 512 (checked at load) */
+        int h = item / 2, j0 = item % 2 ? split : 0, j1 = item % 2 ? Dg : split;
         for (int t = 0; t < T; t++) {
-            const float *q = qkv + (size_t)t * C + h * Dg, *k = q + HD, *v = q + 2 * HD;
-            float beta = b[(size_t)t * Hg + h], decay = a[(size_t)t * Hg + h];
-            for (int j = j0; j < j1; j++) mem[j] = 0;
-            for (int i = 0; i < Dg; i++) { /* S <- exp(g) S; mem = S^T k */
-                float *row = St + (size_t)i * Dg, ki = k[i];
-                for (int j = j0; j < j1; j++) { row[j] *= decay; mem[j] += row[j] * ki; }
-            }
-            for (int j = j0; j < j1; j++) u[j] = beta * (v[j] - mem[j]);
-            float *o = m->ctx + (size_t)t * HD + h * Dg;
-            for (int j = j0; j < j1; j++) o[j] = 0;
-            for (int i = 0; i < Dg; i++) { /* S += k u^T; o = S^T q */
-                float *row = St + (size_t)i * Dg, ki = k[i], qi = q[i];
-                for (int j = j0; j < j1; j++) { row[j] += ki * u[j]; o[j] += row[j] * qi; }
-            }
+            const float *q = qkv + (size_t)t * C + h * Dg;
+            gdn_step(s->S + (size_t)h * Dg * Dg, Dg, j0, j1, q, q + HD, q + 2 * HD, b[(size_t)t * Hg + h],
+                     a[(size_t)t * Hg + h], m->ctx + (size_t)t * HD + h * Dg);
         }
     }
     for (int t = 0; t < T; t++) /* w * rmsnorm(o) * silu(z) per head */

@@ -138,7 +138,7 @@ def test_int8_perplexity_within_2_percent(pyhyla, trained, exported):
     model, _ = load_trained(ckpt)
     with torch.no_grad():
         ref = model(torch.from_numpy(val[None, :-1]))[0].numpy()
-    ppl = {}
+    ppl, logits8 = {}, None
     for name in ("model.bin", "model8.bin", "portable"):
         if name == "portable":  # the int8 kernel of CPUs without AVX-512 VNNI (same integer products)
             os.environ["HYLA_PORTABLE"] = "1"
@@ -147,9 +147,17 @@ def test_int8_perplexity_within_2_percent(pyhyla, trained, exported):
         finally:
             os.environ.pop("HYLA_PORTABLE", None)
         assert eng.config["quantized"] == (name != "model.bin")
-        ppl[name] = np.exp(nll(eng.prefill(val[:-1].tolist(), all_logits=True), val[1:]))
+        logits = eng.prefill(val[:-1].tolist(), all_logits=True)
+        ppl[name] = np.exp(nll(logits, val[1:]))
+        logits8 = logits if name == "model8.bin" else logits8
     # float summation order differs, which can flip a rounding of the next layer's activations
     assert abs(ppl["portable"] / ppl["model8.bin"] - 1) < 2e-3
+    # int8 decoding one token at a time on 2 threads (rows split between threads in whole blocks) agrees
+    # with the 1-thread prefill
+    eng = pyhyla.Engine(str(exported / "model8.bin"), threads=2)
+    eng.prefill(val[:40].tolist())
+    decoded = np.stack([eng.forward(int(t)) for t in val[40:72]])
+    assert rel_max_diff(decoded, logits8[40:72]) < 1e-3
     ppl_torch = np.exp(nll(ref, val[1:]))
     assert abs(ppl["model.bin"] / ppl_torch - 1) < 1e-4
     print(f"perplexity: torch {ppl_torch:.4f}, C fp32 {ppl['model.bin']:.4f}, C int8 {ppl['model8.bin']:.4f}")
