@@ -10,10 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from kernels.ns import NS_COEFFS, cuda, newton_schulz, newton_schulz_many, polar_express, triton_ns
+from kernels.ns import NS_COEFFS, cuda, muon_update_, newton_schulz, newton_schulz_many, polar_express, triton_ns
 from kernels.ns.reference import newton_schulz as ns_ref
 from tests.helpers import relerr
 
@@ -79,6 +80,43 @@ def test_triton_interpreter_one_step_schedule_and_strided_input():
         assert relerr(X, ref64(G, sched)) < 1e-4
 
 
+def _muon_case(device, gen, shapes):
+    """Parameters, gradients, momentum buffers and per-matrix (mu, nesterov, decay, alpha) for `shapes`."""
+    ts = [[torch.randn(s, generator=gen, device=device) for s in shapes] for _ in range(3)]
+    hyper = [(0.95, True, 1 - 2e-4, 0.02), (0.9, False, 0.99, 0.05)] * len(shapes)
+    return (*ts, [list(c) for c in zip(*hyper[: len(shapes)], strict=True)])
+
+
+def _muon_expected(params, grads, bufs, mus, nesterov, decay, alpha):
+    """The new momentum buffers and the Newton-Schulz inputs U, in float64."""
+    m = [mu * b.double() + g.double() for b, g, mu in zip(bufs, grads, mus, strict=True)]
+    u = [g.double() + mu * b if n else b for g, b, mu, n in zip(grads, m, mus, nesterov, strict=True)]
+    return m, u
+
+
+def _muon_check(before, after, hyper, tol):
+    """Buffers as expected; (decay W_old - W_new) / alpha = NS(U) within `tol` of the float64 iteration."""
+    params0, grads, bufs0 = before
+    params, bufs = after
+    m, u = _muon_expected(params0, grads, bufs0, *hyper)
+    for k, (w0, w, b, mk, uk) in enumerate(zip(params0, params, bufs, m, u, strict=True)):
+        assert relerr(b, mk) < 1e-6, k
+        step = (hyper[2][k] * w0.double() - w.double()) / hyper[3][k]
+        assert relerr(step, ref64(uk)) < tol, (k, tuple(w.shape))
+
+
+@interpreter
+def test_triton_interpreter_muon_update():
+    gen = torch.Generator().manual_seed(5)
+    params, grads, bufs, hyper = _muon_case("cpu", gen, [(20, 48), (50, 32), (9, 32), (20, 48)])
+    before = ([p.clone() for p in params], grads, [b.clone() for b in bufs])
+    table = np.array(hyper, dtype=np.float32).T
+    addresses = tuple(np.array([t.data_ptr() for t in ts], dtype=np.int64) for ts in (grads, bufs, params))
+    triton_ns.muon_update_triton(params, addresses, (torch.float32,) * 3, table, [NS_COEFFS] * 5,
+                                 work_dtype=torch.float32, config=SMALL)  # fmt: skip
+    _muon_check(before, (params, bufs), hyper, 1e-4)
+
+
 def test_reference_schedule_equals_constant_coeffs():
     G = torch.randn(12, 20, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     a = newton_schulz(G, 5, [NS_COEFFS] * 5, backend="reference")
@@ -113,6 +151,16 @@ def test_bad_input_raises(bad, msg):
         newton_schulz_many([torch.randn(3, 4), bad])
 
 
+def test_muon_update_bad_input_raises():
+    W = [torch.randn(4, 6)]
+    with pytest.raises(ValueError, match="one entry per matrix"):
+        muon_update_(W, W, W, [0.9, 0.9], [True], [1.0], [0.1])
+    with pytest.raises(ValueError, match="must match"):
+        muon_update_(W, [torch.randn(6, 4)], W, [0.9], [True], [1.0], [0.1])
+    with pytest.raises(ValueError, match="2-D"):
+        muon_update_([torch.randn(2, 4, 6)], W, W, [0.9], [True], [1.0], [0.1])
+
+
 def test_bad_options_raise():
     G = torch.randn(4, 6)
     with pytest.raises(ValueError, match="schedule"):
@@ -132,13 +180,20 @@ def test_bad_options_raise():
 _COMPILE_SCRIPT = """
 from tests.helpers import compile_for_hopper
 from kernels.ns.triton_ns import _ns_stage_kernel
-sig = {"tiles": "*i32", "meta": "*i64", "g_off": "*i64", "g": "*fp32", "out": "*fp32", "x_in": "*bf16",
-       "x_out": "*bf16", "a_buf": "*bf16", "b_buf": "*bf16", "trace": "*fp32", "coef_a": "fp32",
-       "coef_b": "fp32", "coef_c": "fp32", "eps": "fp32"}
-for stage, first in [(0, False), (1, True), (2, True), (3, False), (4, False)]:
-    k = compile_for_hopper(_ns_stage_kernel, sig, dict(STAGE=stage, FIRST=first, SYM=True, NDIAG=16,
-                           BM=128, BN=128, BK=64, DOT_PREC="tf32"))
-    assert (stage in (0, 4)) != ("wgmma.mma_async" in k.asm["ptx"]), (stage, first)
+sig = {"tiles": "*i32", "meta": "*i64", "io": "*i64", "hyper": "*fp32", "g": "*fp32", "mbuf": "*fp32",
+       "out": "*fp32", "x_in": "*bf16", "x_out": "*bf16", "a_buf": "*bf16", "b_buf": "*bf16", "trace": "*fp32",
+       "coef_a": "fp32", "coef_b": "fp32", "coef_c": "fp32", "eps": "fp32"}
+# (stage, first, last, muon): prep, Muon's prep, the three stages of step 0, Muon's last stage 3
+for stage, first, last, muon in [(0, 0, 0, 0), (0, 0, 0, 1), (1, 1, 0, 0), (2, 1, 0, 0), (3, 1, 0, 0), (3, 0, 1, 1)]:
+    k = compile_for_hopper(_ns_stage_kernel, sig, dict(STAGE=stage, FIRST=first, LAST=last, MUON=muon, SYM=True,
+                           NDIAG=16, BM=128, BN=128, BK=64, DOT_PREC="tf32"))
+    assert (stage == 0) != ("wgmma.mma_async" in k.asm["ptx"]), (stage, first)
+# the fp32 tiny set: 16-wide tiles, 3-pass tf32 products on tensor cores (mma.sync)
+sig.update(x_in="*fp32", x_out="*fp32", a_buf="*fp32", b_buf="*fp32")
+for stage in (1, 2, 3):
+    k = compile_for_hopper(_ns_stage_kernel, sig, dict(STAGE=stage, FIRST=1, LAST=0, MUON=0, SYM=True, NDIAG=16,
+                           BM=16, BN=16 if stage < 3 else 128, BK=64 if stage < 3 else 16, DOT_PREC="tf32x3"))
+    assert "mma.sync.aligned" in k.asm["ptx"] and ".tf32" in k.asm["ptx"], stage
 print("ok")
 """
 
@@ -246,3 +301,27 @@ def test_gpu_cuda_backend():
         if min(G.shape[-2:]) > cuda.TINY:  # (tiny sides went to the fp32 reference above)
             F = cuda.newton_schulz_cuda(G, [NS_COEFFS] * 5, sym=False)
             assert relerr(F, X) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_muon_update_fused():
+    # the 95m model's Muon shapes (one of each, the 9 x 576 one in the fp32 tiny set) plus a second 576 x 1536
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    shapes = [(576, 1536), (1536, 576), (3024, 576), (576, 1008), (9, 576), (192, 576), (576, 576), (192, 192)]
+    params, grads, bufs, hyper = _muon_case("cuda", gen, shapes)
+    assert all(triton_ns.muon_addresses(ts) is not None for ts in (params, grads, bufs))
+    for _ in range(2):  # the second call replays the captured graph
+        before = ([p.clone() for p in params], [g.clone() for g in grads], [b.clone() for b in bufs])
+        muon_update_(params, grads, bufs, *hyper)
+        _muon_check(before, (params, bufs), hyper, 2e-2)
+        grads = [torch.randn(g.shape, generator=gen, device="cuda") for g in grads]
+    # a non-contiguous gradient takes the unfused path (foreach ops + newton_schulz_many): same result
+    W = [p.clone() for p in params[:2]]
+    M1, M2 = [b.clone() for b in bufs[:2]], [b.clone() for b in bufs[:2]]
+    G = [grads[0], grads[1].T.contiguous().T]
+    assert triton_ns.muon_addresses(G) is None
+    W2 = [p.clone() for p in W]
+    muon_update_(W, grads[:2], M1, *[h[:2] for h in hyper])
+    muon_update_(W2, G, M2, *[h[:2] for h in hyper])
+    for a, b in zip(W + M1, W2 + M2, strict=True):
+        assert relerr(a, b) < 1e-5

@@ -17,7 +17,7 @@ from collections import defaultdict
 import torch
 import torch.nn as nn
 
-from kernels.ns import newton_schulz_many
+from kernels.ns import muon_update_
 
 
 def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
@@ -42,9 +42,10 @@ class Muon(torch.optim.Optimizer):
         M <- mu M + G;   U <- G + mu M;   O <- NS5(U);
         W <- (1 - lr wd) W - lr * max(1, rows / cols) ** 0.5 * O
     The scale keeps the update's RMS per entry comparable across shapes (NS gives unit singular values;
-    a tall matrix spreads them over more rows). The parameters are grouped by shape; each group's
-    updates form one [N, rows, cols] stack and all stacks go through one `newton_schulz_many` call.
-    `ns_steps` applies to the whole optimizer.
+    a tall matrix spreads them over more rows). The parameters are grouped by shape (one scale per
+    group); all groups' matrices go through one `kernels.ns.muon_update_` call (on CUDA: momentum,
+    Newton-Schulz and the update fused into one grouped set of Triton launches). `ns_steps` applies
+    to the whole optimizer.
     """
 
     def __init__(
@@ -68,31 +69,25 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        active, stacks = [], []
+        params, grads, bufs, mus, nesterov, decay, alpha = [], [], [], [], [], [], []
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
+            ps = [p for p in group["params"] if p.grad is not None]
+            if not ps:
                 continue
-            grads = [p.grad for p in params]
-            for p in params:
+            for p in ps:
                 if "momentum_buffer" not in self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-            bufs = [self.state[p]["momentum_buffer"] for p in params]
-            mu = group["momentum"]
-            torch._foreach_mul_(bufs, mu)
-            torch._foreach_add_(bufs, grads)
-            updates = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
-            active.append((group, params))
-            stacks.append(torch.stack(updates))
-        if not stacks:
-            return
-        # every shape group in one call: on CUDA one set of Triton launches per Newton-Schulz step
-        orthos = newton_schulz_many(stacks, steps=self.defaults["ns_steps"], check_finite=False)
-        for (group, params), ortho in zip(active, orthos, strict=True):
-            rows, cols = params[0].shape
-            lr = group["lr"]
-            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-            torch._foreach_add_(params, list(ortho.unbind(0)), alpha=-lr * max(1.0, rows / cols) ** 0.5)
+            rows, cols = ps[0].shape
+            lr, n = group["lr"], len(ps)
+            params += ps
+            grads += [p.grad for p in ps]
+            bufs += [self.state[p]["momentum_buffer"] for p in ps]
+            mus += [group["momentum"]] * n
+            nesterov += [group["nesterov"]] * n
+            decay += [1 - lr * group["weight_decay"]] * n
+            alpha += [lr * max(1.0, rows / cols) ** 0.5] * n
+        if params:  # every shape group in one call: on CUDA one fused set of Triton launches
+            muon_update_(params, grads, bufs, mus, nesterov, decay, alpha, steps=self.defaults["ns_steps"])
 
 
 def build_optimizers(

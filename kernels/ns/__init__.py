@@ -9,6 +9,9 @@ Backends (the iteration is documented in `reference.py` and kept by every backen
   mma.sync kernels compiled by NVRTC, one launch a stage per stack (stacks with a side <= 8, whose
   bf16 error would exceed 2e-2, take the fp32 reference instead: their cost is negligible).
 - "reference" (`reference.py`, any device, fp32 math).
+`muon_update_` is Muon's whole update (momentum, Nesterov, Newton-Schulz, weight decay, step) for a list
+of matrices; on CUDA the momentum fuses into the Triton prep launch and the update into the last one.
+
 "auto" picks, on CUDA, the backend measured fastest for the stack's wide shape in `AUTO_TABLE`
 (recorded by `bench/ns.py` on an H100, see profiles/ns.md; "triton" for shapes not listed), else
 "reference".
@@ -36,7 +39,7 @@ try:  # triton is a Linux-only dependency
 except ImportError:
     triton_ns = None
 
-__all__ = ["newton_schulz", "newton_schulz_many", "polar_express", "NS_COEFFS", "AUTO_TABLE"]
+__all__ = ["newton_schulz", "newton_schulz_many", "muon_update_", "polar_express", "NS_COEFFS", "AUTO_TABLE"]
 
 BACKENDS = {
     "triton": lambda device: device.type == "cuda" and triton_ns is not None,
@@ -204,3 +207,62 @@ def newton_schulz_many(
     if name == "triton" and steps > 0:
         return triton_ns.newton_schulz_triton(list(Gs), schedule, eps)
     return [newton_schulz(G, steps, coeffs, name, eps, check_finite=False) for G in Gs]
+
+
+def muon_update_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    bufs: Sequence[torch.Tensor],
+    momentum: Sequence[float],
+    nesterov: Sequence[bool],
+    decay: Sequence[float],
+    alpha: Sequence[float],
+    steps: int = 5,
+    coeffs: Coeffs = NS_COEFFS,
+    backend: str = "auto",
+    eps: float = 1e-7,
+) -> None:
+    """Muon's update of 2-D matrices, in place: for each matrix W_k with gradient G_k and momentum buffer M_k,
+    with per-matrix scalars mu_k = momentum[k], decay[k], alpha[k] (e.g. 1 - lr wd and lr * shape scale):
+
+        M_k <- mu_k M_k + G_k;   U_k <- G_k + mu_k M_k if nesterov[k] else M_k;
+        W_k <- decay[k] W_k - alpha[k] NS(U_k)            (NS: `newton_schulz` with `steps`, `coeffs`)
+
+    With the "triton" backend ("auto" on CUDA) and tensors it can address in place (contiguous, rows of a
+    multiple of 16 elements, aligned starts: `triton_ns.muon_addresses`), this is one grouped call of
+    1 + 3 * steps launches (graph-replayed): the momentum update is fused into the prep launch and the
+    weight update into the last one. Otherwise: torch `_foreach` ops around `newton_schulz_many`.
+    Non-finite gradients are not checked for (they give non-finite weights).
+
+    Example:
+        >>> W, G, M = torch.randn(576, 1536), torch.randn(576, 1536), torch.zeros(576, 1536)
+        >>> muon_update_([W], [G], [M], [0.95], [True], [1 - 0.02 * 0.01], [0.02])
+    """
+    K = len(params)
+    check(K > 0, "params is empty")
+    check(
+        all(len(x) == K for x in (grads, bufs, momentum, nesterov, decay, alpha)),
+        "params, grads, bufs, momentum, nesterov, decay and alpha must have one entry per matrix",
+    )
+    for p, g, b in zip(params, grads, bufs, strict=True):
+        check(p.dim() == 2, f"params must be 2-D matrices, got shape {tuple(p.shape)}")
+        check(g.shape == p.shape == b.shape, f"grad {tuple(g.shape)} and buffer {tuple(b.shape)} must match "
+              f"param {tuple(p.shape)}")  # fmt: skip
+    check(steps > 0, f"steps must be > 0, got {steps}")
+    schedule = _schedule(coeffs, steps)
+    name = pick_backend(backend, params[0].device, BACKENDS)
+    if name == "triton":
+        addresses = tuple(triton_ns.muon_addresses(list(ts)) for ts in (grads, bufs, params))
+        if all(a is not None for a in addresses):
+            hyper = np.array([momentum, nesterov, decay, alpha], dtype=np.float32).T
+            dtypes = (grads[0].dtype, bufs[0].dtype, params[0].dtype)
+            triton_ns.muon_update_triton(list(params), addresses, dtypes, hyper, schedule, eps)
+            return
+    mus = list(momentum)
+    torch._foreach_mul_(bufs, mus)
+    torch._foreach_add_(bufs, grads)
+    ahead = torch._foreach_add(grads, torch._foreach_mul(bufs, mus))
+    updates = [u if n else b for u, b, n in zip(ahead, bufs, nesterov, strict=True)]
+    orthos = newton_schulz_many(updates, steps, schedule, name, eps, check_finite=False)
+    torch._foreach_mul_(params, list(decay))
+    torch._foreach_add_(params, torch._foreach_mul(orthos, [-a for a in alpha]))

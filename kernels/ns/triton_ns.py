@@ -1,15 +1,15 @@
-"""Triton Newton-Schulz: the quintic iteration of `reference.py` for many matrices in 3 launches a step.
+"""Triton Newton-Schulz: the quintic iteration of `reference.py` for many matrices in 1 + 3 * steps launches.
 
 Every matrix is handled in its wide orientation X [m, n] (m <= n) in a packed workspace; a tall input G
 is read as G^T by indexing, never copied. Each launch runs over a tile table that spans every matrix of
-every shape group, so a whole optimizer's set of matrices (any mix of shapes) costs 2 + 3 * steps
+every shape group, so a whole optimizer's set of matrices (any mix of shapes) costs 1 + 3 * steps
 launches:
 
     stage 0:  X_0 = G                         prep: G (any float dtype, either orientation) -> workspace
     stage 1:  A = X X^T                       tiles of A [m, m], K = n
     stage 2:  B = b A + c A A^T               tiles of B [m, m], K = m    (A is symmetric: A^2 = A A^T)
-    stage 3:  X' = a X + B X                  tiles of X' [m, n], K = m
-    stage 4:  out = X                         finish: workspace -> G's layout and dtype
+    stage 3:  X' = a X + B X                  tiles of X' [m, n], K = m; the last step writes X' in G's
+                                              layout and dtype straight to the output
 
 Operands are in the work dtype (bf16; fp32 with exact fp32 products for tests and for matrices with a
 side <= TINY, see `newton_schulz_triton`), accumulation in fp32. A and B are symmetric, so with
@@ -20,7 +20,13 @@ Frobenius normalization is fused: step 0's stage 1 computes A' = G G^T unnormali
 per-diagonal-tile partial traces (||G||_F^2 = tr(G G^T)); stage 2 scales its A' operands by 1 / s^2
 with s = ||G||_F + eps, and stage 3 applies 1 / s in its epilogue: X_1 = (a G + B_0 G) / s.
 
-On CUDA the 3 * steps stage launches are captured once per set of shapes into a CUDA graph and
+Muon's update fuses into the same two ends (`muon_update_triton`): stage 0 reads the gradient and the
+momentum buffer, writes the new buffer M = mu M + G and puts U = G + mu M (Nesterov) or M into the
+workspace; the last stage 3 applies W = decay W - alpha NS(U) to the parameter in place.
+
+Per-call addresses (inputs, output or parameters, momentum buffers) reach the kernels as element offsets
+from fixed per-runner anchor tensors, in a small device table refreshed before each call; so on CUDA all
+launches of a call, both ends included, are captured once per set of shapes into a CUDA graph and
 replayed (the workspaces are static per shape set; calls on one stream are ordered, so reuse is safe).
 """
 
@@ -29,22 +35,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-# meta columns (int64, one row per matrix). Every row stride below is a multiple of ALIGN elements and
-# the columns past a matrix's width are zeros, so the contiguous dimension of every tile is masked
-# against a multiple of ALIGN (16-byte vector loads) and the zero padding adds nothing to any product.
-M_M, M_N, M_LDX, M_LDA, M_XOFF, M_AOFF, M_NDIAG, M_TALL, M_OOFF, M_LDG = (tl.constexpr(c) for c in range(10))
-META_COLS = tl.constexpr(10)
-ALIGN = tl.constexpr(16)
+# meta columns (int64, one row per matrix, static per shape set). Every row stride below is a multiple of
+# ALIGN elements and the columns past a matrix's width are zeros, so the contiguous dimension of every tile
+# is masked against a multiple of ALIGN (16-byte vector loads) and the zero padding adds nothing to any
+# product.
+M_M, M_N, M_LDX, M_LDA, M_XOFF, M_AOFF, M_NDIAG, M_TALL, M_LDG = (tl.constexpr(c) for c in range(9))
+META_COLS = tl.constexpr(9)
+# per-call table io (int64): offsets in elements of matrix k's source (from `g`), momentum buffer (from
+# `mbuf`, Muon only) and destination (from `out`: the output, or the parameter for Muon)
+IO_SRC, IO_BUF, IO_DST = (tl.constexpr(c) for c in range(3))
+IO_COLS = tl.constexpr(3)
+# per-call table hyper (fp32, Muon only): momentum, Nesterov flag, weight-decay factor, update scale
+H_MU, H_NEST, H_DECAY, H_ALPHA = (tl.constexpr(c) for c in range(4))
+H_COLS = tl.constexpr(4)
+ALIGN_N = 16
+ALIGN = tl.constexpr(ALIGN_N)
 
 
 @dataclass(frozen=True)
 class Config:
     """Tile shapes: `bs` x `bs` tiles (K step `bk`) for the symmetric stages 1-2, `bm` x `bn` (K step
-    `bk3`) for stage 3; warps and pipeline depth per stage."""
+    `bk3`) for stage 3 (and stage 0's tiles); warps and pipeline depth per stage; the products' precision
+    when the work dtype is fp32 (tl.dot input_precision: "ieee" = FMA, or "tf32x3" on tensor cores)."""
 
     bs: int = 128
     bk: int = 64
@@ -55,6 +72,7 @@ class Config:
     bk3: int = 64
     warps3: int = 8
     stages3: int = 3
+    fp32_dot: str = "ieee"
 
 
 @triton.jit
@@ -89,12 +107,19 @@ def _w_tile(ptr, r, c, rows, ld):
 
 
 @triton.jit
+def _io(io, k, col):
+    return tl.multiple_of(tl.load(io + k * IO_COLS + col), ALIGN)
+
+
+@triton.jit
 def _ns_stage_kernel(
     tiles,  # int32 [T, 3]: (matrix, tile row, tile col)
     meta,  # int64 [K, META_COLS]
-    g_off,  # int64 [K]: offset of matrix k from `g`, in elements (stage 0)
-    g,  # input base pointer (stage 0)
-    out,  # output base pointer (stage 4): matrix k at meta's out offset, in G's (padded) layout
+    io,  # int64 [K, IO_COLS]: per-call offsets (stage 0 and the last stage 3)
+    hyper,  # fp32 [K, H_COLS]: Muon's per-matrix scalars (MUON only)
+    g,  # anchor of the inputs (stage 0): G, or Muon's gradients
+    mbuf,  # anchor of Muon's momentum buffers (stage 0, MUON only)
+    out,  # anchor of the outputs (last stage 3): in G's (padded) layout, or Muon's parameters
     x_in,  # workspace X of the current step, wide, row-major, packed
     x_out,  # workspace X of the next step
     a_buf,  # workspace A (A' = G G^T unnormalized at step 0)
@@ -106,6 +131,8 @@ def _ns_stage_kernel(
     eps,
     STAGE: tl.constexpr,
     FIRST: tl.constexpr,
+    LAST: tl.constexpr,
+    MUON: tl.constexpr,
     SYM: tl.constexpr,
     NDIAG: tl.constexpr,
     BM: tl.constexpr,
@@ -131,17 +158,21 @@ def _ns_stage_kernel(
     if FIRST and STAGE > 1:  # s = ||G||_F + eps from stage 1's partial traces
         d = tl.arange(0, NDIAG)
         s = tl.sqrt(tl.sum(tl.load(trace + k * NDIAG + d, mask=d < tl.load(row + M_NDIAG), other=0.0))) + eps
-
-    if STAGE == 0 or STAGE == 4:  # prep / finish: G <-> workspace X, tiles of [m, n]
+    if STAGE == 0 or (STAGE == 3 and LAST):  # G's layout: [mo, ldg] row-major, read as X = G^T when tall
         ldg = tl.multiple_of(tl.load(row + M_LDG).to(tl.int32), ALIGN)
         tall = tl.load(row + M_TALL) != 0
-        if STAGE == 0:
-            v = _g_load(g + tl.multiple_of(tl.load(g_off + k), ALIGN), rows, cols, m, n, ldg, tall).to(wdt)
-            p, mask = _w_ptrs(x_out + x_off, rows, cols, m, ldx)
-            tl.store(p, v, mask=mask)
-        else:
-            v = _w_tile(x_in + x_off, rows, cols, m, ldx).to(out.dtype.element_ty)
-            _g_store(out + tl.multiple_of(tl.load(row + M_OOFF), ALIGN), v, rows, cols, m, n, ldg, tall)
+
+    if STAGE == 0:  # prep: X_0 = G, or for Muon M = mu M + G, X_0 = G + mu M (Nesterov) or M
+        v = _g_load(g + _io(io, k, IO_SRC), rows, cols, m, n, ldg, tall)
+        if MUON:
+            mu = tl.load(hyper + k * H_COLS + H_MU)
+            mp = mbuf + _io(io, k, IO_BUF)
+            v = v.to(tl.float32)
+            mom = mu * _g_load(mp, rows, cols, m, n, ldg, tall).to(tl.float32) + v
+            _g_store(mp, mom.to(mbuf.dtype.element_ty), rows, cols, m, n, ldg, tall)
+            v = tl.where(tl.load(hyper + k * H_COLS + H_NEST) != 0, v + mu * mom, mom)
+        p, mask = _w_ptrs(x_out + x_off, rows, cols, m, ldx)
+        tl.store(p, v.to(wdt), mask=mask)
     elif STAGE == 3:  # X' = a X + B X
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         bp = b_buf + a_off
@@ -152,8 +183,19 @@ def _ns_stage_kernel(
         acc += coef_a * _w_tile(xp, rows, cols, m, ldx).to(tl.float32)
         if FIRST:  # X_1 = (a G + B_0 G) / s
             acc = acc / s
-        p, mask = _w_ptrs(x_out + x_off, rows, cols, m, ldx)
-        tl.store(p, acc.to(wdt), mask=mask)
+        y = acc.to(wdt)
+        if LAST:  # the result, rounded to the work dtype like every X, in G's layout
+            dst = out + _io(io, k, IO_DST)
+            if MUON:  # W = decay W - alpha X
+                decay = tl.load(hyper + k * H_COLS + H_DECAY)
+                alpha = tl.load(hyper + k * H_COLS + H_ALPHA)
+                w = decay * _g_load(dst, rows, cols, m, n, ldg, tall).to(tl.float32) - alpha * y.to(tl.float32)
+                _g_store(dst, w.to(out.dtype.element_ty), rows, cols, m, n, ldg, tall)
+            else:
+                _g_store(dst, y.to(out.dtype.element_ty), rows, cols, m, n, ldg, tall)
+        else:
+            p, mask = _w_ptrs(x_out + x_off, rows, cols, m, ldx)
+            tl.store(p, y, mask=mask)
     else:  # symmetric [m, m] products: A = X X^T (K = n) or B = b A + c A A^T (K = m)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         if STAGE == 1:
@@ -189,14 +231,15 @@ def _ns_stage_kernel(
 class _Plan:
     meta: torch.Tensor  # int64 [K, META_COLS]
     tiles_sym: torch.Tensor  # int32 [T12, 3], tiles of the [m, m] stages
-    tiles_x: torch.Tensor  # int32 [T3, 3], tiles of the [m, n] stage
+    tiles_x: torch.Tensor  # int32 [T3, 3], tiles of the [m, n] stages
+    out_offsets: torch.Tensor  # int64 [K] (CPU): matrix k's start in a packed output [sum of mo * ldg]
     x_size: int
     a_size: int
     out_size: int
     ndiag: int
 
 
-def _round(x: int, to: int = int(ALIGN)) -> int:
+def _round(x: int, to: int = ALIGN_N) -> int:
     return -(-x // to) * to
 
 
@@ -207,13 +250,14 @@ def _plan(shapes: tuple[tuple[int, int], ...], cfg: Config, sym: bool, device: t
     G and the output are seen as [mo, ldg] row-major (ldg = no rounded up to ALIGN, zero columns past
     no); the wide view is X = G ([mo, ldg]) or X = G^T ([ldg, mo], zero rows past no) when mo > no.
     """
-    rows, x_off, a_off, o_off = [], 0, 0, 0
+    rows, x_off, a_off, o_off, out_size = [], 0, 0, [], 0
     for mo, no in shapes:
         ldg, tall = _round(no), mo > no
         m, n = (ldg, mo) if tall else (mo, ldg)
         ldx, lda = _round(n), _round(m)
-        rows.append([m, n, ldx, lda, x_off, a_off, triton.cdiv(m, cfg.bs), int(tall), o_off, ldg])
-        x_off, a_off, o_off = x_off + m * ldx, a_off + m * lda, o_off + mo * ldg
+        rows.append([m, n, ldx, lda, x_off, a_off, triton.cdiv(m, cfg.bs), int(tall), ldg])
+        o_off.append(out_size)
+        x_off, a_off, out_size = x_off + m * ldx, a_off + m * lda, out_size + mo * ldg
     ndiag = max(16, triton.next_power_of_2(max(r[M_NDIAG] for r in rows)))  # one compiled variant for most
     # longest K first (stage 1: K = n; stages 2-3: K = m), the tiles of one matrix together for L2 reuse
     by_n = sorted(range(len(rows)), key=lambda k: -rows[k][M_N])
@@ -229,72 +273,103 @@ def _plan(shapes: tuple[tuple[int, int], ...], cfg: Config, sym: bool, device: t
     def dev(v, dt):
         return torch.tensor(v, dtype=dt).to(device)
 
-    return _Plan(dev(rows, torch.int64), dev(t_sym, torch.int32), dev(t_x, torch.int32), x_off, a_off, o_off, ndiag)
+    return _Plan(
+        dev(rows, torch.int64), dev(t_sym, torch.int32), dev(t_x, torch.int32),
+        torch.tensor(o_off, dtype=torch.int64), x_off, a_off, out_size, ndiag,
+    )  # fmt: skip
 
 
 TINY = 8  # matrices with a side <= TINY run with fp32 operands (see newton_schulz_triton)
 # their tiles: with 128-wide tiles the one [16, 16] tile of A = X X^T (K = 3024 for the conv weight)
-# made 8 programs of mostly-masked fp32 products take 0.6 ms a step (measured on an H100)
-TINY_CONFIG = Config(bs=16, bk=64, warps=4, stages=2, bm=16, bn=128, bk3=16, warps3=4, stages3=2)
+# made 8 programs of mostly-masked fp32 products take 0.6 ms a step; with 16-wide tiles and FMA ("ieee")
+# products stage 1 still took ~70 us a step whatever the K step (64: 75, 256: 69, 512: 112 us; H100), so
+# the products run on tensor cores in 3-pass tf32 ("tf32x3", ~fp32 accuracy), and the set runs on a
+# side stream alongside the main set (see _each_set)
+TINY_CONFIG = Config(bs=16, bk=64, warps=4, stages=2, bm=16, bn=128, bk3=16, warps3=4, stages3=2, fp32_dot="tf32x3")
+
+
+def _anchor(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small tensor whose address is a multiple of ALIGN elements: per-call addresses are passed to the
+    kernels as element offsets from it, so captured graphs stay valid for any later inputs."""
+    raw = torch.empty(2 * ALIGN_N, dtype=dtype, device=device)
+    esize = raw.element_size()
+    shift = (-raw.data_ptr() // esize) % ALIGN_N
+    return raw[shift : shift + ALIGN_N]
 
 
 class _Runner:
-    """Static workspaces for one set of shapes and one schedule, and on CUDA the graph of its stage
-    launches (captured after the first, eager, call)."""
+    """Static workspaces and anchors for one set of shapes, dtypes and schedule, and on CUDA the graph of
+    its launches (captured after the first, eager, call)."""
 
-    def __init__(self, plan: _Plan, schedule, eps, work_dtype, cfg: Config, sym: bool, device):
-        self.plan, self.schedule, self.eps, self.cfg, self.sym = plan, schedule, eps, cfg, sym
+    def __init__(self, plan: _Plan, schedule, eps, work_dtype, cfg, sym, muon, dtypes, device):
+        self.plan, self.schedule, self.eps, self.cfg, self.sym, self.muon = plan, schedule, eps, cfg, sym, muon
         self.xs = [torch.zeros(plan.x_size, dtype=work_dtype, device=device) for _ in range(2)]
         self.a_buf = torch.zeros(plan.a_size, dtype=work_dtype, device=device)
         self.b_buf = torch.zeros_like(self.a_buf)
-        self.trace = torch.zeros(plan.meta.shape[0] * plan.ndiag, dtype=torch.float32, device=device)
-        self.prec = "ieee" if work_dtype == torch.float32 else "tf32"
+        k = plan.meta.shape[0]
+        self.trace = torch.zeros(k * plan.ndiag, dtype=torch.float32, device=device)
+        self.io = torch.zeros(k, int(IO_COLS), dtype=torch.int64, device=device)
+        self.hyper = torch.zeros(k, int(H_COLS), dtype=torch.float32, device=device)
+        self.anchors = [_anchor(dt, device) for dt in dtypes]  # g, mbuf, out
+        self.prec = cfg.fp32_dot if work_dtype == torch.float32 else "tf32"  # (bf16: ignored)
         self.graph = None
 
-    def launch(self, stage, g_off, g, out, x_in, x_out, coeffs=(0.0, 0.0, 0.0), first=False):
+    def offsets(self, ptrs: np.ndarray, which: int) -> np.ndarray:
+        """Element offsets of addresses `ptrs` (int64) from anchor `which` (0: g, 1: mbuf, 2: out)."""
+        anchor = self.anchors[which]
+        return (ptrs - anchor.data_ptr()) // anchor.element_size()
+
+    def launch(self, stage, step=-1, coeffs=(0.0, 0.0, 0.0), first=False, last=False):
+        """Stage `stage` of step `step` (stage 0: step -1), reading X_step and writing X_{step+1}."""
         cfg, plan = self.cfg, self.plan
         if stage in (1, 2):
             tiles, bm, bn, bk, warps, nst = plan.tiles_sym, cfg.bs, cfg.bs, cfg.bk, cfg.warps, cfg.stages
         else:
             tiles, bm, bn, bk, warps, nst = plan.tiles_x, cfg.bm, cfg.bn, cfg.bk3, cfg.warps3, cfg.stages3
+        x_in, x_out = self.xs[step % 2], self.xs[(step + 1) % 2]
         _ns_stage_kernel[(tiles.shape[0],)](
-            tiles, plan.meta, g_off, g, out, x_in, x_out, self.a_buf, self.b_buf, self.trace, *coeffs, self.eps,
-            STAGE=stage, FIRST=first, SYM=self.sym, NDIAG=plan.ndiag, BM=bm, BN=bn, BK=bk, DOT_PREC=self.prec,
-            num_warps=warps, num_stages=nst,
+            tiles, plan.meta, self.io, self.hyper, *self.anchors, x_in, x_out, self.a_buf, self.b_buf, self.trace,
+            *coeffs, self.eps, STAGE=stage, FIRST=first, LAST=last, MUON=self.muon, SYM=self.sym,
+            NDIAG=plan.ndiag, BM=bm, BN=bn, BK=bk, DOT_PREC=self.prec, num_warps=warps, num_stages=nst,
         )  # fmt: skip
 
-    def steps(self):
-        """Stages 1-3 of every step: workspace only, so the same launches serve every call."""
-        xs, dummy = self.xs, self.trace
+    def launches(self):
+        """Every launch of a call; the per-call addresses and scalars are read from self.io / self.hyper."""
+        self.launch(0)
+        steps = len(self.schedule)
         for step, coeffs in enumerate(self.schedule):
             for stage in (1, 2, 3):
-                x_in, x_out = xs[step % 2], xs[(step + 1) % 2]
-                self.launch(stage, dummy, dummy, dummy, x_in, x_out, coeffs, first=step == 0)
+                self.launch(stage, step, coeffs, first=step == 0, last=step == steps - 1 and stage == 3)
 
-    def __call__(self, g_off: torch.Tensor, base: torch.Tensor, out: torch.Tensor, graphs: bool) -> None:
-        self.launch(0, g_off, base, out, self.xs[1], self.xs[0])
+    def __call__(self, io: np.ndarray, hyper: np.ndarray | None, graphs: bool) -> None:
+        """One call: io int64 [K, IO_COLS], hyper fp32 [K, H_COLS] (Muon) or None."""
+        cuda = self.io.is_cuda
+        for dst, src in ((self.io, io), (self.hyper, hyper)):
+            if src is not None:
+                src = torch.from_numpy(np.ascontiguousarray(src))
+                dst.copy_(src.pin_memory() if cuda else src, non_blocking=cuda)
         if graphs and self.graph is not None:
             self.graph.replay()
-        else:
-            self.steps()
-            if graphs and base.is_cuda and not torch.cuda.is_current_stream_capturing():
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    self.steps()
-                self.graph = graph
-        self.launch(4, g_off, base, out, self.xs[len(self.schedule) % 2], self.xs[0])
+            return
+        self.launches()
+        if graphs and cuda and not torch.cuda.is_current_stream_capturing():
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.launches()
+            self.graph = graph
 
 
 _RUNNERS: dict = {}
 MAX_RUNNERS = 32
 
 
-def _runner(shapes, schedule, eps, work_dtype, cfg, sym, device) -> _Runner:
-    key = (shapes, tuple(schedule), eps, work_dtype, cfg, sym, device)
+def _runner(shapes, schedule, eps, work_dtype, cfg, sym, muon, dtypes, device) -> _Runner:
+    key = (shapes, tuple(schedule), eps, work_dtype, cfg, sym, muon, dtypes, device)
     if key not in _RUNNERS:
         if len(_RUNNERS) >= MAX_RUNNERS:
             _RUNNERS.pop(next(iter(_RUNNERS)))
-        _RUNNERS[key] = _Runner(_plan(shapes, cfg, sym, device), schedule, eps, work_dtype, cfg, sym, device)
+        plan = _plan(shapes, cfg, sym, device)
+        _RUNNERS[key] = _Runner(plan, schedule, eps, work_dtype, cfg, sym, muon, dtypes, device)
     return _RUNNERS[key]
 
 
@@ -303,35 +378,65 @@ def _aligned(G: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     with ALIGN-aligned matrix starts, else a zero-padded copy [N, m, ldg] (the per-call Python here is
     kept small: Muon may pass ~130 separate matrices)."""
     mo, no = G.shape[-2:]
-    ldg, a, st = _round(no), int(ALIGN), G.stride()
-    N, s0 = (G.shape[0], st[0]) if G.dim() == 3 else (1, 0)
-    if st[-1] == 1 and st[-2] == no == ldg and s0 % a == 0 and G.data_ptr() % (a * G.element_size()) == 0:
+    N, s0 = (G.shape[0], G.stride(0)) if G.dim() == 3 else (1, 0)
+    if _is_aligned(G) and s0 % ALIGN_N == 0:
         return G, N, s0
-    Gp = G.new_zeros(N, mo, ldg)
+    Gp = G.new_zeros(N, mo, _round(no))
     Gp[..., :no] = G
-    return Gp, N, mo * ldg
+    return Gp, N, mo * _round(no)
 
 
-def _run_group(Gs, coeffs, eps, work_dtype, sym, cfg, graphs) -> list[torch.Tensor]:
+def _is_aligned(t: torch.Tensor) -> bool:
+    """Rows contiguous, a multiple of ALIGN elements long, the start ALIGN-element aligned."""
+    no, st = t.shape[-1], t.stride()
+    return st[-1] == 1 and st[-2] == no and no % ALIGN_N == 0 and t.data_ptr() % (ALIGN_N * t.element_size()) == 0
+
+
+def _run_group(Gs, schedule, eps, work_dtype, sym, cfg, graphs) -> list[torch.Tensor]:
     Ts = [_aligned(G) for G in Gs]
-    base = min((T for T, _, _ in Ts), key=lambda T: T.data_ptr())
-    esize, dev, p0 = base.element_size(), base.device, base.data_ptr()
-    shapes, g_off = [], []
-    for G, (T, N, s0) in zip(Gs, Ts, strict=True):
-        shapes += [tuple(G.shape[-2:])] * N
-        off = (T.data_ptr() - p0) // esize
-        g_off += [off + b * s0 for b in range(N)]
-    run = _runner(tuple(shapes), coeffs, eps, work_dtype, cfg, sym, dev)
-    g_t = torch.tensor(g_off, dtype=torch.int64)
-    g_t = g_t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else g_t
-    out = torch.empty(run.plan.out_size, dtype=base.dtype, device=dev)
-    run(g_t, base, out, graphs)
+    dt, dev = Gs[0].dtype, Gs[0].device
+    shapes = tuple(tuple(G.shape[-2:]) for G, (_, N, _) in zip(Gs, Ts, strict=True) for _ in range(N))
+    run = _runner(shapes, schedule, eps, work_dtype, cfg, sym, False, (dt, dt, dt), dev)
+    starts = run.offsets(np.array([T.data_ptr() for T, _, _ in Ts], dtype=np.int64), 0)
+    src = np.concatenate([s + s0 * np.arange(N) for s, (_, N, s0) in zip(starts, Ts, strict=True)])
+    out = torch.empty(run.plan.out_size, dtype=dt, device=dev)
+    dst = run.offsets(np.array([out.data_ptr()], dtype=np.int64), 2) + run.plan.out_offsets.numpy()
+    run(np.stack([src, np.zeros_like(src), dst], 1), None, graphs)
     outs = []
     for G, (T, N, _), O in zip(Gs, Ts, out.split([N * T.shape[-2] * T.shape[-1] for T, N, _ in Ts]), strict=True):
         if T.shape[-1] != G.shape[-1]:  # padded rows: [N, m, ldg] -> [N, m, n]
             O = O.view(N, *T.shape[-2:])[..., : G.shape[-1]].contiguous()
         outs.append(O.view(G.shape))
     return outs
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _each_set(shapes, work_dtype, cfg, device, fn) -> None:
+    """fn(indices, work dtype, config) for the main set and for the set with a side <= TINY (fp32 operands,
+    TINY_CONFIG). On CUDA, with both present, the small set runs on a side stream alongside the main one
+    (its few programs would otherwise run alone: ~0.4 ms for the 95m model's conv-shaped matrices); the
+    caller's stream waits for it before returning, and `fn` must mark what it allocates for that stream."""
+    tiny = [work_dtype != torch.float32 and min(s) <= TINY for s in shapes]
+    sets = [
+        (idx, dt, c)
+        for flag, dt, c in ((True, torch.float32, TINY_CONFIG), (False, work_dtype, cfg))
+        if (idx := [i for i, t in enumerate(tiny) if t == flag])
+    ]
+    if device.type != "cuda" or len(sets) < 2:
+        for s in sets:
+            fn(*s)
+        return
+    main = torch.cuda.current_stream(device)
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    side = _SIDE_STREAMS[device]
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        fn(*sets[0])
+    fn(*sets[1])
+    main.wait_stream(side)
 
 
 def newton_schulz_triton(
@@ -350,14 +455,58 @@ def newton_schulz_triton(
     [3024, 4] conv weight) use fp32 operands even when `work_dtype` is bf16: with only a few singular
     values, all about 1/sqrt(side) after normalization, the quintic's slope (up to ~3.5 near 1.2)
     amplifies bf16 rounding past 2e-2 relative error, while their cost is negligible.
-    `graphs`: replay the stage launches as a CUDA graph (CUDA only).
+    `graphs`: replay the launches as a CUDA graph (CUDA only).
     """
-    cfg, schedule = config or Config(), tuple(tuple(c) for c in coeffs)
-    tiny = [work_dtype != torch.float32 and min(G.shape[-2:]) <= TINY for G in Gs]
+    schedule = tuple(tuple(c) for c in coeffs)
     outs: list[torch.Tensor | None] = [None] * len(Gs)
-    for flag, dt, c in ((False, work_dtype, cfg), (True, torch.float32, TINY_CONFIG)):
-        idx = [i for i, t in enumerate(tiny) if t == flag]
-        if idx:
-            for i, O in zip(idx, _run_group([Gs[i] for i in idx], schedule, eps, dt, sym, c, graphs), strict=True):
-                outs[i] = O
+    caller = torch.cuda.current_stream(Gs[0].device) if Gs[0].is_cuda else None
+
+    def fn(idx, dt, cfg):
+        for i, O in zip(idx, _run_group([Gs[i] for i in idx], schedule, eps, dt, sym, cfg, graphs), strict=True):
+            if caller is not None:
+                O.record_stream(caller)  # allocated on the side stream, used on the caller's
+            outs[i] = O
+
+    _each_set([G.shape[-2:] for G in Gs], work_dtype, config or Config(), Gs[0].device, fn)
     return outs
+
+
+def muon_addresses(ts: list[torch.Tensor]) -> np.ndarray | None:
+    """The start addresses (int64) of CUDA tensors of one dtype that `muon_update_triton` can address in
+    place (contiguous, rows a multiple of ALIGN elements long, starts ALIGN-element aligned), else None."""
+    dt = ts[0].dtype
+    if not all(t.is_cuda and t.dtype == dt and t.is_contiguous() and t.shape[-1] % ALIGN_N == 0 for t in ts):
+        return None
+    ptrs = np.array([t.data_ptr() for t in ts], dtype=np.int64)
+    return None if (ptrs % (ALIGN_N * ts[0].element_size())).any() else ptrs
+
+
+def muon_update_triton(
+    params: list[torch.Tensor],
+    addresses: tuple[np.ndarray, np.ndarray, np.ndarray],
+    dtypes: tuple[torch.dtype, torch.dtype, torch.dtype],
+    hyper: np.ndarray,
+    coeffs: list[tuple[float, float, float]],
+    eps: float = 1e-7,
+    work_dtype: torch.dtype = torch.bfloat16,
+    sym: bool = True,
+    config: Config | None = None,
+    graphs: bool = True,
+) -> None:
+    """Muon's whole update for 2-D matrices, in place: per matrix k, with (mu, nesterov, decay, alpha) =
+    hyper[k] (fp32 [K, 4]),
+
+        M <- mu M + G;   U <- G + mu M if nesterov else M;   W <- decay W - alpha NS(U)
+
+    with NS = len(coeffs) quintic steps as in `newton_schulz_triton` (same sets, dtypes and tiles).
+    `addresses`: `muon_addresses` of the gradients, momentum buffers and parameters; `dtypes`: theirs.
+    Shapes (buffers and gradients those of the parameters) are validated by the caller.
+    """
+    schedule = tuple(tuple(c) for c in coeffs)
+    shapes = [tuple(p.shape) for p in params]
+
+    def fn(idx, dt, cfg):
+        run = _runner(tuple(shapes[i] for i in idx), schedule, eps, dt, cfg, sym, True, dtypes, params[0].device)
+        run(np.stack([run.offsets(a[idx], w) for w, a in enumerate(addresses)], 1), hyper[idx], graphs)
+
+    _each_set(shapes, work_dtype, config or Config(), params[0].device, fn)
