@@ -181,17 +181,17 @@ _COMPILE_SCRIPT = """
 from tests.helpers import compile_for_hopper
 from kernels.ns.triton_ns import _ns_stage_kernel
 sig = {"tiles": "*i32", "meta": "*i64", "io": "*i64", "hyper": "*fp32", "g": "*fp32", "mbuf": "*fp32",
-       "out": "*fp32", "x_in": "*bf16", "x_out": "*bf16", "a_buf": "*bf16", "b_buf": "*bf16", "trace": "*fp32",
+       "out": "*fp32", "x_in": "*bf16", "x_out": "*bf16", "a_buf": "*bf16", "b_buf": "*bf16", "sumsq": "*fp32",
        "coef_a": "fp32", "coef_b": "fp32", "coef_c": "fp32", "eps": "fp32"}
 # (stage, first, last, muon): prep, Muon's prep, the three stages of step 0, Muon's last stage 3
 for stage, first, last, muon in [(0, 0, 0, 0), (0, 0, 0, 1), (1, 1, 0, 0), (2, 1, 0, 0), (3, 1, 0, 0), (3, 0, 1, 1)]:
     k = compile_for_hopper(_ns_stage_kernel, sig, dict(STAGE=stage, FIRST=first, LAST=last, MUON=muon, SYM=True,
-                           NDIAG=16, BM=128, BN=128, BK=64, DOT_PREC="tf32"))
+                           NPART=16, BM=128, BN=128, BK=64, DOT_PREC="tf32"))
     assert (stage == 0) != ("wgmma.mma_async" in k.asm["ptx"]), (stage, first)
 # the fp32 tiny set: 16-wide tiles, 3-pass tf32 products on tensor cores (mma.sync)
 sig.update(x_in="*fp32", x_out="*fp32", a_buf="*fp32", b_buf="*fp32")
 for stage in (1, 2, 3):
-    k = compile_for_hopper(_ns_stage_kernel, sig, dict(STAGE=stage, FIRST=1, LAST=0, MUON=0, SYM=True, NDIAG=16,
+    k = compile_for_hopper(_ns_stage_kernel, sig, dict(STAGE=stage, FIRST=1, LAST=0, MUON=0, SYM=True, NPART=16,
                            BM=16, BN=16 if stage < 3 else 128, BK=64 if stage < 3 else 16, DOT_PREC="tf32x3"))
     assert "mma.sync.aligned" in k.asm["ptx"] and ".tf32" in k.asm["ptx"], stage
 print("ok")

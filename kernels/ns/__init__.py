@@ -3,8 +3,9 @@ of an optimizer's shape groups at once), dispatching to a backend.
 
 Backends (the iteration is documented in `reference.py` and kept by every backend):
 - "triton" (`triton_ns.py`, CUDA): bf16 operands, fp32 accumulation, 3 launches a step for any number
-  of matrices of any shapes, replayed as a CUDA graph, plus a prep and a finish launch (normalization
-  fused into step 0; stacks with a side <= 8 use fp32 operands, see `triton_ns.newton_schulz_triton`).
+  of matrices of any shapes plus a prep launch, the whole call replayed as one CUDA graph (the
+  normalization fused into the prep and step 0, the output written by the last launch; stacks with a
+  side <= 8 use fp32 operands on a side stream, see `triton_ns.newton_schulz_triton`).
 - "cuda" (`cuda.py` + `csrc/ns/ns.cu`, CUDA with CuPy installed): the same three stages as CUDA C++
   mma.sync kernels compiled by NVRTC, one launch a stage per stack (stacks with a side <= 8, whose
   bf16 error would exceed 2e-2, take the fp32 reference instead: their cost is negligible).
@@ -244,10 +245,12 @@ def muon_update_(
         all(len(x) == K for x in (grads, bufs, momentum, nesterov, decay, alpha)),
         "params, grads, bufs, momentum, nesterov, decay and alpha must have one entry per matrix",
     )
-    for p, g, b in zip(params, grads, bufs, strict=True):
-        check(p.dim() == 2, f"params must be 2-D matrices, got shape {tuple(p.shape)}")
-        check(g.shape == p.shape == b.shape, f"grad {tuple(g.shape)} and buffer {tuple(b.shape)} must match "
-              f"param {tuple(p.shape)}")  # fmt: skip
+    shapes = [p.shape for p in params]
+    if not all(len(s) == 2 and g.shape == s == b.shape for s, g, b in zip(shapes, grads, bufs, strict=True)):
+        for s, g, b in zip(shapes, grads, bufs, strict=True):  # (messages formatted only on failure: ~130 matrices)
+            check(len(s) == 2, f"params must be 2-D matrices, got shape {tuple(s)}")
+            check(g.shape == s == b.shape, f"grad {tuple(g.shape)} and buffer {tuple(b.shape)} must match "
+                  f"param {tuple(s)}")  # fmt: skip
     check(steps > 0, f"steps must be > 0, got {steps}")
     schedule = _schedule(coeffs, steps)
     name = pick_backend(backend, params[0].device, BACKENDS)

@@ -11,14 +11,14 @@ launches:
     stage 3:  X' = a X + B X                  tiles of X' [m, n], K = m; the last step writes X' in G's
                                               layout and dtype straight to the output
 
-Operands are in the work dtype (bf16; fp32 with exact fp32 products for tests and for matrices with a
-side <= TINY, see `newton_schulz_triton`), accumulation in fp32. A and B are symmetric, so with
-`sym=True` the tables hold only the tiles on and above the diagonal and each off-diagonal tile is also
-stored mirrored (half the FLOPs of stages 1 and 2).
+Operands are in the work dtype (bf16; fp32 for tests, with exact fp32 products, and for matrices with a
+side <= TINY, with 3-pass tf32 products, see `newton_schulz_triton`), accumulation in fp32. A and B are
+symmetric, so with `sym=True` the tables hold only the tiles on and above the diagonal and each
+off-diagonal tile is also stored mirrored (half the FLOPs of stages 1 and 2).
 
-Frobenius normalization is fused: step 0's stage 1 computes A' = G G^T unnormalized and writes
-per-diagonal-tile partial traces (||G||_F^2 = tr(G G^T)); stage 2 scales its A' operands by 1 / s^2
-with s = ||G||_F + eps, and stage 3 applies 1 / s in its epilogue: X_1 = (a G + B_0 G) / s.
+Frobenius normalization is fused: the prep writes each tile's sum of squares of G; step 0's stage 1
+forms s = ||G||_F + eps from them and computes A_0 = (G G^T) / s^2 (scaling its fp32 accumulator), and
+step 0's stage 3 applies 1 / s in its epilogue: X_1 = (a G + B_0 G) / s.
 
 Muon's update fuses into the same two ends (`muon_update_triton`): stage 0 reads the gradient and the
 momentum buffer, writes the new buffer M = mu M + G and puts U = G + mu M (Nesterov) or M into the
@@ -44,8 +44,8 @@ import triton.language as tl
 # ALIGN elements and the columns past a matrix's width are zeros, so the contiguous dimension of every tile
 # is masked against a multiple of ALIGN (16-byte vector loads) and the zero padding adds nothing to any
 # product.
-M_M, M_N, M_LDX, M_LDA, M_XOFF, M_AOFF, M_NDIAG, M_TALL, M_LDG = (tl.constexpr(c) for c in range(9))
-META_COLS = tl.constexpr(9)
+M_M, M_N, M_LDX, M_LDA, M_XOFF, M_AOFF, M_NDIAG, M_TALL, M_LDG, M_NPART = (tl.constexpr(c) for c in range(10))
+META_COLS = tl.constexpr(10)
 # per-call table io (int64): offsets in elements of matrix k's source (from `g`), momentum buffer (from
 # `mbuf`, Muon only) and destination (from `out`: the output, or the parameter for Muon)
 IO_SRC, IO_BUF, IO_DST = (tl.constexpr(c) for c in range(3))
@@ -124,7 +124,7 @@ def _ns_stage_kernel(
     x_out,  # workspace X of the next step
     a_buf,  # workspace A (A' = G G^T unnormalized at step 0)
     b_buf,  # workspace B
-    trace,  # fp32 [K, NDIAG]: partial traces of A' (diagonal tiles of stage 1 at step 0)
+    sumsq,  # fp32 [K, NPART]: sums of squares of G over the prep's tiles (||G||_F^2 is their sum)
     coef_a,
     coef_b,
     coef_c,
@@ -134,7 +134,7 @@ def _ns_stage_kernel(
     LAST: tl.constexpr,
     MUON: tl.constexpr,
     SYM: tl.constexpr,
-    NDIAG: tl.constexpr,
+    NPART: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -155,9 +155,9 @@ def _ns_stage_kernel(
     rows = i * BM + tl.arange(0, BM)
     cols = j * BN + tl.arange(0, BN)
     kk = tl.arange(0, BK)
-    if FIRST and STAGE > 1:  # s = ||G||_F + eps from stage 1's partial traces
-        d = tl.arange(0, NDIAG)
-        s = tl.sqrt(tl.sum(tl.load(trace + k * NDIAG + d, mask=d < tl.load(row + M_NDIAG), other=0.0))) + eps
+    if FIRST and (STAGE == 1 or STAGE == 3):  # s = ||G||_F + eps from the prep's partial sums
+        d = tl.arange(0, NPART)
+        s = tl.sqrt(tl.sum(tl.load(sumsq + k * NPART + d, mask=d < tl.load(row + M_NPART), other=0.0))) + eps
     if STAGE == 0 or (STAGE == 3 and LAST):  # G's layout: [mo, ldg] row-major, read as X = G^T when tall
         ldg = tl.multiple_of(tl.load(row + M_LDG).to(tl.int32), ALIGN)
         tall = tl.load(row + M_TALL) != 0
@@ -171,6 +171,8 @@ def _ns_stage_kernel(
             mom = mu * _g_load(mp, rows, cols, m, n, ldg, tall).to(tl.float32) + v
             _g_store(mp, mom.to(mbuf.dtype.element_ty), rows, cols, m, n, ldg, tall)
             v = tl.where(tl.load(hyper + k * H_COLS + H_NEST) != 0, v + mu * mom, mom)
+        v2 = v.to(tl.float32) * v.to(tl.float32)
+        tl.store(sumsq + k * NPART + i * tl.cdiv(n, BN) + j, tl.sum(tl.sum(v2, axis=1), axis=0))
         p, mask = _w_ptrs(x_out + x_off, rows, cols, m, ldx)
         tl.store(p, v.to(wdt), mask=mask)
     elif STAGE == 3:  # X' = a X + B X
@@ -205,20 +207,13 @@ def _ns_stage_kernel(
         for k0 in range(0, ld, BK):
             lt = _w_tile(src, rows, k0 + kk, m, ld)
             rt = _w_tile(src, cols, k0 + kk, m, ld)
-            if STAGE == 2 and FIRST:  # A_0 = A' / s^2
-                lt = (lt.to(tl.float32) / (s * s)).to(wdt)
-                rt = (rt.to(tl.float32) / (s * s)).to(wdt)
             acc = tl.dot(lt, tl.trans(rt), acc, input_precision=DOT_PREC)
         if STAGE == 1:
-            if FIRST:  # ||G||_F^2 = tr(G G^T): this tile's share of the diagonal
-                diag = tl.sum(tl.sum(tl.where(rows[:, None] == cols[None, :], acc, 0.0), axis=1), axis=0)
-                tl.store(trace + k * NDIAG + i, diag, mask=i == j)
+            if FIRST:  # A_0 = G G^T / s^2
+                acc = acc / (s * s)
             dst = a_buf + a_off
         else:
-            aij = _w_tile(src, rows, cols, m, lda).to(tl.float32)
-            if FIRST:
-                aij = aij / (s * s)
-            acc = coef_c * acc + coef_b * aij
+            acc = coef_c * acc + coef_b * _w_tile(src, rows, cols, m, lda).to(tl.float32)
             dst = b_buf + a_off
         p, mask = _w_ptrs(dst, rows, cols, m, lda)
         tl.store(p, acc.to(wdt), mask=mask)
@@ -236,7 +231,7 @@ class _Plan:
     x_size: int
     a_size: int
     out_size: int
-    ndiag: int
+    npart: int
 
 
 def _round(x: int, to: int = ALIGN_N) -> int:
@@ -255,10 +250,11 @@ def _plan(shapes: tuple[tuple[int, int], ...], cfg: Config, sym: bool, device: t
         ldg, tall = _round(no), mo > no
         m, n = (ldg, mo) if tall else (mo, ldg)
         ldx, lda = _round(n), _round(m)
-        rows.append([m, n, ldx, lda, x_off, a_off, triton.cdiv(m, cfg.bs), int(tall), ldg])
+        npart = triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn)  # the prep's tiles
+        rows.append([m, n, ldx, lda, x_off, a_off, triton.cdiv(m, cfg.bs), int(tall), ldg, npart])
         o_off.append(out_size)
         x_off, a_off, out_size = x_off + m * ldx, a_off + m * lda, out_size + mo * ldg
-    ndiag = max(16, triton.next_power_of_2(max(r[M_NDIAG] for r in rows)))  # one compiled variant for most
+    npart = max(16, triton.next_power_of_2(max(r[M_NPART] for r in rows)))  # one compiled variant for most
     # longest K first (stage 1: K = n; stages 2-3: K = m), the tiles of one matrix together for L2 reuse
     by_n = sorted(range(len(rows)), key=lambda k: -rows[k][M_N])
     by_m = sorted(range(len(rows)), key=lambda k: -rows[k][M_M])
@@ -275,7 +271,7 @@ def _plan(shapes: tuple[tuple[int, int], ...], cfg: Config, sym: bool, device: t
 
     return _Plan(
         dev(rows, torch.int64), dev(t_sym, torch.int32), dev(t_x, torch.int32),
-        torch.tensor(o_off, dtype=torch.int64), x_off, a_off, out_size, ndiag,
+        torch.tensor(o_off, dtype=torch.int64), x_off, a_off, out_size, npart,
     )  # fmt: skip
 
 
@@ -307,7 +303,7 @@ class _Runner:
         self.a_buf = torch.zeros(plan.a_size, dtype=work_dtype, device=device)
         self.b_buf = torch.zeros_like(self.a_buf)
         k = plan.meta.shape[0]
-        self.trace = torch.zeros(k * plan.ndiag, dtype=torch.float32, device=device)
+        self.sumsq = torch.zeros(k * plan.npart, dtype=torch.float32, device=device)
         self.io = torch.zeros(k, int(IO_COLS), dtype=torch.int64, device=device)
         self.hyper = torch.zeros(k, int(H_COLS), dtype=torch.float32, device=device)
         self.anchors = [_anchor(dt, device) for dt in dtypes]  # g, mbuf, out
@@ -328,9 +324,9 @@ class _Runner:
             tiles, bm, bn, bk, warps, nst = plan.tiles_x, cfg.bm, cfg.bn, cfg.bk3, cfg.warps3, cfg.stages3
         x_in, x_out = self.xs[step % 2], self.xs[(step + 1) % 2]
         _ns_stage_kernel[(tiles.shape[0],)](
-            tiles, plan.meta, self.io, self.hyper, *self.anchors, x_in, x_out, self.a_buf, self.b_buf, self.trace,
+            tiles, plan.meta, self.io, self.hyper, *self.anchors, x_in, x_out, self.a_buf, self.b_buf, self.sumsq,
             *coeffs, self.eps, STAGE=stage, FIRST=first, LAST=last, MUON=self.muon, SYM=self.sym,
-            NDIAG=plan.ndiag, BM=bm, BN=bn, BK=bk, DOT_PREC=self.prec, num_warps=warps, num_stages=nst,
+            NPART=plan.npart, BM=bm, BN=bn, BK=bk, DOT_PREC=self.prec, num_warps=warps, num_stages=nst,
         )  # fmt: skip
 
     def launches(self):
