@@ -92,12 +92,15 @@ def test_matches_reference_interpreter(shape):
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="fp32 interpreter check for CPU CI; the GPU sweep in bench/csa.py")
-def test_small_tiles_interpreter(monkeypatch):
-    """Many small, unaligned tiles on every loop (the defaults cover one or two tiles per loop)."""
+@pytest.mark.parametrize("recompute, heavy_first", [(False, True), (True, False)])
+def test_small_tiles_interpreter(monkeypatch, recompute, heavy_first):
+    """Many small, unaligned tiles on every loop (the defaults cover one or two tiles per loop), and both
+    settings of the key-block launch's switches."""
     small = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_NL=16, num_warps=1, num_stages=1)
     monkeypatch.setitem(triton_csa.CONFIG, "fwd", small)
     monkeypatch.setitem(triton_csa.CONFIG, "bwd_dq", small)
-    monkeypatch.setitem(triton_csa.CONFIG, "bwd_dkv", {k: v for k, v in small.items() if k != "BLOCK_NL"})
+    dkv = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_MR=16, BLOCK_NR=32, RECOMPUTE_DX=recompute, HEAVY_FIRST=heavy_first)
+    monkeypatch.setitem(triton_csa.CONFIG, "bwd_dkv", {**dkv, "num_warps": 1, "num_stages": 1})
     xs = make_inputs(1, 150, 6, 2, 16, strided=True, seed=5)
     out, grads, ref, ref_grads = run_both(xs, triton_fn)
     assert relerr(out, ref) < 1e-5
@@ -135,8 +138,8 @@ def test_no_grad_forward_saves_nothing():
     xs = [x.detach() for x in make_inputs(1, 9, 3, 1, 16, device=DEVICE)]
     with torch.no_grad():
         out = triton_fn(*xs)
-    _, dcl, lse_c, lse_l = triton_csa.csa_fwd(*xs, 64, 4, 0.25, False)
-    assert dcl.numel() == lse_c.numel() == lse_l.numel() == 0
+    _, dcl, lse = triton_csa.csa_fwd(*xs, 64, 4, 0.25, False)
+    assert dcl.numel() == lse.numel() == 0
     assert relerr(out.cpu(), reference.csa_attention(*(x.cpu().double() for x in xs))) < 2e-3  # tf32 on GPU
 
 
@@ -153,14 +156,14 @@ def test_bad_input():
 
 
 def _signature(kernel, dtype: str, constexprs: dict) -> dict:
-    """Argument types: the scales are fp32, sizes and strides (s*) i32, the rest pointers."""
+    """Argument types: the scales are fp32, the lengths T, Tc i32, the rest pointers."""
     sig = {}
     for name in inspect.signature(kernel.fn).parameters:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name.endswith("scale"):
             sig[name] = "fp32"
-        elif name in ("T", "Tc", "H", "Hkv", "n_comp_blocks") or name.startswith("s"):
+        elif name in ("T", "Tc"):
             sig[name] = "i32"
         else:
             sig[name] = "*fp32" if name.startswith(("LSE", "DELTA")) else f"*{dtype}"
@@ -168,14 +171,16 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
 
 
 def compile_all_for_hopper() -> list[str]:
-    """Compile every kernel for sm_90 (bf16, the model's G=3, D=64); names of the cubins."""
+    """Compile every kernel for sm_90 (bf16, the model's H=9, Hkv=3, D=64); names of the cubins."""
     built = []
     for name, cfg_name in (("_csa_fwd", "fwd"), ("_csa_bwd_dq", "bwd_dq"), ("_csa_bwd_dkv", "bwd_dkv")):
         kernel, cfg = getattr(triton_csa, name), triton_csa.CONFIG[cfg_name]
-        tiles = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
-        constexprs = dict(G=3, D=64, STRIDE=4, WINDOW=64, **tiles)
+        tiles = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages", "maxnreg")}
+        constexprs = dict(H=9, HKV=3, D=64, STRIDE=4, WINDOW=64, **tiles)
         if name == "_csa_fwd":
             constexprs["SAVE"] = True
+        if name == "_csa_bwd_dq":
+            constexprs["STORE_DX"] = True
         compiled = compile_for_hopper(kernel, _signature(kernel, "bf16", constexprs), constexprs)
         if compiled.asm["cubin"]:
             built.append(name)

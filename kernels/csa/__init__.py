@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.common import check, check_same_device, check_tensor, pick_backend
+from kernels.common import FLOAT_DTYPES, check, check_same_device, check_tensor, pick_backend
 from kernels.csa import reference
 from kernels.csa.decode import CSADecodeState
 from kernels.csa.reference import compress_kv
@@ -65,6 +65,33 @@ def csa_attention(
         >>> csa_attention(q, k, v, kc, vc, blend).shape
         torch.Size([1, 10, 9, 64])
     """
+    if not _well_formed(q, k, v, kc, vc, blend, window, stride):
+        _validate(q, k, v, kc, vc, blend, window, stride)  # raises the precise ValueError
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if pick_backend(backend, q.device, BACKENDS) == "triton":
+        return triton_csa.csa_attention_triton(q, k, v, kc, vc, blend, window, stride, scale)
+    return reference.csa_attention(q, k, v, kc, vc, blend, window, stride, scale)
+
+
+def _well_formed(q, k, v, kc, vc, blend, window: int, stride: int) -> bool:
+    """Every condition of `_validate` in one cheap expression (the common case costs a few microseconds;
+    `_validate` builds its error messages eagerly, which costs tens)."""
+    ts = (q, k, v, kc, vc, blend)
+    if not all(isinstance(x, torch.Tensor) and x.dtype in FLOAT_DTYPES for x in ts) or q.dim() != 4:
+        return False
+    B, T, H, D = q.shape
+    Hkv = k.shape[2] if k.dim() == 4 else 0
+    Tc = -(-T // stride) if stride > 0 else -1
+    return (
+        B > 0 and T > 0 and window > 0 and stride > 0 and Hkv > 0 and H % Hkv == 0
+        and k.shape == (B, T, Hkv, D) and v.shape == (B, T, Hkv, D)
+        and kc.shape == (B, Tc, Hkv, D) and vc.shape == (B, Tc, Hkv, D) and blend.shape == (B, T, H * D)
+        and q.device == k.device == v.device == kc.device == vc.device == blend.device
+    )
+
+
+def _validate(q, k, v, kc, vc, blend, window: int, stride: int) -> None:
+    """Raise a ValueError naming the first bad input."""
     check_tensor("q", q, (None, None, None, None))
     B, T, H, D = q.shape
     check_tensor("k", k, (B, T, None, D))
@@ -77,8 +104,4 @@ def csa_attention(
     check_tensor("vc", vc, (B, Tc, Hkv, D))
     check_tensor("blend", blend, (B, T, H * D))
     check(T > 0 and B > 0, f"empty input: B={B}, T={T}")
-    device = check_same_device(q=q, k=k, v=v, kc=kc, vc=vc, blend=blend)
-    scale = D**-0.5 if scale is None else float(scale)
-    if pick_backend(backend, device, BACKENDS) == "triton":
-        return triton_csa.csa_attention_triton(q, k, v, kc, vc, blend, window, stride, scale)
-    return reference.csa_attention(q, k, v, kc, vc, blend, window, stride, scale)
+    check_same_device(q=q, k=k, v=v, kc=kc, vc=vc, blend=blend)

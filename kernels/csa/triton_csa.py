@@ -9,13 +9,16 @@ rows of one query head and runs two online softmaxes with separate normalizers:
 
 Query head h reads KV head h // G (GQA through the index; K/V are never repeated in memory). Nothing of
 size T x T or T x T/stride exists; the forward saves the two log2-sum-exps and dcl = comp - local.
+Every tensor is contiguous, so the kernels take no strides: row offsets come from T and the constexpr
+head counts and head dim. Programs that do the most work are launched first (grid axis 1 counts down
+the work), which keeps the tail of each launch short.
 
 Backward (two launches):
     _bwd_dq  : per query block. comp = o + (1 - blend) dcl and local = o - blend dcl (from (3)),
                dblend = do * dcl, dC = blend do, dL = (1 - blend) do,
                delta_x = rowsum(dX * x) (the softmax backward's D term), then
                dq = scale (dS_c Kc + dS_l K) with dS = P * (dP - delta), dP = dX V^T.
-               Stores dblend, dC, dL and the deltas for the next launch.
+               Stores dblend, dC and dL ([B, T, H, 2, D]) and the deltas ([B, H, 2, T]) for the next launch.
     _bwd_dkv : per key block of one KV head, raw or compressed: loops over the G query heads and the
                query blocks that see it; dV = P^T dX, dK = scale dS^T Q. No atomics: deterministic.
 """
@@ -67,59 +70,55 @@ def _fwd_path(
 
 @triton.jit
 def _csa_fwd(
-    Q, K, V, KC, VC, BLEND, O, DCL, LSE_C, LSE_L,
-    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
-    skc_b, skc_t, skc_h, svc_b, svc_t, svc_h, sbl_b, sbl_t,
-    T, Tc, H, qk_scale,
-    G: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr, SAVE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NL: tl.constexpr,
+    Q, K, V, KC, VC, BLEND, O, DCL, LSE, T, Tc, qk_scale,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr,
+    SAVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NL: tl.constexpr,
 ):
-    m0 = (tl.cdiv(T, BLOCK_M) - 1 - tl.program_id(0)) * BLOCK_M  # late (costly) query blocks first
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M  # late (costly) query blocks first
     b, h = pid_bh // H, pid_bh % H
-    hk = h // G
+    b64 = b.to(tl.int64)
+    hk = h // (H // HKV)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     in_t = offs_m < T
-    q_ptrs = Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=in_t[:, None], other=0.0)
+    row_offs = ((b64 * T + offs_m[:, None]) * H + h) * D + offs_d[None, :]  # q, o, dcl, blend rows
+    q = tl.load(Q + row_offs, mask=in_t[:, None], other=0.0)
 
     # (1) compressed path: blocks j < m0 // STRIDE are visible to every row of the tile, the rest
     # up to the last row's limit (t // STRIDE) get the visibility mask.
-    KCb, VCb = KC + b * skc_b + hk * skc_h, VC + b * svc_b + hk * svc_h
+    KCb, VCb = KC + (b64 * Tc * HKV + hk) * D, VC + (b64 * Tc * HKV + hk) * D
     acc_c = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     l_c = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_c = tl.full([BLOCK_M], -1e30, dtype=tl.float32)  # finite: fully masked tiles give alpha = 1, not NaN
     mid_c = (m0 // STRIDE) // BLOCK_N * BLOCK_N
     hi_c = tl.minimum((m0 + BLOCK_M - 1) // STRIDE, Tc)
-    acc_c, l_c, m_c = _fwd_path(acc_c, l_c, m_c, q, KCb, VCb, skc_t, svc_t, Tc, offs_m, offs_d, 0, mid_c,
+    acc_c, l_c, m_c = _fwd_path(acc_c, l_c, m_c, q, KCb, VCb, HKV * D, HKV * D, Tc, offs_m, offs_d, 0, mid_c,
                                 qk_scale, NO_MASK, STRIDE, WINDOW, BLOCK_N)
-    acc_c, l_c, m_c = _fwd_path(acc_c, l_c, m_c, q, KCb, VCb, skc_t, svc_t, Tc, offs_m, offs_d, mid_c, hi_c,
+    acc_c, l_c, m_c = _fwd_path(acc_c, l_c, m_c, q, KCb, VCb, HKV * D, HKV * D, Tc, offs_m, offs_d, mid_c, hi_c,
                                 qk_scale, COMP_MASK, STRIDE, WINDOW, BLOCK_N)
     # (2) local path: keys m0 - WINDOW + 1 .. m0 + BLOCK_M - 1 in tiles of BLOCK_NL from the first one
     # (unaligned: one tile when BLOCK_NL >= BLOCK_M + WINDOW - 1), all masked.
-    Kb, Vb = K + b * sk_b + hk * sk_h, V + b * sv_b + hk * sv_h
+    Kb, Vb = K + (b64 * T * HKV + hk) * D, V + (b64 * T * HKV + hk) * D
     acc_l = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     l_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_l = tl.full([BLOCK_M], -1e30, dtype=tl.float32)
     lo_l = tl.maximum(m0 - WINDOW + 1, 0)
     hi_l = tl.minimum(m0 + BLOCK_M, T)
-    acc_l, l_l, m_l = _fwd_path(acc_l, l_l, m_l, q, Kb, Vb, sk_t, sv_t, T, offs_m, offs_d, lo_l, hi_l,
+    acc_l, l_l, m_l = _fwd_path(acc_l, l_l, m_l, q, Kb, Vb, HKV * D, HKV * D, T, offs_m, offs_d, lo_l, hi_l,
                                 qk_scale, WINDOW_MASK, STRIDE, WINDOW, BLOCK_NL)
 
     has_c = l_c > 0  # rows t < STRIDE see no compressed block: comp = 0 by definition
     comp = acc_c / tl.where(has_c, l_c, 1.0)[:, None]
     local = acc_l / tl.where(in_t, l_l, 1.0)[:, None]  # l_l >= 1 on real rows (the diagonal)
-    blend = tl.load(BLEND + b * sbl_b + offs_m[:, None] * sbl_t + h * D + offs_d[None, :], mask=in_t[:, None],
-                    other=0.0).to(tl.float32)
-    out_offs = ((b * T + offs_m[:, None]) * H + h) * D + offs_d[None, :]
-    tl.store(O + out_offs, (local + blend * (comp - local)).to(O.dtype.element_ty), mask=in_t[:, None])
+    blend = tl.load(BLEND + row_offs, mask=in_t[:, None], other=0.0).to(tl.float32)
+    tl.store(O + row_offs, (local + blend * (comp - local)).to(O.dtype.element_ty), mask=in_t[:, None])
     if SAVE:
-        tl.store(DCL + out_offs, (comp - local).to(DCL.dtype.element_ty), mask=in_t[:, None])
-        lse_offs = (b * H + h) * T + offs_m
+        tl.store(DCL + row_offs, (comp - local).to(DCL.dtype.element_ty), mask=in_t[:, None])
+        lse_offs = (b64 * H + h) * 2 * T + offs_m  # LSE [B, H, 2, T]: compressed path, then local path
         lse_c = tl.where(has_c, m_c + tl.log2(tl.where(has_c, l_c, 1.0)), float("inf"))
-        tl.store(LSE_C + lse_offs, lse_c, mask=in_t)
-        tl.store(LSE_L + lse_offs, m_l + tl.log2(tl.where(in_t, l_l, 1.0)), mask=in_t)
+        tl.store(LSE + lse_offs, lse_c, mask=in_t)
+        tl.store(LSE + T + lse_offs, m_l + tl.log2(tl.where(in_t, l_l, 1.0)), mask=in_t)
 
 
 @triton.jit
@@ -144,28 +143,25 @@ def _bwd_dq_path(
 
 @triton.jit
 def _csa_bwd_dq(
-    Q, K, V, KC, VC, BLEND, O, DCL, DO, LSE_C, LSE_L, DQ, DBLEND, DC, DL, DELTA_C, DELTA_L,
-    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
-    skc_b, skc_t, skc_h, svc_b, svc_t, svc_h, sbl_b, sbl_t,
-    T, Tc, H, qk_scale, scale,
-    G: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NL: tl.constexpr,
+    Q, K, V, KC, VC, BLEND, O, DCL, DO, LSE, DQ, DBLEND, DX, DELTA, T, Tc, qk_scale, scale,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr,
+    STORE_DX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NL: tl.constexpr,
 ):
-    m0 = (tl.cdiv(T, BLOCK_M) - 1 - tl.program_id(0)) * BLOCK_M
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M  # late (costly) query blocks first
     b, h = pid_bh // H, pid_bh % H
-    hk = h // G
+    b64 = b.to(tl.int64)
+    hk = h // (H // HKV)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     in_t = offs_m < T
     row = in_t[:, None]
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :], mask=row, other=0.0)
-    offs = ((b * T + offs_m[:, None]) * H + h) * D + offs_d[None, :]  # contiguous [B, T, H, D] tensors
+    offs = ((b64 * T + offs_m[:, None]) * H + h) * D + offs_d[None, :]  # every [B, T, H, D] tensor
+    q = tl.load(Q + offs, mask=row, other=0.0)
     do = tl.load(DO + offs, mask=row, other=0.0).to(tl.float32)
     o = tl.load(O + offs, mask=row, other=0.0).to(tl.float32)
     dcl = tl.load(DCL + offs, mask=row, other=0.0).to(tl.float32)
-    blend = tl.load(BLEND + b * sbl_b + offs_m[:, None] * sbl_t + h * D + offs_d[None, :], mask=row,
-                    other=0.0).to(tl.float32)
+    blend = tl.load(BLEND + offs, mask=row, other=0.0).to(tl.float32)
 
     # Split the gradient over the blend (3) and form each path's softmax-backward delta.
     tl.store(DBLEND + offs, (do * dcl).to(DBLEND.dtype.element_ty), mask=row)
@@ -174,45 +170,55 @@ def _csa_bwd_dq(
     delta_c = tl.sum(dc * (o + (1.0 - blend) * dcl), 1)
     delta_l = tl.sum(dl * (o - blend * dcl), 1)
     dc, dl = dc.to(Q.dtype.element_ty), dl.to(Q.dtype.element_ty)
-    tl.store(DC + offs, dc, mask=row)
-    tl.store(DL + offs, dl, mask=row)
-    lse_offs = (b * H + h) * T + offs_m
-    tl.store(DELTA_C + lse_offs, delta_c, mask=in_t)
-    tl.store(DELTA_L + lse_offs, delta_l, mask=in_t)
-    lse_c = tl.load(LSE_C + lse_offs, mask=in_t, other=float("inf"))
-    lse_l = tl.load(LSE_L + lse_offs, mask=in_t, other=float("inf"))
+    if STORE_DX:
+        dx_offs = (((b64 * T + offs_m[:, None]) * H + h) * 2) * D + offs_d[None, :]  # DX [B, T, H, 2, D]
+        tl.store(DX + dx_offs, dc, mask=row)
+        tl.store(DX + D + dx_offs, dl, mask=row)
+    lse_offs = (b64 * H + h) * 2 * T + offs_m  # DELTA and LSE [B, H, 2, T]
+    tl.store(DELTA + lse_offs, delta_c, mask=in_t)
+    tl.store(DELTA + T + lse_offs, delta_l, mask=in_t)
+    lse_c = tl.load(LSE + lse_offs, mask=in_t, other=float("inf"))
+    lse_l = tl.load(LSE + T + lse_offs, mask=in_t, other=float("inf"))
 
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    KCb, VCb = KC + b * skc_b + hk * skc_h, VC + b * svc_b + hk * svc_h
+    KCb, VCb = KC + (b64 * Tc * HKV + hk) * D, VC + (b64 * Tc * HKV + hk) * D
     mid_c = (m0 // STRIDE) // BLOCK_N * BLOCK_N
     hi_c = tl.minimum((m0 + BLOCK_M - 1) // STRIDE, Tc)
-    dq = _bwd_dq_path(dq, q, dc, lse_c, delta_c, KCb, VCb, skc_t, svc_t, Tc, offs_m, offs_d, 0, mid_c,
+    dq = _bwd_dq_path(dq, q, dc, lse_c, delta_c, KCb, VCb, HKV * D, HKV * D, Tc, offs_m, offs_d, 0, mid_c,
                       qk_scale, NO_MASK, STRIDE, WINDOW, BLOCK_N)
-    dq = _bwd_dq_path(dq, q, dc, lse_c, delta_c, KCb, VCb, skc_t, svc_t, Tc, offs_m, offs_d, mid_c, hi_c,
+    dq = _bwd_dq_path(dq, q, dc, lse_c, delta_c, KCb, VCb, HKV * D, HKV * D, Tc, offs_m, offs_d, mid_c, hi_c,
                       qk_scale, COMP_MASK, STRIDE, WINDOW, BLOCK_N)
-    Kb, Vb = K + b * sk_b + hk * sk_h, V + b * sv_b + hk * sv_h
+    Kb, Vb = K + (b64 * T * HKV + hk) * D, V + (b64 * T * HKV + hk) * D
     lo_l = tl.maximum(m0 - WINDOW + 1, 0)
     hi_l = tl.minimum(m0 + BLOCK_M, T)
-    dq = _bwd_dq_path(dq, q, dl, lse_l, delta_l, Kb, Vb, sk_t, sv_t, T, offs_m, offs_d, lo_l, hi_l,
+    dq = _bwd_dq_path(dq, q, dl, lse_l, delta_l, Kb, Vb, HKV * D, HKV * D, T, offs_m, offs_d, lo_l, hi_l,
                       qk_scale, WINDOW_MASK, STRIDE, WINDOW, BLOCK_NL)
     tl.store(DQ + offs, (dq * scale).to(DQ.dtype.element_ty), mask=row)
 
 
 @triton.jit
 def _bwd_dkv_path(
-    dk, dv, k, v, Q, DX, LSE, DELTA, sq_t, T, H, offs_n, offs_d, lo, hi, qk_scale,
-    MASK: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+    dk, dv, k, v, Q, DX, BL, LSE, DELTA, T, offs_n, offs_d, lo, hi, qk_scale,
+    MASK: tl.constexpr, RECOMPUTE: tl.constexpr, H: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr,
+    WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """dv += P^T dX, dk += dS^T Q over query rows [lo, hi) of one head (transposed tiles [keys, rows]).
 
-    Q, DX point at the head's column in rows 0 (Q strided, DX contiguous [., T, H, D]); LSE, DELTA at
-    the head's [T] row. Rows >= T load lse = inf, so their P is 0.
+    Q points at the head's row 0 of [., T, H, D]; DX at the path's half of [., T, H, 2, D], or with
+    RECOMPUTE at dO (then dX = blend dO on the compressed path, dO - blend dO on the window path, with
+    BL at blend); LSE, DELTA at the head's [T] row of the path. Rows >= T load lse = inf: P is 0.
     """
     for start in range(lo, hi, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         in_t = offs_m < T
-        q = tl.load(Q + offs_m[:, None] * sq_t + offs_d[None, :], mask=in_t[:, None], other=0.0)
-        dx = tl.load(DX + offs_m[:, None] * (H * D) + offs_d[None, :], mask=in_t[:, None], other=0.0)
+        q = tl.load(Q + offs_m[:, None] * (H * D) + offs_d[None, :], mask=in_t[:, None], other=0.0)
+        if RECOMPUTE:
+            do = tl.load(DX + offs_m[:, None] * (H * D) + offs_d[None, :], mask=in_t[:, None], other=0.0)
+            bl = tl.load(BL + offs_m[:, None] * (H * D) + offs_d[None, :], mask=in_t[:, None], other=0.0)
+            dc = bl.to(tl.float32) * do.to(tl.float32)
+            dx = (do.to(tl.float32) - dc if MASK == WINDOW_MASK else dc).to(q.dtype)
+        else:
+            dx = tl.load(DX + offs_m[:, None] * (2 * H * D) + offs_d[None, :], mask=in_t[:, None], other=0.0)
         lse = tl.load(LSE + offs_m, mask=in_t, other=float("inf"))
         delta = tl.load(DELTA + offs_m, mask=in_t, other=0.0)
         pt = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
@@ -225,131 +231,170 @@ def _bwd_dkv_path(
 
 
 @triton.jit
-def _csa_bwd_dkv(
-    Q, KC, VC, K, V, DC, DL, LSE_C, LSE_L, DELTA_C, DELTA_L, DKC, DVC, DK, DV,
-    sq_b, sq_t, sq_h, skc_b, skc_t, skc_h, svc_b, svc_t, svc_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
-    T, Tc, H, Hkv, n_comp_blocks, qk_scale, scale,
-    G: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _dkv_block(
+    Q, KX, VX, DX, DO, BLEND, LSE, DELTA, DKX, DVX, b64, hk, n0, n_keys, T, qk_scale, scale,
+    COMP: tl.constexpr, RECOMPUTE: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+    STRIDE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # compressed key blocks first (they have the longest row loops), then raw ones
-    pid_bh = tl.program_id(1)
-    b, hk = pid_bh // Hkv, pid_bh % Hkv
+    """dK, dV of keys [n0, n0 + BLOCK_N) of KV head hk, summed over its G query heads.
+
+    COMP: compressed keys j (row t sees j iff t >= STRIDE (j + 1): rows from STRIDE (n0 + 1) see part of
+    the block, rows from STRIDE (n0 + BLOCK_N) all of it) against dC, else raw keys s (rows s .. s +
+    WINDOW - 1 see them, all tiles masked) against dL.
+    """
+    G = H // HKV
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
+    in_kv = offs_n[:, None] < n_keys
+    kv_offs = ((b64 * n_keys + offs_n[:, None]) * HKV + hk) * D + offs_d[None, :]  # contiguous [B, ., HKV, D]
+    k = tl.load(KX + kv_offs, mask=in_kv, other=0.0)
+    v = tl.load(VX + kv_offs, mask=in_kv, other=0.0)
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-    is_comp = pid < n_comp_blocks
-    if is_comp:
-        # compressed keys j in [n0, n0 + BLOCK_N): row t sees j iff t >= STRIDE (j + 1), so rows from
-        # STRIDE (n0 + 1) see part of the block and rows from STRIDE (n0 + BLOCK_N) all of it.
-        n0 = pid * BLOCK_N
-        n_keys = Tc
-        Kx, Vx, sx_t, svx_t = KC + b * skc_b + hk * skc_h, VC + b * svc_b + hk * svc_h, skc_t, svc_t
+    half = 0 if COMP else 1  # the path's half of DX [B, T, H, 2, D] and of LSE, DELTA [B, H, 2, T]
+    for h in range(hk * G, hk * G + G):
+        Qh, BLh = Q + b64 * T * H * D + h * D, BLEND + b64 * T * H * D + h * D
+        if RECOMPUTE:
+            DXh = DO + b64 * T * H * D + h * D
+        else:
+            DXh = DX + b64 * T * H * 2 * D + (h * 2 + half) * D
+        LSEh, DELTAh = LSE + ((b64 * H + h) * 2 + half) * T, DELTA + ((b64 * H + h) * 2 + half) * T
+        if COMP:
+            lo = STRIDE * (n0 + 1)  # rows [lo, mid) need the visibility mask, rows [mid, T) see every key
+            mid = tl.minimum(lo + tl.cdiv(STRIDE * (BLOCK_N - 1), BLOCK_M) * BLOCK_M, T)
+            dk, dv = _bwd_dkv_path(dk, dv, k, v, Qh, DXh, BLh, LSEh, DELTAh, T, offs_n, offs_d, lo, mid,
+                                   qk_scale, COMP_MASK, RECOMPUTE, H, D, STRIDE, WINDOW, BLOCK_M)
+            dk, dv = _bwd_dkv_path(dk, dv, k, v, Qh, DXh, BLh, LSEh, DELTAh, T, offs_n, offs_d, mid, T,
+                                   qk_scale, NO_MASK, RECOMPUTE, H, D, STRIDE, WINDOW, BLOCK_M)
+        else:
+            hi = tl.minimum(n0 + BLOCK_N + WINDOW - 1, T)
+            dk, dv = _bwd_dkv_path(dk, dv, k, v, Qh, DXh, BLh, LSEh, DELTAh, T, offs_n, offs_d, n0, hi,
+                                   qk_scale, WINDOW_MASK, RECOMPUTE, H, D, STRIDE, WINDOW, BLOCK_M)
+    tl.store(DKX + kv_offs, (dk * scale).to(DKX.dtype.element_ty), mask=in_kv)
+    tl.store(DVX + kv_offs, dv.to(DVX.dtype.element_ty), mask=in_kv)
+
+
+@triton.jit
+def _csa_bwd_dkv(
+    Q, KC, VC, K, V, DX, DO, BLEND, LSE, DELTA, DKC, DVC, DK, DV, T, Tc, qk_scale, scale,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_MR: tl.constexpr, BLOCK_NR: tl.constexpr,
+    RECOMPUTE_DX: tl.constexpr, HEAVY_FIRST: tl.constexpr,
+):
+    """Compressed key blocks of BLOCK_N (rows in tiles of BLOCK_M), then raw key blocks of BLOCK_NR (rows
+    in tiles of BLOCK_MR). HEAVY_FIRST: grid (B Hkv, blocks), so the compressed block 0 of every head
+    (the longest row loops) starts first; else grid (blocks, B Hkv), the blocks of one head together."""
+    pid_bh = tl.program_id(0 if HEAVY_FIRST else 1)
+    pid = tl.program_id(1 if HEAVY_FIRST else 0)
+    b64 = (pid_bh // HKV).to(tl.int64)
+    hk = pid_bh % HKV
+    n_comp_blocks = tl.cdiv(Tc, BLOCK_N)
+    if pid < n_comp_blocks:
+        _dkv_block(Q, KC, VC, DX, DO, BLEND, LSE, DELTA, DKC, DVC, b64, hk, pid * BLOCK_N, Tc, T, qk_scale,
+                   scale, True, RECOMPUTE_DX, H, HKV, D, STRIDE, WINDOW, BLOCK_M, BLOCK_N)
     else:
-        # raw keys s in [n0, n0 + BLOCK_N): rows s .. s + WINDOW - 1 see them, all tiles masked.
-        n0 = (pid - n_comp_blocks) * BLOCK_N
-        n_keys = T
-        Kx, Vx, sx_t, svx_t = K + b * sk_b + hk * sk_h, V + b * sv_b + hk * sv_h, sk_t, sv_t
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    in_kv = offs_n[:, None] < n_keys
-    k = tl.load(Kx + offs_n[:, None] * sx_t + offs_d[None, :], mask=in_kv, other=0.0)
-    v = tl.load(Vx + offs_n[:, None] * svx_t + offs_d[None, :], mask=in_kv, other=0.0)
-    Qb, dx_off, lse_off = Q + b * sq_b, b * T * H * D, b * H * T
-    if is_comp:
-        lo = STRIDE * (n0 + 1)  # rows [lo, mid) need the visibility mask, rows [mid, T) see every key
-        mid = tl.minimum(lo + tl.cdiv(STRIDE * (BLOCK_N - 1), BLOCK_M) * BLOCK_M, T)
-        for h in range(hk * G, hk * G + G):
-            DXh, LSEh, DELTAh = DC + dx_off + h * D, LSE_C + lse_off + h * T, DELTA_C + lse_off + h * T
-            dk, dv = _bwd_dkv_path(dk, dv, k, v, Qb + h * sq_h, DXh, LSEh, DELTAh, sq_t, T, H, offs_n, offs_d,
-                                   lo, mid, qk_scale, COMP_MASK, D, STRIDE, WINDOW, BLOCK_M)
-            dk, dv = _bwd_dkv_path(dk, dv, k, v, Qb + h * sq_h, DXh, LSEh, DELTAh, sq_t, T, H, offs_n, offs_d,
-                                   mid, T, qk_scale, NO_MASK, D, STRIDE, WINDOW, BLOCK_M)
-    else:
-        hi = tl.minimum(n0 + BLOCK_N + WINDOW - 1, T)
-        for h in range(hk * G, hk * G + G):
-            DXh, LSEh, DELTAh = DL + dx_off + h * D, LSE_L + lse_off + h * T, DELTA_L + lse_off + h * T
-            dk, dv = _bwd_dkv_path(dk, dv, k, v, Qb + h * sq_h, DXh, LSEh, DELTAh, sq_t, T, H, offs_n, offs_d,
-                                   n0, hi, qk_scale, WINDOW_MASK, D, STRIDE, WINDOW, BLOCK_M)
-    out_offs = ((b * n_keys + offs_n[:, None]) * Hkv + hk) * D + offs_d[None, :]  # contiguous outputs
-    if is_comp:
-        tl.store(DKC + out_offs, (dk * scale).to(DKC.dtype.element_ty), mask=in_kv)
-        tl.store(DVC + out_offs, dv.to(DVC.dtype.element_ty), mask=in_kv)
-    else:
-        tl.store(DK + out_offs, (dk * scale).to(DK.dtype.element_ty), mask=in_kv)
-        tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=in_kv)
+        _dkv_block(Q, K, V, DX, DO, BLEND, LSE, DELTA, DK, DV, b64, hk, (pid - n_comp_blocks) * BLOCK_NR, T, T,
+                   qk_scale, scale, False, RECOMPUTE_DX, H, HKV, D, STRIDE, WINDOW, BLOCK_MR, BLOCK_NR)
 
 
 # Tile shapes and launch settings per kernel: the fastest correct ones of bench/csa.py's sweep on an H100
-# (B 16, T 1024, H 9, Hkv 3, D 64; profiles/csa.json "sweep"). BLOCK_N tiles compressed keys (raw keys
-# in _bwd_dkv), BLOCK_NL the window's raw keys.
+# (sum of the B 16 and B 64 times at T 1024, H 9, Hkv 3, D 64; profiles/csa.json "sweep"). BLOCK_N tiles
+# compressed keys, BLOCK_NL the window's raw keys, BLOCK_NR raw key blocks in _csa_bwd_dkv; BLOCK_M and
+# BLOCK_MR tile query rows. RECOMPUTE_DX and HEAVY_FIRST: see _csa_bwd_dkv.
 CONFIG = {
     "fwd": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_NL=64, num_warps=4, num_stages=3),
-    "bwd_dq": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_NL=128, num_warps=4, num_stages=3),
-    "bwd_dkv": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
+    "bwd_dq": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_NL=64, num_warps=4, num_stages=3),
+    "bwd_dkv": dict(
+        BLOCK_M=32, BLOCK_N=64, BLOCK_MR=32, BLOCK_NR=64, RECOMPUTE_DX=False, HEAVY_FIRST=True, num_warps=4,
+        num_stages=3,
+    ),
 }
 
 
-def _strides(*xs: torch.Tensor) -> list[int]:
-    """(batch, time, head) strides of each [B, T, H, D] tensor; blend [B, T, H * D] gives (batch, time)."""
-    return [s for x in xs for s in x.stride()[:-1]]
+def _launch(kernel, grid: tuple[int, int, int], *args, **meta) -> None:
+    """kernel[grid](*args, **meta), with Triton's per-call argument binding skipped after the first call.
+
+    Triton specializes a compiled kernel on the dtypes and 16-byte alignment of pointer arguments and on
+    integers being 1 or multiples of 16; keyed on the same facts, the compiled kernel of a first launch
+    is reused through its own launcher (tens of microseconds less host time per launch). The
+    interpreter (CPU tensors) always takes the plain path.
+    """
+    if not (FAST_LAUNCH and args[0].is_cuda):
+        kernel[grid](*args, **meta)
+        return
+    key = (kernel, torch.cuda.current_device(), tuple(_spec(a) for a in args), *meta.items())
+    entry = _COMPILED.get(key)
+    if entry is None:
+        compiled = kernel[grid](*args, **meta)
+        compiled = compiled.result() if hasattr(compiled, "result") else compiled  # async compile future
+        _COMPILED[key] = (compiled, [meta[p.name] for p in kernel.params if p.is_constexpr])
+        return
+    compiled, constexprs = entry
+    compiled[grid](*args, *constexprs)  # constexprs are the last parameters of every kernel here
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """The kernels index the last dim with stride 1; anything else is copied once."""
-    return x if x.stride(-1) == 1 else x.contiguous()
+def _spec(a) -> object:
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    if isinstance(a, int):
+        return a == 1, a % 16 == 0, a.bit_length() > 31
+    return None  # floats are not specialized
+
+
+_COMPILED: dict = {}
+FAST_LAUNCH = True  # False: every launch through Triton's JIT front end (bench/csa.py measures both)
 
 
 def csa_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
     blend: torch.Tensor, window: int, stride: int, scale: float, save: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward; returns o [B, T, H, D] and, when `save`, dcl = comp - local and the two
-    log2-sum-exps [B, H, T] (fp32; +inf for rows without a visible compressed block), else empty ones."""
-    q, k, v, kc, vc, blend = (_rows(x) for x in (q, k, v, kc, vc, blend))
+    log2-sum-exps [B, H, 2, T] (fp32; compressed path first, +inf for rows without a visible compressed
+    block), else empty ones. Inputs are made contiguous (a no-op for the model's tensors)."""
+    q, k, v, kc, vc, blend = (x.contiguous() for x in (q, k, v, kc, vc, blend))
     B, T, H, D = q.shape
     Hkv, Tc = k.shape[2], kc.shape[1]
-    o = torch.empty(B, T, H, D, device=q.device, dtype=q.dtype)
+    o = torch.empty_like(q)
     if save:
-        dcl = torch.empty_like(o)
-        lse_c, lse_l = (torch.empty(B, H, T, device=q.device, dtype=torch.float32) for _ in range(2))
+        dcl = torch.empty_like(q)
+        lse = torch.empty(B, H, 2, T, device=q.device, dtype=torch.float32)
     else:
-        dcl, lse_c, lse_l = (o.new_empty(0) for _ in range(3))
+        dcl, lse = q.new_empty(0), q.new_empty(0, dtype=torch.float32)
     cfg = CONFIG["fwd"]
-    grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * H)
-    _csa_fwd[grid](
-        q, k, v, kc, vc, blend, o, dcl, lse_c, lse_l, *_strides(q, k, v, kc, vc, blend),
-        T, Tc, H, scale * LOG2E, G=H // Hkv, D=D, STRIDE=stride, WINDOW=window, SAVE=save, **cfg,
+    _launch(
+        _csa_fwd, (B * H, triton.cdiv(T, cfg["BLOCK_M"]), 1), q, k, v, kc, vc, blend, o, dcl, lse, T, Tc,
+        scale * LOG2E, H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window, SAVE=save, **cfg,
     )
-    return o, dcl, lse_c, lse_l
+    return o, dcl, lse
 
 
 def csa_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
-    blend: torch.Tensor, o: torch.Tensor, dcl: torch.Tensor, lse_c: torch.Tensor, lse_l: torch.Tensor,
-    window: int, stride: int, scale: float,
+    blend: torch.Tensor, o: torch.Tensor, dcl: torch.Tensor, lse: torch.Tensor, window: int, stride: int,
+    scale: float,
 ) -> tuple[torch.Tensor, ...]:
     """Launch the backward; returns dq, dk, dv, dkc, dvc, dblend (contiguous, in the inputs' dtypes)."""
-    q, k, v, kc, vc, blend = (_rows(x) for x in (q, k, v, kc, vc, blend))
-    do = do.contiguous()
+    q, k, v, kc, vc, blend, do = (x.contiguous() for x in (q, k, v, kc, vc, blend, do))
     B, T, H, D = q.shape
     Hkv, Tc = k.shape[2], kc.shape[1]
-    dq, dc, dl = (torch.empty_like(o) for _ in range(3))
-    dblend = torch.empty(B, T, H * D, device=q.device, dtype=blend.dtype)
-    delta_c, delta_l = torch.empty_like(lse_c), torch.empty_like(lse_l)
-    cfg = CONFIG["bwd_dq"]
-    _csa_bwd_dq[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
-        q, k, v, kc, vc, blend, o, dcl, do, lse_c, lse_l, dq, dblend, dc, dl, delta_c, delta_l,
-        *_strides(q, k, v, kc, vc, blend), T, Tc, H, scale * LOG2E, scale,
-        G=H // Hkv, D=D, STRIDE=stride, WINDOW=window, **cfg,
+    dq, dblend = torch.empty_like(q), torch.empty_like(blend)
+    cfg_dq, cfg_dkv = CONFIG["bwd_dq"], CONFIG["bwd_dkv"]
+    store_dx = not cfg_dkv["RECOMPUTE_DX"]
+    # dC = blend dO, dL = dO - dC for the key-block launch, unless it recomputes them from dO and blend
+    dx = torch.empty(B, T, H, 2, D, device=q.device, dtype=q.dtype) if store_dx else q.new_empty(0)
+    delta = torch.empty_like(lse)
+    _launch(
+        _csa_bwd_dq, (B * H, triton.cdiv(T, cfg_dq["BLOCK_M"]), 1), q, k, v, kc, vc, blend, o, dcl, do, lse,
+        dq, dblend, dx, delta, T, Tc, scale * LOG2E, scale, H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window,
+        STORE_DX=store_dx, **cfg_dq,
     )
-    dkc, dvc = (torch.empty(B, Tc, Hkv, D, device=q.device, dtype=x.dtype) for x in (kc, vc))
-    dk, dv = (torch.empty(B, T, Hkv, D, device=q.device, dtype=x.dtype) for x in (k, v))
-    cfg = CONFIG["bwd_dkv"]
-    n_comp = triton.cdiv(Tc, cfg["BLOCK_N"])
-    _csa_bwd_dkv[(n_comp + triton.cdiv(T, cfg["BLOCK_N"]), B * Hkv)](
-        q, kc, vc, k, v, dc, dl, lse_c, lse_l, delta_c, delta_l, dkc, dvc, dk, dv,
-        *_strides(q, kc, vc, k, v), T, Tc, H, Hkv, n_comp, scale * LOG2E, scale,
-        G=H // Hkv, D=D, STRIDE=stride, WINDOW=window, **cfg,
+    dk, dv, dkc, dvc = (torch.empty_like(x) for x in (k, v, kc, vc))
+    n_blocks = triton.cdiv(Tc, cfg_dkv["BLOCK_N"]) + triton.cdiv(T, cfg_dkv["BLOCK_NR"])
+    grid = (B * Hkv, n_blocks, 1) if cfg_dkv["HEAVY_FIRST"] else (n_blocks, B * Hkv, 1)
+    _launch(
+        _csa_bwd_dkv, grid, q, kc, vc, k, v, dx, do, blend, lse, delta, dkc, dvc, dk, dv, T, Tc,
+        scale * LOG2E, scale, H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window, **cfg_dkv,
     )
     return dq, dk, dv, dkc, dvc, dblend
 
@@ -359,7 +404,7 @@ def csa_bwd(
 def _csa_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
     blend: torch.Tensor, window: int, stride: int, scale: float, save: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return csa_fwd(q, k, v, kc, vc, blend, window, stride, scale, save)
 
 
@@ -368,22 +413,21 @@ def _(q, k, v, kc, vc, blend, window, stride, scale, save):
     B, T, H, D = q.shape
     o = q.new_empty(B, T, H, D)
     if not save:
-        return o, q.new_empty(0), q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
-    lse = q.new_empty(B, H, T, dtype=torch.float32)
-    return o, torch.empty_like(o), lse, torch.empty_like(lse)
+        return o, q.new_empty(0), q.new_empty(0, dtype=torch.float32)
+    return o, torch.empty_like(o), q.new_empty(B, H, 2, T, dtype=torch.float32)
 
 
 @torch.library.custom_op("hyla::csa_bwd", mutates_args=())
 def _csa_bwd_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
-    blend: torch.Tensor, o: torch.Tensor, dcl: torch.Tensor, lse_c: torch.Tensor, lse_l: torch.Tensor,
-    window: int, stride: int, scale: float,
+    blend: torch.Tensor, o: torch.Tensor, dcl: torch.Tensor, lse: torch.Tensor, window: int, stride: int,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return csa_bwd(do, q, k, v, kc, vc, blend, o, dcl, lse_c, lse_l, window, stride, scale)
+    return csa_bwd(do, q, k, v, kc, vc, blend, o, dcl, lse, window, stride, scale)
 
 
 @_csa_bwd_op.register_fake
-def _(do, q, k, v, kc, vc, blend, o, dcl, lse_c, lse_l, window, stride, scale):
+def _(do, q, k, v, kc, vc, blend, o, dcl, lse, window, stride, scale):
     B, T, H, D = q.shape
     return (
         q.new_empty(B, T, H, D), k.new_empty(k.shape), v.new_empty(v.shape), kc.new_empty(kc.shape),
@@ -393,13 +437,13 @@ def _(do, q, k, v, kc, vc, blend, o, dcl, lse_c, lse_l, window, stride, scale):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, kc, vc, blend, ctx.window, ctx.stride, ctx.scale, save = inputs
-    o, dcl, lse_c, lse_l = output
-    ctx.save_for_backward(q, k, v, kc, vc, blend, o, dcl, lse_c, lse_l)
+    o, dcl, lse = output
+    ctx.save_for_backward(q, k, v, kc, vc, blend, o, dcl, lse)
 
 
 def _backward(ctx, do, *unused):
-    q, k, v, kc, vc, blend, o, dcl, lse_c, lse_l = ctx.saved_tensors
-    grads = _csa_bwd_op(do, q, k, v, kc, vc, blend, o, dcl, lse_c, lse_l, ctx.window, ctx.stride, ctx.scale)
+    q, k, v, kc, vc, blend, o, dcl, lse = ctx.saved_tensors
+    grads = _csa_bwd_op(do, q, k, v, kc, vc, blend, o, dcl, lse, ctx.window, ctx.stride, ctx.scale)
     return (*grads, None, None, None, None)
 
 
@@ -423,8 +467,8 @@ class _CSAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, kc, vc, blend, window, stride, scale):
-        o, dcl, lse_c, lse_l = csa_fwd(q, k, v, kc, vc, blend, window, stride, scale, True)
-        ctx.save_for_backward(q, k, v, kc, vc, blend, o, dcl, lse_c, lse_l)
+        o, dcl, lse = csa_fwd(q, k, v, kc, vc, blend, window, stride, scale, True)
+        ctx.save_for_backward(q, k, v, kc, vc, blend, o, dcl, lse)
         ctx.window, ctx.stride, ctx.scale = window, stride, scale
         return o
 
@@ -444,7 +488,7 @@ def csa_attention_triton(
     through the torch.library ops (hyla::csa_fwd / hyla::csa_bwd), in eager through an autograd.Function.
     """
     check_inputs(q, k, v, kc, vc, blend)
-    k, v, kc, vc = (x.to(q.dtype) for x in (k, v, kc, vc))
+    k, v, kc, vc = (x if x.dtype == q.dtype else x.to(q.dtype) for x in (k, v, kc, vc))
     save = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, kc, vc, blend))
     if torch.compiler.is_compiling():  # opaque ops in the graph
         return _csa_fwd_op(q, k, v, kc, vc, blend, window, stride, scale, save)[0]
