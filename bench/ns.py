@@ -206,6 +206,7 @@ def optimizer_step(records: dict) -> dict:
     out["muon_only_ms"] = median_ms(opts[0].step, warmup=5, rep=300)
     out["adamw_only_ms"] = median_ms(opts[1].step, warmup=5, rep=300)
     out["train_optim_host_ms"] = host_ms(step_train)
+    out["muon_only_host_ms"] = host_ms(opts[0].step)
     addresses = triton_ns.muon_addresses
     triton_ns.muon_addresses = lambda ts: None  # declines the fused path
     try:
@@ -225,6 +226,7 @@ def optimizer_step(records: dict) -> dict:
 # The tiny set with FMA ("ieee") products took 0.43-0.70 ms whatever the K step (64..512). Kept below: the
 # close calls, timed again beside the defaults.
 SWEEP = [
+    ("tiny", dict(fp32_dot="ieee")),
     ("tiny", dict(bk=256)),
     ("main", dict(bm=128, bn=256, bk3=64, warps3=8, stages3=3)),
     ("main", dict(bm=128, bn=128, bk3=64, warps3=4, stages3=3)),
@@ -518,7 +520,11 @@ def markdown(rec: dict) -> str:
     if "sweep" in rec:
         lines += ["", "Tile-config sweep (ms, whole call on the named set):", ""]
         for k, v in rec["sweep"].items():
-            lines.append(f"- {k}: " + (f"{v['ms']:.3f} ms" if "ms" in v else v["error"]))
+            if isinstance(v, dict):
+                st = v.get("stages_us", {}).get("set0")
+                lines.append(f"- {k}: " + (f"{v['ms']:.3f} ms, stage sums (us) {st}" if "ms" in v else v["error"]))
+            else:
+                lines.append(f"- {k}: {v}")
     lines += ["", f"Optimizer step: {json.dumps(rec.get('optimizer'))}", "", "Summary: " + json.dumps(s), ""]
     return "\n".join(lines)
 
