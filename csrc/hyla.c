@@ -831,29 +831,45 @@ static void product_rows(const Hyla *m, const Product *p, const float *x, int T,
     }
 }
 
+/* This thread's share of W's rows, [*r0, *r1): an even split, in whole 16-row blocks for packed int8. */
+static void row_share(const Mat *W, int *r0, int *r1) {
+#ifdef _OPENMP
+    int nt = omp_get_num_threads(), id = omp_get_thread_num();
+#else
+    int nt = 1, id = 0;
+#endif
+    int unit = W->pk ? VNNI_ROWS : 1, units = (W->rows + unit - 1) / unit;
+    *r0 = (int)((long)units * id / nt) * unit;
+    *r1 = (int)((long)units * (id + 1) / nt) * unit;
+    *r1 = *r1 < W->rows ? *r1 : W->rows;
+}
+
+/* Inside a parallel region: this thread's rows of the n products that share the input x (quantized
+ * already when the weights are int8). */
+static void products_share(const Hyla *m, const float *x, int T, int n, const Product *p) {
+    for (int k = 0; k < n; k++) {
+        int r0, r1;
+        row_share(p[k].W, &r0, &r1);
+        product_rows(m, &p[k], x, T, r0, r1);
+    }
+}
+
+static long product_work(int T, int n, const Product *p) {
+    long work = 0;
+    for (int k = 0; k < n; k++) work += (long)p[k].W->rows * p[k].W->cols * T;
+    return work;
+}
+
+static void quantize_input(Hyla *m, const float *x, int T, const Mat *W) {
+    if (W->dtype == DT_Q8) quantize_rows(m->xq, m->xqs, m->xqsum, x, T, W->cols);
+}
+
 /* Products that share their input x [T, cols], in one parallel region (one fork/join): every thread
  * takes an even share of every matrix's rows. */
 static void matmuls(Hyla *m, const float *x, int T, int n, const Product *p) {
-    long work = 0;
-    int q8 = 0;
-    for (int k = 0; k < n; k++) {
-        work += (long)p[k].W->rows * p[k].W->cols * T;
-        q8 |= p[k].W->dtype == DT_Q8;
-    }
-    if (q8) quantize_rows(m->xq, m->xqs, m->xqsum, x, T, p[0].W->cols);
-#pragma omp parallel if (work >= PAR_MIN)
-    {
-#ifdef _OPENMP
-        int nt = omp_get_num_threads(), id = omp_get_thread_num();
-#else
-        int nt = 1, id = 0;
-#endif
-        for (int k = 0; k < n; k++) { /* packed int8 rows go in whole blocks of 16 */
-            int rows = p[k].W->rows, unit = p[k].W->pk ? VNNI_ROWS : 1, units = (rows + unit - 1) / unit;
-            int r0 = (int)((long)units * id / nt) * unit, r1 = (int)((long)units * (id + 1) / nt) * unit;
-            product_rows(m, &p[k], x, T, r0, r1 < rows ? r1 : rows);
-        }
-    }
+    quantize_input(m, x, T, p[0].W);
+#pragma omp parallel if (product_work(T, n, p) >= PAR_MIN)
+    products_share(m, x, T, n, p);
 }
 
 static void matmul(Hyla *m, float *y, const float *x, int T, const Mat *W) {
@@ -941,40 +957,38 @@ static float *thread_scores(Hyla *m) {
 
 /* ----------------------------------------------------------------------------- mixers */
 
-/* q|gate = wq xn, k = wk xn, v = wv xn (and the CSA blend gate when `blend`); q and k RMS-normed per head,
- * then RoPE'd; kraw keeps k before RoPE. */
+/* q|gate = wq xn, k = wk xn, v = wv xn (and the CSA blend gate when `blend`); k RMS-normed per head,
+ * then RoPE'd (kraw keeps k before RoPE); q is normed per head where it is used (head_query). */
 static void attn_project(Hyla *m, const Layer *L, int T, int blend) {
     const HylaConfig *c = &m->c;
-    int H = c->n_heads, Hkv = c->n_kv_heads, D = c->head_dim, kv = Hkv * D;
+    int Hkv = c->n_kv_heads, D = c->head_dim, kv = Hkv * D;
     float eps = (float)c->norm_eps;
     Product p[4] = {{m->p1, &L->wq}, {m->kb, &L->wk}, {m->vb, &L->wv}, {m->blend, &L->blend_gate}};
     matmuls(m, m->xn, T, blend ? 4 : 3, p);
-    for (int t = 0; t < T; t++) {
-        for (int h = 0; h < H; h++) {
-            float *q = m->p1 + (size_t)t * 2 * H * D + h * 2 * D; /* [q | gate] */
-            rmsnorm(q, q, L->q_norm, D, eps, 1.0f);
-            rope(m, q, m->pos + t);
-        }
+    for (int t = 0; t < T; t++)
         for (int h = 0; h < Hkv; h++) {
             float *k = m->kb + (size_t)t * kv + h * D;
             rmsnorm(k, k, L->k_norm, D, eps, 1.0f);
             memcpy(m->kraw + (size_t)t * kv + h * D, k, sizeof(float) * D);
             rope(m, k, m->pos + t);
         }
-    }
 }
 
-/* ctx * sigmoid(gate), then wo, into m->f */
-static void attn_output(Hyla *m, const Layer *L, int T) {
-    const HylaConfig *c = &m->c;
-    int H = c->n_heads, D = c->head_dim;
-    for (int t = 0; t < T; t++)
-        for (int h = 0; h < H; h++) {
-            float *o = m->ctx + (size_t)t * H * D + h * D;
-            const float *gate = m->p1 + (size_t)t * 2 * H * D + h * 2 * D + D;
-            for (int i = 0; i < D; i++) o[i] *= sigmoidf(gate[i]);
-        }
-    matmul(m, m->f, m->ctx, T, &L->wo);
+/* The query of head h at token t (p1 holds [q | gate] per head), RMS-normed and RoPE'd in place. */
+static const float *head_query(Hyla *m, const Layer *L, int t, int h) {
+    int H = m->c.n_heads, D = m->c.head_dim;
+    float *q = m->p1 + (size_t)t * 2 * H * D + h * 2 * D;
+    rmsnorm(q, q, L->q_norm, D, (float)m->c.norm_eps, 1.0f);
+    rope(m, q, m->pos + t);
+    return q;
+}
+
+/* ctx of head h at token t times sigmoid(gate) */
+static void gate_head(Hyla *m, int t, int h) {
+    int H = m->c.n_heads, D = m->c.head_dim;
+    float *o = m->ctx + (size_t)t * H * D + h * D;
+    const float *gate = m->p1 + (size_t)t * 2 * H * D + h * 2 * D + D;
+    for (int i = 0; i < D; i++) o[i] *= sigmoidf(gate[i]);
 }
 
 static void full_attention(Hyla *m, const Layer *L, LayerState *s, int T) {
@@ -987,12 +1001,12 @@ static void full_attention(Hyla *m, const Layer *L, LayerState *s, int T) {
 #pragma omp parallel for collapse(2) schedule(dynamic) if ((long)T * H * (m->pos + T) * D >= PAR_MIN_ATTN)
     for (int t = 0; t < T; t++)
         for (int h = 0; h < H; h++) {
-            const float *q = m->p1 + (size_t)t * 2 * H * D + h * 2 * D;
             int kvh = h / group;
-            attend(m->ctx + (size_t)t * H * D + h * D, q, s->k + kvh * D, s->v + kvh * D, kv, m->pos + t + 1, D, scale,
-                   thread_scores(m));
+            attend(m->ctx + (size_t)t * H * D + h * D, head_query(m, L, t, h), s->k + kvh * D, s->v + kvh * D, kv,
+                   m->pos + t + 1, D, scale, thread_scores(m));
+            gate_head(m, t, h);
         }
-    attn_output(m, L, T);
+    matmul(m, m->f, m->ctx, T, &L->wo);
 }
 
 /* CSA: per token, in order: the local path over the window ring, the compressed path over finished
@@ -1013,7 +1027,7 @@ static void csa(Hyla *m, const Layer *L, LayerState *s, int T) {
 #pragma omp parallel for schedule(static) if ((long)H * (n_local + n_comp) * D >= PAR_MIN_ATTN)
         for (int h = 0; h < H; h++) {
             float local[512], comp[512]; /* head_dim <= 512 (checked at load) */
-            const float *q = m->p1 + (size_t)t * 2 * H * D + h * 2 * D;
+            const float *q = head_query(m, L, t, h);
             int kvh = h / group;
             float *sc = thread_scores(m);
             /* ring slots hold positions p - n_local + 1 .. p; softmax does not depend on their order */
@@ -1023,6 +1037,7 @@ static void csa(Hyla *m, const Layer *L, LayerState *s, int T) {
             float *o = m->ctx + (size_t)t * H * D + h * D;
             const float *b = m->blend + (size_t)t * H * D + h * D;
             for (int i = 0; i < D; i++) o[i] = local[i] + sigmoidf(b[i]) * (comp[i] - local[i]);
+            gate_head(m, t, h);
         }
         for (int i = 0; i < kv; i++) {
             s->pend_k[i] += m->kraw[(size_t)t * kv + i];
@@ -1038,29 +1053,29 @@ static void csa(Hyla *m, const Layer *L, LayerState *s, int T) {
             memset(s->pend_v, 0, sizeof(float) * kv);
         }
     }
-    attn_output(m, L, T);
+    matmul(m, m->f, m->ctx, T, &L->wo);
 }
 
-/* One token of the delta rule on columns [j0, j1) of one head's state S [Dk, Dv] (see gdn below), as
+/* One token of the delta rule on one head's state S [Dk, Dv] (see gdn below), as
  * one read pass and one update pass: with d = exp(g),
  *   u = beta (v - d S^T k),  o = S_t^T q = d S^T q + (k . q) u,  S_t = d S + k u^T. */
-HOT static void gdn_step(float *S, int Dg, int j0, int j1, const float *q, const float *k, const float *v, float beta,
-                         float decay, float *o) {
+HOT static void gdn_step(float *S, int Dg, const float *q, const float *k, const float *v, float beta, float decay,
+                         float *o) {
     float sk[512], sq[512], u[512], kq = 0; /* Dg <= 512 (checked at load) */
     for (int i = 0; i < Dg; i++) kq += k[i] * q[i];
-    for (int j = j0; j < j1; j++) sk[j] = sq[j] = 0;
+    for (int j = 0; j < Dg; j++) sk[j] = sq[j] = 0;
     for (int i = 0; i < Dg; i++) {
         const float *row = S + (size_t)i * Dg;
         float ki = k[i], qi = q[i];
-        for (int j = j0; j < j1; j++) { sk[j] += row[j] * ki; sq[j] += row[j] * qi; }
+        for (int j = 0; j < Dg; j++) { sk[j] += row[j] * ki; sq[j] += row[j] * qi; }
     }
-    for (int j = j0; j < j1; j++) {
+    for (int j = 0; j < Dg; j++) {
         u[j] = beta * (v[j] - decay * sk[j]);
         o[j] = decay * sq[j] + kq * u[j];
     }
     for (int i = 0; i < Dg; i++) {
         float *row = S + (size_t)i * Dg, ki = k[i];
-        for (int j = j0; j < j1; j++) row[j] = decay * row[j] + ki * u[j];
+        for (int j = 0; j < Dg; j++) row[j] = decay * row[j] + ki * u[j];
     }
 }
 
@@ -1086,58 +1101,67 @@ HOT static void conv_silu(float *x, int ld, int T, int n, int K, float *hist, co
  *   S_t = exp(g_t) S_{t-1} + k_t (beta_t (v_t - exp(g_t) S_{t-1}^T k_t))^T,  o_t = S_t^T q_t / sqrt(Dk)
  * with L2-normed q, k, g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b); output
  * w * rmsnorm(o) * silu(z) per head, then out_proj. */
-static void gdn(Hyla *m, const Layer *L, LayerState *s, int T) {
+/* Everything of one head after the input projections, for T tokens: conv + SiLU of its q, k, v
+ * channels, L2-normed q and k, beta and the decay, the delta rule, w * rmsnorm(o) * silu(z) into ctx. */
+static void gdn_head(Hyla *m, const Layer *L, LayerState *s, int T, int h) {
     const HylaConfig *c = &m->c;
     int Hg = c->gdn_heads, Dg = c->gdn_head_dim, HD = Hg * Dg, C = 3 * HD, K = c->gdn_conv;
     float *qkv = m->p1, *z = m->p2, *b = m->ba, *a = m->ba + (size_t)T * Hg;
-    Product p[4] = {{qkv, &L->in_qkv}, {z, &L->in_z}, {b, &L->in_b}, {a, &L->in_a}};
-    matmuls(m, m->xn, T, 4, p);
-#pragma omp parallel for schedule(static) if ((long)C * T * K >= PAR_MIN)
-    for (int c0 = 0; c0 < C; c0 += 64)
-        conv_silu(qkv + c0, C, T, c0 + 64 < C ? 64 : C - c0, K, s->conv + c0, s->convw + c0);
-    float qscale = 1.0f / sqrtf((float)Dg), eps = (float)c->norm_eps;
-    for (int t = 0; t < T; t++) /* per token and head: normed q, k; beta and the decay exp(g) in place of b, a */
-        for (int h = 0; h < Hg; h++) {
-            float *q = qkv + (size_t)t * C + h * Dg, *k = q + HD, qq = 0, kk = 0;
+    for (int part = 0; part < 3; part++) /* q, k, v */
+        for (int c0 = part * HD + h * Dg; c0 < part * HD + (h + 1) * Dg; c0 += 64) {
+            int n = part * HD + (h + 1) * Dg - c0 < 64 ? part * HD + (h + 1) * Dg - c0 : 64;
+            conv_silu(qkv + c0, C, T, n, K, s->conv + c0, s->convw + c0);
+        }
+    float qscale = 1.0f / sqrtf((float)Dg), eps = (float)c->norm_eps, decay_rate = expf(L->A_log[h]);
+    for (int t = 0; t < T; t++) {
+        float *q = qkv + (size_t)t * C + h * Dg, *k = q + HD, qq = 0, kk = 0;
 #pragma omp simd reduction(+ : qq, kk)
-            for (int i = 0; i < Dg; i++) { qq += q[i] * q[i]; kk += k[i] * k[i]; }
-            float qn = qscale / sqrtf(qq + L2_EPS), kn = 1.0f / sqrtf(kk + L2_EPS);
-            for (int i = 0; i < Dg; i++) { q[i] *= qn; k[i] *= kn; }
-            float *bt = b + (size_t)t * Hg + h, *at = a + (size_t)t * Hg + h;
-            *bt = sigmoidf(*bt);
-            *at = expf(-expf(L->A_log[h]) * softplusf(*at + L->dt_bias[h]));
-        }
-    /* The value columns of a state are independent, so work items are (head, part of the columns):
-     * 2 Hg items balance across threads where Hg heads alone would not. */
-    int split = (Dg / 2 + LANES - 1) / LANES * LANES < Dg ? (Dg / 2 + LANES - 1) / LANES * LANES : Dg / 2;
-#pragma omp parallel for schedule(static) if ((long)Hg * Dg * Dg * T >= PAR_MIN / 2)
-    for (int item = 0; item < 2 * Hg; item++) {
-        int h = item / 2, j0 = item % 2 ? split : 0, j1 = item % 2 ? Dg : split;
-        for (int t = 0; t < T; t++) {
-            const float *q = qkv + (size_t)t * C + h * Dg;
-            gdn_step(s->S + (size_t)h * Dg * Dg, Dg, j0, j1, q, q + HD, q + 2 * HD, b[(size_t)t * Hg + h],
-                     a[(size_t)t * Hg + h], m->ctx + (size_t)t * HD + h * Dg);
-        }
-    }
-    for (int t = 0; t < T; t++) /* w * rmsnorm(o) * silu(z) per head */
-        for (int h = 0; h < Hg; h++) {
-            float *o = m->ctx + (size_t)t * HD + h * Dg, ss = 0;
+        for (int i = 0; i < Dg; i++) { qq += q[i] * q[i]; kk += k[i] * k[i]; }
+        float qn = qscale / sqrtf(qq + L2_EPS), kn = 1.0f / sqrtf(kk + L2_EPS);
+        for (int i = 0; i < Dg; i++) { q[i] *= qn; k[i] *= kn; }
+        float beta = sigmoidf(b[(size_t)t * Hg + h]);
+        float decay = expf(-decay_rate * softplusf(a[(size_t)t * Hg + h] + L->dt_bias[h]));
+        float *o = m->ctx + (size_t)t * HD + h * Dg, ss = 0;
+        gdn_step(s->S + (size_t)h * Dg * Dg, Dg, q, k, q + 2 * HD, beta, decay, o);
 #pragma omp simd reduction(+ : ss)
-            for (int j = 0; j < Dg; j++) ss += o[j] * o[j];
-            float inv = 1.0f / sqrtf(ss / Dg + eps);
-            const float *zz = z + (size_t)t * HD + h * Dg;
-            for (int j = 0; j < Dg; j++) o[j] = L->gnorm[j] * (o[j] * inv) * siluf(zz[j]);
-        }
+        for (int j = 0; j < Dg; j++) ss += o[j] * o[j];
+        float inv = 1.0f / sqrtf(ss / Dg + eps);
+        const float *zz = z + (size_t)t * HD + h * Dg;
+        for (int j = 0; j < Dg; j++) o[j] = L->gnorm[j] * (o[j] * inv) * siluf(zz[j]);
+    }
+}
+
+static void gdn(Hyla *m, const Layer *L, LayerState *s, int T) {
+    const HylaConfig *c = &m->c;
+    int Hg = c->gdn_heads, Dg = c->gdn_head_dim;
+    float *b = m->ba, *a = m->ba + (size_t)T * Hg;
+    Product p[4] = {{m->p1, &L->in_qkv}, {m->p2, &L->in_z}, {b, &L->in_b}, {a, &L->in_a}};
+    matmuls(m, m->xn, T, 4, p);
+    /* one parallel loop over heads for all the rest (with 9 heads on 2 threads the split is 5 / 4, but
+     * nothing between the projections runs on one thread) */
+#pragma omp parallel for schedule(static) if ((long)Hg * Dg * Dg * T >= PAR_MIN / 2)
+    for (int h = 0; h < Hg; h++) gdn_head(m, L, s, T, h);
     matmul(m, m->f, m->ctx, T, &L->out_proj);
 }
 
+/* SwiGLU FFN in one parallel region: each thread computes its rows of w1 x and w3 x and their
+ * silu(a) * b, then (after one barrier and the quantization of the hidden vector) its rows of w2. */
 static void ffn(Hyla *m, const Layer *L, int T) {
-    const HylaConfig *c = &m->c;
-    int F = c->ffn_hidden;
-    Product p[2] = {{m->p1, &L->w1}, {m->p2, &L->w3}};
-    matmuls(m, m->xn, T, 2, p);
-    for (size_t i = 0; i < (size_t)T * F; i++) m->p1[i] = siluf(m->p1[i]) * m->p2[i];
-    matmul(m, m->f, m->p1, T, &L->w2);
+    int F = m->c.ffn_hidden;
+    Product up[2] = {{m->p1, &L->w1}, {m->p2, &L->w3}}, down = {m->f, &L->w2};
+    quantize_input(m, m->xn, T, &L->w1);
+#pragma omp parallel if (product_work(T, 2, up) >= PAR_MIN)
+    {
+        products_share(m, m->xn, T, 2, up);
+        int r0, r1; /* w1 and w3 have the same rows, so the same share */
+        row_share(&L->w1, &r0, &r1);
+        for (int t = 0; t < T; t++)
+            for (int r = r0; r < r1; r++) m->p1[(size_t)t * F + r] = siluf(m->p1[(size_t)t * F + r]) * m->p2[(size_t)t * F + r];
+#pragma omp barrier
+#pragma omp single
+        quantize_input(m, m->p1, T, &L->w2);
+        products_share(m, m->p1, T, 1, &down);
+    }
 }
 
 /* x = (1 + r) x + (1 + s) f, or x + f without hyper-connections */
