@@ -124,7 +124,7 @@ def resource_report():
     if not hasattr(triton_fwd._prep_kernel, "device_caches"):
         return rows
     kernels = [triton_fwd._prep_kernel, triton_fwd._state_out_kernel, triton_bwd._bwd_state_kernel]
-    for kernel in [*kernels, triton_bwd._bwd_chunk_kernel]:
+    for kernel in [*kernels, triton_bwd._bwd_out_kernel, triton_bwd._bwd_wy_kernel]:
         for cache in getattr(kernel, "device_caches", {}).values():
             for ck in cache[0].values():
                 ck._init_handles()

@@ -1,4 +1,4 @@
-"""Backward Triton kernels of the chunked gated delta rule, in two launches.
+"""Backward Triton kernels of the chunked gated delta rule, in three launches.
 
 Per chunk, with S the state entering it, S' the one leaving it, W = U - W_k S, P = Q K^T * Gamma and
 K_d = diag(e^{G_C - G}) K (equations (3)-(5) of `reference.chunk_gated_delta_rule`):
@@ -8,10 +8,12 @@ K_d = diag(e^{G_C - G}) K (equations (3)-(5) of `reference.chunk_gated_delta_rul
 
 1. `_bwd_state_kernel`, one program per (head, V block), sequential from the last chunk: (7), (8);
    saves dS' per chunk and dW, and returns dS_0 as the initial-state gradient.
-2. `_bwd_chunk_kernel`, one program per (chunk, head), all independent: every input gradient, with
+2. `_bwd_out_kernel`, one program per (chunk, head), all independent: dq, and the parts of dk and dG that
+   flow through the output (4) and the state update (5).
+3. `_bwd_wy_kernel`, same grid: dv, dbeta and the rest of dk and dG through the WY factors and (3), with
    dU = dW, dW_k = -dW S^T, dT = dU (diag(beta) V)^T + dW_k (diag(beta e^G) K)^T and
-   dA = -(T^T dT T^T) on the strictly lower part (T = (I + A)^-1), then the gate: dg is the reversed
-   in-chunk cumulative sum of dG.
+   dA = -(T^T dT T^T) on the strictly lower part (T = (I + A)^-1); dg is the reversed in-chunk cumulative
+   sum of dG. Two chunk kernels instead of one keep each under the register file (fewer live accumulators).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from kernels.gdn.triton_fwd import (
     BT,
     CONFIG,
     _decay,
+    _dot_f32_lowp,
     _load_buf,
     _load_io,
     _load_state,
@@ -38,7 +41,7 @@ from kernels.gdn.triton_fwd import (
 
 @triton.jit
 def _bwd_state_kernel(
-    q, k, G, Wk, do, dht, dhs, dW, dh0, scale, T,
+    q, k, G, Pm, Wk, do, dht, dhs, dW, dh0, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -65,24 +68,26 @@ def _bwd_state_kernel(
         G_end = tl.load(G + bh.to(tl.int64) * Tp + t0 + BT - 1)
 
         dSd = dS.to(dt)
-        P = scale * tl.dot(qb, tl.trans(kb), input_precision=PREC) * _decay(Gb, True)
+        P = tl.load(Pm + (bh.to(tl.int64) * NT + n) * BT * BT + r[:, None] * BT + r[None, :])
         kd = (kb.to(tl.float32) * tl.exp(G_end - Gb)[:, None]).to(dt)
-        dw = tl.dot(tl.trans(P.to(dt)), dob, input_precision=PREC)  # (7)
-        dw = tl.dot(kd, dSd, dw, input_precision=PREC)
+        dw = scale * tl.dot(tl.trans(P), dob, input_precision=PREC)  # (7)
+        dw = tl.dot(kd, dSd, dw, input_precision=PREC).to(dt)
         _store_buf(dW, dw, bh, t0, Tp, V, BT, BV, v0)
         qd = (scale * qb.to(tl.float32) * tl.exp(Gb)[:, None]).to(dt)
         dS = tl.dot(tl.trans(qd), dob, dS * tl.exp(G_end), input_precision=PREC)  # (8)
-        dS -= tl.dot(tl.trans(wb), dw.to(dt), input_precision=PREC)
+        dS -= tl.dot(tl.trans(wb), dw, input_precision=PREC)
     if STORE_DH0:
         _store_state(dh0, dS, bh, K, V, BK, BV, v0)
 
 
 @triton.jit
-def _bwd_chunk_kernel(
-    q, k, v, beta, G, Tinv, hs, dhs, Wb, dW, do, dq, dk, dv, dg, dbeta, scale, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, PREC: tl.constexpr,
+def _bwd_out_kernel(
+    q, k, G, hs, dhs, Wb, do, dq, dk_o, dG_o, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
+    """Gradients through the output (4) and the state update (5) of chunk n: dq (final), and the parts of
+    dk and dG (fp32, dG_C folded into the last row) that `_bwd_wy_kernel` completes."""
     n, bh = tl.program_id(0), tl.program_id(1)
     NT = tl.cdiv(T, BT)
     Tp = NT * BT
@@ -91,79 +96,95 @@ def _bwd_chunk_kernel(
     r = tl.arange(0, BT)
     qb = _load_io(q, bh, t0, T, H, K, BT, BK)
     kb = _load_io(k, bh, t0, T, H, K, BT, BK)
-    kf = kb.to(tl.float32)
     Gb = tl.load(G + bh.to(tl.int64) * Tp + t0 + r)
     G_end = tl.load(G + bh.to(tl.int64) * Tp + t0 + BT - 1)
-    b = _rows(beta, bh, t0, T, H, BT)
-    Tm = tl.load(Tinv + (bh.to(tl.int64) * NT + n) * BT * BT + r[:, None] * BT + r[None, :])
-    Tt = tl.trans(Tm)
 
-    # sums over V: dO S^T, dO W^T, W dS'^T, dW S^T, dU (beta V)^T; dv directly
+    # sums over V: dO S^T, dO W^T, W dS'^T, and the rows of S * dS'
     dQs = tl.zeros([BT, BK], dtype=tl.float32)
     dKd = tl.zeros([BT, BK], dtype=tl.float32)
-    dWk = tl.zeros([BT, BK], dtype=tl.float32)
     dOW = tl.zeros([BT, BT], dtype=tl.float32)
-    dT = tl.zeros([BT, BT], dtype=tl.float32)
-    db = tl.zeros([BT], dtype=tl.float32)
-    dGs = tl.zeros([BK], dtype=tl.float32)  # rows of sum(S * dS')
+    dGs = tl.zeros([BK], dtype=tl.float32)
     for v0 in range(0, V, BV):
-        vb = _load_io(v, bh, t0, T, H, V, BT, BV, v0).to(tl.float32)
         dob = _load_io(do, bh, t0, T, H, V, BT, BV, v0)
         S = _load_state(hs, bh * NT + n, K, V, BK, BV, v0)
         dSn = _load_state(dhs, bh * NT + n, K, V, BK, BV, v0)
         wb = _load_buf(Wb, bh, t0, Tp, V, BT, BV, v0)
-        dwb = _load_buf(dW, bh, t0, Tp, V, BT, BV, v0)
-
         dQs = tl.dot(dob, tl.trans(S), dQs, input_precision=PREC)
         dOW = tl.dot(dob, tl.trans(wb), dOW, input_precision=PREC)
         dKd = tl.dot(wb, tl.trans(dSn), dKd, input_precision=PREC)
-        dWk = tl.dot(dwb.to(dt), tl.trans(S), dWk, input_precision=PREC)
-        dT = tl.dot(dwb, tl.trans(b[:, None] * vb), dT, input_precision=PREC)
-        du = tl.dot(Tt, dwb, input_precision=PREC)  # d(diag(beta) V) = T^T dU
-        _store_io(dv, (b[:, None] * du).to(dv.dtype.element_ty), bh, t0, T, H, V, BT, BV, v0)
-        db += tl.sum(du * vb, 1)
         dGs += tl.sum(S.to(tl.float32) * dSn.to(tl.float32), 1)
 
-    eG = tl.exp(Gb)
     # output (4): O = scale (diag(e^G) Q S + (Q K^T * Gamma) W)
-    gamma = _decay(Gb, True)
-    dP = scale * dOW * gamma
-    qk = tl.dot(qb, tl.trans(kb), input_precision=PREC)
+    eG = tl.exp(Gb)
+    dP = scale * dOW * _decay(Gb, True)
     dqb = tl.dot(dP.to(dt), kb, scale * eG[:, None] * dQs, input_precision=PREC)
+    _store_io(dq, dqb.to(dq.dtype.element_ty), bh, t0, T, H, K, BT, BK)
     dkb = tl.dot(tl.trans(dP.to(dt)), qb, input_precision=PREC)
-    dG = scale * eG * tl.sum(dQs * qb.to(tl.float32), 1)
-    M = dP * qk  # dL/dG from Gamma_ij = exp(G_i - G_j)
-    dG += tl.sum(M, 1) - tl.sum(M, 0)
-    # state update (5): S' = e^{G_C} S + K_d^T W
+    M = dP * tl.dot(qb, tl.trans(kb), input_precision=PREC)  # dL/dG from Gamma_ij = exp(G_i - G_j)
+    dG = scale * eG * tl.sum(dQs * qb.to(tl.float32), 1) + tl.sum(M, 1) - tl.sum(M, 0)
+    # state update (5): S' = e^{G_C} S + K_d^T W, K_d = diag(e^{G_C - G}) K
     ed = tl.exp(G_end - Gb)
     dkb += ed[:, None] * dKd
-    t_kd = ed * tl.sum(kf * dKd, 1)
+    t_kd = ed * tl.sum(kb.to(tl.float32) * dKd, 1)
     dG -= t_kd
-    dG_end = tl.sum(dGs) * tl.exp(G_end) + tl.sum(t_kd)
-    # WY factors: W_k = T diag(beta e^G) K, dW_k = -dW S^T
-    dWk = -dWk
+    dG += tl.where(r == BT - 1, tl.sum(dGs) * tl.exp(G_end) + tl.sum(t_kd), 0.0)  # G_C is the last row of G
+    _store_buf(dk_o, dkb, bh, t0, Tp, K, BT, BK)
+    tl.store(dG_o + bh.to(tl.int64) * Tp + t0 + r, dG)
+
+
+@triton.jit
+def _bwd_wy_kernel(
+    k, v, beta, G, Tinv, hs, dW, dk_o, dG_o, dk, dv, dg, dbeta, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    """Gradients through the WY factors and (3) of chunk n, with dU = dW and dW_k = -dW S^T: dv, dbeta, and
+    dk, dg completed from `_bwd_out_kernel`'s parts (dg_i = sum_{j >= i} dG_j within the chunk)."""
+    n, bh = tl.program_id(0), tl.program_id(1)
+    NT = tl.cdiv(T, BT)
+    Tp = NT * BT
+    t0 = n * BT
+    r = tl.arange(0, BT)
+    kb = _load_io(k, bh, t0, T, H, K, BT, BK)
+    Gb = tl.load(G + bh.to(tl.int64) * Tp + t0 + r)
+    b = _rows(beta, bh, t0, T, H, BT)
+    Tt = tl.trans(tl.load(Tinv + (bh.to(tl.int64) * NT + n) * BT * BT + r[:, None] * BT + r[None, :]))
+
+    # sums over V: dW S^T, dU (beta V)^T; dv = beta T^T dU directly
+    dWk = tl.zeros([BT, BK], dtype=tl.float32)
+    dT = tl.zeros([BT, BT], dtype=tl.float32)
+    db = tl.zeros([BT], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        vb = _load_io(v, bh, t0, T, H, V, BT, BV, v0)
+        S = _load_state(hs, bh * NT + n, K, V, BK, BV, v0)
+        dwb = _load_buf(dW, bh, t0, Tp, V, BT, BV, v0)
+        dWk = tl.dot(dwb, tl.trans(S), dWk, input_precision=PREC)
+        dT += tl.dot(dwb, tl.trans(vb), input_precision=PREC) * b[None, :]
+        du = _dot_f32_lowp(Tt, dwb, PREC)  # d(diag(beta) V) = T^T dU
+        _store_io(dv, (b[:, None] * du).to(dv.dtype.element_ty), bh, t0, T, H, V, BT, BV, v0)
+        db += tl.sum(du * vb.to(tl.float32), 1)
+
+    # W_k = T diag(beta e^G) K
+    kf = kb.to(tl.float32)
+    eG = tl.exp(Gb)
     be = b * eG
-    dT = tl.dot(dWk, tl.trans(be[:, None] * kf), dT, input_precision=PREC)
+    dWk = -dWk
+    dT += _dot_f32_lowp(dWk, tl.trans(kb), PREC) * be[None, :]
     dKw = tl.dot(Tt, dWk, input_precision=PREC)
-    dkb += be[:, None] * dKw
+    dkb = _load_buf(dk_o, bh, t0, Tp, K, BT, BK) + be[:, None] * dKw
     s_k = tl.sum(kf * dKw, 1)
     db += eG * s_k
-    dG += be * s_k
+    dG = tl.load(dG_o + bh.to(tl.int64) * Tp + t0 + r) + be * s_k
     # (3): A = diag(beta) (K K^T) * Gamma_strict, dA = -(T^T dT T^T) below the diagonal
-    gs = _decay(Gb, False)
-    dA = -tl.dot(tl.dot(Tt, dT, input_precision=PREC), Tt, input_precision=PREC) * gs
-    kk = tl.dot(kf, tl.trans(kf), input_precision=PREC)
+    dA = -tl.dot(tl.dot(Tt, dT, input_precision=PREC), Tt, input_precision=PREC) * _decay(Gb, False)
+    kk = tl.dot(kb, tl.trans(kb), input_precision=PREC)
     db += tl.sum(dA * kk, 1)
     dKK = b[:, None] * dA
     M = dKK * kk
     dG += tl.sum(M, 1) - tl.sum(M, 0)
-    dkb = tl.dot(dKK, kf, dkb, input_precision=PREC)
-    dkb = tl.dot(tl.trans(dKK), kf, dkb, input_precision=PREC)
-    # G_C is the last row of G (the padding has g = 0); dg_i = sum_{j >= i} dG_j within the chunk
-    dG += tl.where(r == BT - 1, dG_end, 0.0)
+    dkb += _dot_f32_lowp(dKK + tl.trans(dKK), kb, PREC)
     dgb = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG
 
-    _store_io(dq, dqb.to(dq.dtype.element_ty), bh, t0, T, H, K, BT, BK)
     _store_io(dk, dkb.to(dk.dtype.element_ty), bh, t0, T, H, K, BT, BK)
     bi, hi = bh // H, bh % H
     t = t0 + r
@@ -186,6 +207,7 @@ def chunk_bwd(
     scale: float,
     G: torch.Tensor,
     Tinv: torch.Tensor,
+    Pm: torch.Tensor,
     Wk: torch.Tensor,
     hs: torch.Tensor,
     W: torch.Tensor,
@@ -205,19 +227,20 @@ def chunk_bwd(
 
     BV = pick_bv(V, BH)
     dhs = torch.empty_like(hs)
-    dW = torch.empty(BH, Tp, V, device=dev, dtype=f32)
+    dW = torch.empty(BH, Tp, V, device=dev, dtype=q.dtype)
     dh0 = torch.empty(B, H, K, V, device=dev, dtype=f32) if need_dh0 else G.new_empty(0)
     _bwd_state_kernel[(triton.cdiv(V, BV), BH)](
-        q, k, G, Wk, do, dht if dht is not None else G.new_empty(0), dhs, dW, dh0, scale, T,
+        q, k, G, Pm, Wk, do, dht if dht is not None else G.new_empty(0), dhs, dW, dh0, scale, T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_DHT=dht is not None, STORE_DH0=need_dh0, PREC=prec,
         num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
     )  # fmt: skip
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dg, dbeta = torch.empty_like(g), torch.empty_like(beta)
-    _bwd_chunk_kernel[(NT, BH)](
-        q, k, v, beta, G, Tinv, hs, dhs, W, dW, do, dq, dk, dv, dg, dbeta, scale, T,
-        H=H, K=K, V=V, BT=BT, BK=BK, BV=pick_bv_chunk(V), PREC=prec,
-        num_warps=CONFIG["chunk_warps"], num_stages=CONFIG["chunk_stages"],
-    )  # fmt: skip
+    dk_o, dG_o = torch.empty(BH, Tp, K, device=dev, dtype=f32), torch.empty(BH, Tp, device=dev, dtype=f32)
+    grid, bv = (NT, BH), pick_bv_chunk(V)
+    opts = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=bv, PREC=prec, num_warps=CONFIG["chunk_warps"],
+                num_stages=CONFIG["chunk_stages"])  # fmt: skip
+    _bwd_out_kernel[grid](q, k, G, hs, dhs, W, do, dq, dk_o, dG_o, scale, T, **opts)
+    _bwd_wy_kernel[grid](k, v, beta, G, Tinv, hs, dW, dk_o, dG_o, dk, dv, dg, dbeta, T, **opts)
     return dq, dk, dv, dg, dbeta, dh0

@@ -24,7 +24,7 @@ BT = 64  # chunk length
 BS = 16  # diagonal block of the triangular solve
 # Launch configuration (H100, K = V = 112 / 128): warps, software-pipeline stages, and V blocks of the
 # sequential kernels ("state_bv": None picks by head count) and of the backward's per-chunk loop.
-CONFIG = dict(prep_warps=4, state_bv=None, state_warps=4, state_stages=2, chunk_bv=32, chunk_warps=8, chunk_stages=1)
+CONFIG = dict(prep_warps=4, state_bv=None, state_warps=4, state_stages=2, chunk_bv=32, chunk_warps=4, chunk_stages=2)
 
 
 @triton.jit
@@ -138,7 +138,7 @@ def _unit_lower_inverse(A, k, b, Gc, BS: tl.constexpr, PREC: tl.constexpr):
         X += tl.dot(X, N, input_precision="ieee")
     # block-diagonal D = (I + A_diag)^-1 as a [BT, BT] tile, then (6) with N = D A_off
     i = tl.arange(0, NB)
-    same = (i[:, None, None, None] == i[None, None, :, None])
+    same = i[:, None, None, None] == i[None, None, :, None]
     D = tl.reshape(tl.where(same, tl.broadcast_to(X[:, :, None, :], [NB, BS, NB, BS]), 0.0), [BT, BT])
     blk = tl.arange(0, BT) // BS
     N = tl.dot(D, tl.where(blk[:, None] > blk[None, :], A, 0.0), input_precision=PREC)
@@ -149,7 +149,7 @@ def _unit_lower_inverse(A, k, b, Gc, BS: tl.constexpr, PREC: tl.constexpr):
 
 @triton.jit
 def _prep_kernel(
-    k, v, g, beta, G, Tinv, Wk, U, T,
+    q, k, v, g, beta, G, Tinv, Pm, Wk, U, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -167,7 +167,11 @@ def _prep_kernel(
     # (3): A_ij = beta_i exp(G_i - G_j) k_i . k_j for j < i (bf16 products are exact in the fp32 accumulator)
     A = b[:, None] * tl.dot(kb, tl.trans(kb), input_precision=PREC) * _decay(Gc, False)
     Tm = _unit_lower_inverse(A, kb, b, Gc, BS, PREC)
-    tl.store(Tinv + (bh.to(tl.int64) * NT + n) * BT * BT + r[:, None] * BT + r[None, :], Tm)
+    p_tile = (bh.to(tl.int64) * NT + n) * BT * BT + r[:, None] * BT + r[None, :]
+    tl.store(Tinv + p_tile, Tm)
+    # P = Q K^T * Gamma of (4), used by both sequential kernels and the backward
+    qb = _load_io(q, bh, t0, T, H, K, BT, BK)
+    tl.store(Pm + p_tile, (tl.dot(qb, tl.trans(kb), input_precision=PREC) * _decay(Gc, True)).to(Pm.dtype.element_ty))
 
     # WY factors: U = T diag(beta) V, W_k = T diag(beta e^G) K
     vb = _load_io(v, bh, t0, T, H, V, BT, BV)
@@ -179,7 +183,7 @@ def _prep_kernel(
 
 @triton.jit
 def _state_out_kernel(
-    q, k, G, Wk, U, h0, o, ht, hs, Wb, scale, T,
+    q, k, G, Pm, Wk, U, h0, o, ht, hs, Wb, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, SAVE: tl.constexpr,
     PREC: tl.constexpr,
@@ -211,9 +215,9 @@ def _state_out_kernel(
         if SAVE:
             _store_buf(Wb, w, bh, t0, Tp, V, BT, BV, v0)
         # (4): O = scale (diag(e^G) Q S + (Q K^T * Gamma) W)
-        P = tl.dot(qb, tl.trans(kb), input_precision=PREC) * _decay(Gb, True)
+        P = tl.load(Pm + (bh.to(tl.int64) * NT + n) * BT * BT + r[:, None] * BT + r[None, :])
         ob = tl.dot(qb, Sd, input_precision=PREC) * tl.exp(Gb)[:, None]
-        ob = tl.dot(P.to(dt), w, ob, input_precision=PREC)
+        ob = tl.dot(P, w, ob, input_precision=PREC)
         _store_io(o, (scale * ob).to(o.dtype.element_ty), bh, t0, T, H, V, BT, BV, v0)
         # (5): S <- e^{G_C} S + (e^{G_C - G} K)^T W
         kd = (kb.to(tl.float32) * tl.exp(G_end - Gb)[:, None]).to(dt)
@@ -244,7 +248,7 @@ def chunk_fwd(
     output_final_state: bool,
     save: bool,
 ) -> tuple[torch.Tensor, ...]:
-    """Forward launches. Returns (o, final state, G, T, W_k, states, W); the last four only when `save`
+    """Forward launches. Returns (o, final state, G, T, P, W_k, states, W); the last two only when `save`
     (empty tensors otherwise); the final state is an empty tensor unless `output_final_state`."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -256,15 +260,18 @@ def chunk_fwd(
 
     G = torch.empty(BH, Tp, device=dev, dtype=f32)
     Tinv = torch.empty(BH, NT, BT, BT, device=dev, dtype=f32)
+    Pm = torch.empty(BH, NT, BT, BT, device=dev, dtype=dt)
     Wk = torch.empty(BH, Tp, K, device=dev, dtype=dt)
     U = torch.empty(BH, Tp, V, device=dev, dtype=dt)
     _prep_kernel[(NT, BH)](
+        q,
         k,
         v,
         g,
         beta,
         G,
         Tinv,
+        Pm,
         Wk,
         U,
         T,
@@ -287,8 +294,8 @@ def chunk_fwd(
     W = torch.empty(BH, Tp, V, device=dev, dtype=dt) if save else Wk.new_empty(0)
     h0 = initial_state if initial_state is not None else G.new_empty(0)
     _state_out_kernel[(triton.cdiv(V, BV), BH)](
-        q, k, G, Wk, U, h0, o, ht, hs, W, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        q, k, G, Pm, Wk, U, h0, o, ht, hs, W, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
         USE_H0=initial_state is not None, STORE_HT=output_final_state, SAVE=save, PREC=prec,
         num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
     )  # fmt: skip
-    return o, ht, G, Tinv, Wk, hs, W
+    return o, ht, G, Tinv, Pm, Wk, hs, W

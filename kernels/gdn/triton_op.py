@@ -25,9 +25,9 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor) -> str | None:
 
 
 def _grads(saved: tuple[Tensor, ...], scale: float, has_h0: bool, do: Tensor, dht: Tensor | None):
-    q, k, v, g, beta, h0, G, Tinv, Wk, hs, W = saved
+    q, k, v, g, beta, h0, G, Tinv, Pm, Wk, hs, W = saved
     dht = dht.contiguous() if dht is not None else None  # the gradient of S_T.sum() is a stride-0 expand
-    dq, dk, dv, dg, dbeta, dh0 = chunk_bwd(q, k, v, g, beta, scale, G, Tinv, Wk, hs, W, do.contiguous(),
+    dq, dk, dv, dg, dbeta, dh0 = chunk_bwd(q, k, v, g, beta, scale, G, Tinv, Pm, Wk, hs, W, do.contiguous(),
                                            dht, has_h0)  # fmt: skip
     return dq, dk, dv, dg, dbeta, (dh0.to(h0.dtype) if has_h0 else None)
 
@@ -39,10 +39,10 @@ class GatedDeltaRuleFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state):
         save = any(ctx.needs_input_grad)
         outs = chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, save)
-        o, ht, G, Tinv, Wk, hs, W = outs
+        o, ht, G, Tinv, Pm, Wk, hs, W = outs
         if save:
             h0 = initial_state if initial_state is not None else G.new_empty(0)
-            ctx.save_for_backward(q, k, v, g, beta, h0, G, Tinv, Wk, hs, W)
+            ctx.save_for_backward(q, k, v, g, beta, h0, G, Tinv, Pm, Wk, hs, W)
         ctx.scale, ctx.has_h0 = scale, initial_state is not None
         return o, (ht if output_final_state else None)
 
@@ -56,7 +56,7 @@ class GatedDeltaRuleFunction(torch.autograd.Function):
 def _fwd_op(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float,
     initial_state: Tensor | None, output_final_state: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     return chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, True)
 
 
@@ -70,21 +70,23 @@ def _(q, k, v, g, beta, scale, initial_state, output_final_state):
     return (
         torch.empty_like(v), ht,
         q.new_empty(B * H, NT * BT, dtype=f32), q.new_empty(B * H, NT, BT, BT, dtype=f32),
-        q.new_empty(B * H, NT * BT, K), q.new_empty(B * H, NT, K, V), q.new_empty(B * H, NT * BT, V),
+        q.new_empty(B * H, NT, BT, BT), q.new_empty(B * H, NT * BT, K),
+        q.new_empty(B * H, NT, K, V), q.new_empty(B * H, NT * BT, V),
     )  # fmt: skip
 
 
 @torch.library.custom_op("hyla::gdn_chunk_bwd", mutates_args=())
 def _bwd_op(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, h0: Tensor, G: Tensor, Tinv: Tensor, Wk: Tensor,
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, h0: Tensor, G: Tensor, Tinv: Tensor, Pm: Tensor,
+    Wk: Tensor,
     hs: Tensor, W: Tensor, do: Tensor, dht: Tensor | None, scale: float, has_h0: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    dq, dk, dv, dg, dbeta, dh0 = _grads((q, k, v, g, beta, h0, G, Tinv, Wk, hs, W), scale, has_h0, do, dht)
+    dq, dk, dv, dg, dbeta, dh0 = _grads((q, k, v, g, beta, h0, G, Tinv, Pm, Wk, hs, W), scale, has_h0, do, dht)
     return dq, dk, dv, dg, dbeta, (dh0 if has_h0 else h0.new_empty(0))
 
 
 @_bwd_op.register_fake
-def _(q, k, v, g, beta, h0, G, Tinv, Wk, hs, W, do, dht, scale, has_h0):
+def _(q, k, v, g, beta, h0, G, Tinv, Pm, Wk, hs, W, do, dht, scale, has_h0):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
             torch.empty_like(beta), torch.empty_like(h0) if has_h0 else h0.new_empty(0))  # fmt: skip
 
