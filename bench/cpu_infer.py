@@ -404,7 +404,9 @@ def markdown(res: dict) -> str:
         lines.append(f"| {n} | {rows['int8_vs_fp32']:.2f} | {per} | {rows['int8_vs_torch']:.1f} |")
     lines += [
         "",
-        f"Summary (medians, each engine at its faster thread count {s['threads']}): C fp32 "
+        "Summary (medians, each engine at its faster thread count: "
+        + ", ".join(f"{e} {n}" for e, n in s["threads"].items())
+        + f"): C fp32 "
         f"{s['decode_tok_s_fp32']:.1f} tok/s, C int8 {s['decode_tok_s_int8']:.1f} tok/s, PyTorch "
         f"{s['decode_tok_s_torch_cpu']:.1f} tok/s: int8 {s['speedup_vs_torch_cpu']:.1f}x PyTorch and "
         f"{s['speedup_int8_vs_fp32']:.2f}x our fp32; fp32 {s['speedup_fp32_vs_torch_cpu']:.1f}x PyTorch at "
@@ -419,7 +421,18 @@ def markdown(res: dict) -> str:
         for e, ss in rows.items():
             st = "; ".join(f"{x['busy_before']:.2f}, {x['waited_s']:.0f} s, {x['loadavg'][0]:.2f}" for x in ss)
             lines.append(f"- {n} threads, {e}: {st}")
-    lines.append("")
+    lines += [
+        "",
+        "Notes. This 2-core machine is shared with other jobs, so each number above is one sample of a "
+        "moving target: the [min, best] spread is the noise, and the JSON keeps every pass of every sample. "
+        "The busy fraction (from /proc/stat over 1 s while the benchmark is idle) is the gate, not the "
+        "1-minute load average, which counts this benchmark's own previous processes (about 1 after a "
+        "2-thread sample). The copy bandwidth is torch `copy_` (read + written bytes); decoding only reads "
+        "weights, so it can exceed that figure, and the 2-thread figure itself moves between samples. "
+        "OpenMP runs with libgomp's defaults (no OMP_WAIT_POLICY, no OMP_PROC_BIND): see the README's C "
+        "inference section for why (fork/join costs with the passive policy, binding on a shared machine).",
+        "",
+    ]
     return "\n".join(lines)
 
 
