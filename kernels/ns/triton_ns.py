@@ -278,9 +278,10 @@ def _plan(shapes: tuple[tuple[int, int], ...], cfg: Config, sym: bool, device: t
 TINY = 8  # matrices with a side <= TINY run with fp32 operands (see newton_schulz_triton)
 # their tiles: with 128-wide tiles the one [16, 16] tile of A = X X^T (K = 3024 for the conv weight)
 # made 8 programs of mostly-masked fp32 products take 0.6 ms a step; with 16-wide tiles and FMA ("ieee")
-# products stage 1 still took ~70 us a step whatever the K step (64: 75, 256: 69, 512: 112 us; H100), so
-# the products run on tensor cores in 3-pass tf32 ("tf32x3", ~fp32 accuracy), and the set runs on a
-# side stream alongside the main set (see _each_set)
+# products stage 1 still took ~70 us a step whatever the K step (64: 75, 256: 69, 512: 112 us); 3-pass tf32
+# products on tensor cores ("tf32x3", ~fp32 accuracy: 3e-6 relative error) take 42 us a step at K step 64
+# (but 680 us at 256); and the set runs on a side stream alongside the main set (see _each_set), where
+# its 0.24 ms of launches hide completely (H100 measurements, profiles/ns.md)
 TINY_CONFIG = Config(bs=16, bk=64, warps=4, stages=2, bm=16, bn=128, bk3=16, warps3=4, stages3=2, fp32_dot="tf32x3")
 
 
