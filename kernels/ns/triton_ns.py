@@ -122,7 +122,7 @@ def _ns_stage_kernel(
     out,  # anchor of the outputs (last stage 3): in G's (padded) layout, or Muon's parameters
     x_in,  # workspace X of the current step, wide, row-major, packed
     x_out,  # workspace X of the next step
-    a_buf,  # workspace A (A' = G G^T unnormalized at step 0)
+    a_buf,  # workspace A
     b_buf,  # workspace B
     sumsq,  # fp32 [K, NPART]: sums of squares of G over the prep's tiles (||G||_F^2 is their sum)
     coef_a,
