@@ -300,13 +300,15 @@ def _csa_bwd_dkv(
 # Tile shapes and launch settings per kernel: the fastest correct ones of bench/csa.py's sweep on an H100
 # (sum of the B 16 and B 64 times at T 1024, H 9, Hkv 3, D 64; profiles/csa.json "sweep"). BLOCK_N tiles
 # compressed keys, BLOCK_NL the window's raw keys, BLOCK_NR raw key blocks in _csa_bwd_dkv; BLOCK_M and
-# BLOCK_MR tile query rows. RECOMPUTE_DX and HEAVY_FIRST: see _csa_bwd_dkv.
+# BLOCK_MR tile query rows. RECOMPUTE_DX and HEAVY_FIRST: see _csa_bwd_dkv. maxnreg caps registers per
+# thread: at 168 three 4-warp programs fit on an SM instead of two (the forward needs 183 uncapped and
+# then runs 20% slower; the key-block kernel spills a little at 168 and still gains at B 64).
 CONFIG = {
-    "fwd": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_NL=64, num_warps=4, num_stages=3),
+    "fwd": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_NL=64, num_warps=4, num_stages=3, maxnreg=168),
     "bwd_dq": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_NL=64, num_warps=4, num_stages=3),
     "bwd_dkv": dict(
         BLOCK_M=32, BLOCK_N=64, BLOCK_MR=32, BLOCK_NR=64, RECOMPUTE_DX=False, HEAVY_FIRST=True, num_warps=4,
-        num_stages=3,
+        num_stages=3, maxnreg=168,
     ),
 }
 
