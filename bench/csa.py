@@ -2,18 +2,21 @@
 
 Variants, all bf16, layout [B, T, H, D] unless said otherwise:
   ours        kernels.csa.csa_attention(backend="triton"): fused forward, two-launch backward
-  flex        FlexAttention composition, compiled: sliding-window block mask over the raw keys plus a
-              visibility block mask over the compressed keys, rows t < 4 zeroed, blended with lerp. Given
-              [B, H, T, D] inputs (its native layout, no transposes timed): the generous setting.
+  flex        FlexAttention composition, compiled static per shape: sliding-window block mask over the raw
+              keys plus a visibility block mask over the compressed keys, rows t < 4 zeroed, blended with
+              lerp. Given [B, H, T, D] inputs (its native layout, no transposes timed): the generous setting.
   reference   kernels/csa/reference.py (PyTorch, fp32 compute)
   sdpa_full   F.scaled_dot_product_attention(is_causal=True, enable_gqa=True): full causal attention, the
               yard stick; the fastest of the default dispatch, flash and cuDNN is reported
 Forward and forward+backward medians (CUDA events, warm-up, >= 20 reps, inputs rotated over two sets),
 tokens/s and the fraction of a roofline (useful FLOPs over the measured bf16 matmul rate, ideal bytes
-over the measured copy bandwidth, whichever is larger). Also: the whole CSA layer (projections
-included) with ours vs the reference, the compressor's share of it, eager vs torch.compile'd.
+over the measured copy bandwidth, whichever is larger). Also: a tile-config sweep at B 16 and 64 (the
+best is kept for the rest of the run), GPU-only times from CUDA graphs, host microseconds per call of
+each piece of the eager step, and the whole CSA layer (projections included) with ours vs the reference,
+the compressor's share of it, eager vs torch.compile'd.
 
     python bench/csa.py --out profiles            # writes csa.json and csa.md there
+    python bench/csa.py --profile --out DIR       # host cProfile tables and per-kernel GPU times only
 """
 
 from __future__ import annotations
