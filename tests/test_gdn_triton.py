@@ -196,11 +196,12 @@ def compile_all_for_hopper(D: int) -> list[str]:
         (triton_fwd._prep_kernel, dict(base, BS=BS, BV=triton.next_power_of_2(D))),
         (triton_fwd._state_out_kernel, dict(base, BV=bv, USE_H0=True, STORE_HT=True, SAVE=True)),
         (triton_bwd._bwd_state_kernel, dict(base, BV=bv, USE_DHT=True, STORE_DH0=True)),
-        (triton_bwd._bwd_out_kernel, dict(base, BV=triton_bwd.pick_bv_chunk(D))),
-        (triton_bwd._bwd_wy_kernel, dict(base, BV=triton_bwd.pick_bv_chunk(D))),
+        (triton_bwd._bwd_out_kernel, dict(base, BKH=64, BV=triton_bwd.pick_bv_chunk(D))),
+        (triton_bwd._bwd_wy_kernel, dict(base, BKH=64, BV=triton_bwd.pick_bv_chunk(D))),
     ]
     built = []
     for kernel, constexprs in specs:
+        constexprs = {name: value for name, value in constexprs.items() if name in kernel.arg_names}
         compiled = compile_for_hopper(kernel, _signature(kernel, "bf16", constexprs), constexprs)
         if compiled.asm["cubin"]:
             built.append(f"{kernel.fn.__name__ if hasattr(kernel, 'fn') else kernel.__name__}-{D}")

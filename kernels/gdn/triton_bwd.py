@@ -8,10 +8,10 @@ K_d = diag(e^{G_C - G}) K (equations (3)-(5) of `reference.chunk_gated_delta_rul
 
 1. `_bwd_state_kernel`, one program per (head, V block), sequential from the last chunk: (7), (8);
    saves dS' per chunk and dW, and returns dS_0 as the initial-state gradient.
-2. `_bwd_out_kernel`, one program per (chunk, head), all independent: dq, and the parts of dk and dG that
-   flow through the output (4) and the state update (5).
-3. `_bwd_wy_kernel`, same grid: dv, dbeta and the rest of dk and dG through the WY factors and (3), with
-   dU = dW, dW_k = -dW S^T, dT = dU (diag(beta) V)^T + dW_k (diag(beta e^G) K)^T and
+2. `_bwd_out_kernel`, one program per (chunk, head, 64 key columns), all independent: dq, and the parts of
+   dk and dG that flow through the output (4) and the state update (5).
+3. `_bwd_wy_kernel`, one program per (chunk, head): dv, dbeta and the rest of dk and dG through the WY
+   factors and (3), with dU = dW, dW_k = -dW S^T, dT = dU (diag(beta) V)^T + dW_k (diag(beta e^G) K)^T and
    dA = -(T^T dT T^T) on the strictly lower part (T = (I + A)^-1); dg is the reversed in-chunk cumulative
    sum of dG. Two chunk kernels instead of one keep each under the register file (fewer live accumulators).
 """
@@ -83,31 +83,32 @@ def _bwd_state_kernel(
 @triton.jit
 def _bwd_out_kernel(
     q, k, G, hs, dhs, Wb, do, dq, dk_o, dG_o, scale, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKH: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr,
 ):  # fmt: skip
-    """Gradients through the output (4) and the state update (5) of chunk n: dq (final), and the parts of
-    dk and dG (fp32, dG_C folded into the last row) that `_bwd_wy_kernel` completes."""
-    n, bh = tl.program_id(0), tl.program_id(1)
+    """Gradients through the output (4) and the state update (5) of chunk n, for key columns k0..k0+BKH:
+    those columns of dq (final) and of the part of dk, and this slice's part of dG (dG_C folded into the
+    last row), all of which are sums over K; `_bwd_wy_kernel` completes dk and dG."""
+    n, bh, ik = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NT = tl.cdiv(T, BT)
     Tp = NT * BT
-    t0 = n * BT
+    t0, k0 = n * BT, ik * BKH
     dt = q.dtype.element_ty
     r = tl.arange(0, BT)
-    qb = _load_io(q, bh, t0, T, H, K, BT, BK)
-    kb = _load_io(k, bh, t0, T, H, K, BT, BK)
+    qb = _load_io(q, bh, t0, T, H, K, BT, BKH, k0)
+    kb = _load_io(k, bh, t0, T, H, K, BT, BKH, k0)
     Gb = tl.load(G + bh.to(tl.int64) * Tp + t0 + r)
     G_end = tl.load(G + bh.to(tl.int64) * Tp + t0 + BT - 1)
 
     # sums over V: dO S^T, dO W^T, W dS'^T, and the rows of S * dS'
-    dQs = tl.zeros([BT, BK], dtype=tl.float32)
-    dKd = tl.zeros([BT, BK], dtype=tl.float32)
+    dQs = tl.zeros([BT, BKH], dtype=tl.float32)
+    dKd = tl.zeros([BT, BKH], dtype=tl.float32)
     dOW = tl.zeros([BT, BT], dtype=tl.float32)
-    dGs = tl.zeros([BK], dtype=tl.float32)
+    dGs = tl.zeros([BKH], dtype=tl.float32)
     for v0 in range(0, V, BV):
         dob = _load_io(do, bh, t0, T, H, V, BT, BV, v0)
-        S = _load_state(hs, bh * NT + n, K, V, BK, BV, v0)
-        dSn = _load_state(dhs, bh * NT + n, K, V, BK, BV, v0)
+        S = _load_state(hs, bh * NT + n, K, V, BKH, BV, v0, k0)
+        dSn = _load_state(dhs, bh * NT + n, K, V, BKH, BV, v0, k0)
         wb = _load_buf(Wb, bh, t0, Tp, V, BT, BV, v0)
         dQs = tl.dot(dob, tl.trans(S), dQs, input_precision=PREC)
         dOW = tl.dot(dob, tl.trans(wb), dOW, input_precision=PREC)
@@ -118,7 +119,7 @@ def _bwd_out_kernel(
     eG = tl.exp(Gb)
     dP = scale * dOW * _decay(Gb, True)
     dqb = tl.dot(dP.to(dt), kb, scale * eG[:, None] * dQs, input_precision=PREC)
-    _store_io(dq, dqb.to(dq.dtype.element_ty), bh, t0, T, H, K, BT, BK)
+    _store_io(dq, dqb.to(dq.dtype.element_ty), bh, t0, T, H, K, BT, BKH, k0)
     dkb = tl.dot(tl.trans(dP.to(dt)), qb, input_precision=PREC)
     M = dP * tl.dot(qb, tl.trans(kb), input_precision=PREC)  # dL/dG from Gamma_ij = exp(G_i - G_j)
     dG = scale * eG * tl.sum(dQs * qb.to(tl.float32), 1) + tl.sum(M, 1) - tl.sum(M, 0)
@@ -128,15 +129,15 @@ def _bwd_out_kernel(
     t_kd = ed * tl.sum(kb.to(tl.float32) * dKd, 1)
     dG -= t_kd
     dG += tl.where(r == BT - 1, tl.sum(dGs) * tl.exp(G_end) + tl.sum(t_kd), 0.0)  # G_C is the last row of G
-    _store_buf(dk_o, dkb, bh, t0, Tp, K, BT, BK)
-    tl.store(dG_o + bh.to(tl.int64) * Tp + t0 + r, dG)
+    _store_buf(dk_o, dkb, bh, t0, Tp, K, BT, BKH, k0)
+    tl.store(dG_o + (ik * tl.num_programs(1) + bh).to(tl.int64) * Tp + t0 + r, dG)
 
 
 @triton.jit
 def _bwd_wy_kernel(
     k, v, beta, G, Tinv, hs, dW, dk_o, dG_o, dk, dv, dg, dbeta, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BKH: tl.constexpr,
+    BV: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Gradients through the WY factors and (3) of chunk n, with dU = dW and dW_k = -dW S^T: dv, dbeta, and
     dk, dg completed from `_bwd_out_kernel`'s parts (dg_i = sum_{j >= i} dG_j within the chunk)."""
@@ -174,7 +175,9 @@ def _bwd_wy_kernel(
     dkb = _load_buf(dk_o, bh, t0, Tp, K, BT, BK) + be[:, None] * dKw
     s_k = tl.sum(kf * dKw, 1)
     db += eG * s_k
-    dG = tl.load(dG_o + bh.to(tl.int64) * Tp + t0 + r) + be * s_k
+    dG = be * s_k
+    for ik in range(tl.cdiv(K, BKH)):  # the K slices' parts from `_bwd_out_kernel`
+        dG += tl.load(dG_o + (ik * tl.num_programs(1) + bh).to(tl.int64) * Tp + t0 + r)
     # (3): A = diag(beta) (K K^T) * Gamma_strict, dA = -(T^T dT T^T) below the diagonal
     dA = -tl.dot(tl.dot(Tt, dT, input_precision=PREC), Tt, input_precision=PREC) * _decay(Gb, False)
     kk = tl.dot(kb, tl.trans(kb), input_precision=PREC)
@@ -237,10 +240,11 @@ def chunk_bwd(
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dg, dbeta = torch.empty_like(g), torch.empty_like(beta)
-    dk_o, dG_o = torch.empty(BH, Tp, K, device=dev, dtype=f32), torch.empty(BH, Tp, device=dev, dtype=f32)
-    grid, bv = (NT, BH), pick_bv_chunk(V)
-    opts = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=bv, PREC=prec, num_warps=CONFIG["chunk_warps"],
+    BKH = min(BK, 64)  # key columns per `_bwd_out_kernel` program
+    NK = triton.cdiv(K, BKH)
+    dk_o, dG_o = torch.empty(BH, Tp, K, device=dev, dtype=f32), torch.empty(NK, BH, Tp, device=dev, dtype=f32)
+    opts = dict(H=H, K=K, V=V, BT=BT, BKH=BKH, BV=pick_bv_chunk(V), PREC=prec, num_warps=CONFIG["chunk_warps"],
                 num_stages=CONFIG["chunk_stages"])  # fmt: skip
-    _bwd_out_kernel[grid](q, k, G, hs, dhs, W, do, dq, dk_o, dG_o, scale, T, **opts)
-    _bwd_wy_kernel[grid](k, v, beta, G, Tinv, hs, dW, dk_o, dG_o, dk, dv, dg, dbeta, T, **opts)
+    _bwd_out_kernel[(NT, BH, NK)](q, k, G, hs, dhs, W, do, dq, dk_o, dG_o, scale, T, **opts)
+    _bwd_wy_kernel[(NT, BH)](k, v, beta, G, Tinv, hs, dW, dk_o, dG_o, dk, dv, dg, dbeta, T, BK=BK, **opts)
     return dq, dk, dv, dg, dbeta, dh0

@@ -69,22 +69,23 @@ def _store_buf(ptr, x, bh, t0, Tp, D: tl.constexpr, BT: tl.constexpr, BD: tl.con
 
 
 @triton.jit
-def _state_ptrs(ptr, idx, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, v0):
-    """Pointers and mask of columns v0..v0+BV of the [K, V] state number idx of a [..., K, V] tensor."""
-    rows, cols = tl.arange(0, BK), v0 + tl.arange(0, BV)
+def _state_ptrs(ptr, idx, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, v0, k0):
+    """Pointers and mask of rows k0..k0+BK, columns v0..v0+BV of the [K, V] state number idx of a
+    [..., K, V] tensor."""
+    rows, cols = k0 + tl.arange(0, BK), v0 + tl.arange(0, BV)
     p = ptr + idx.to(tl.int64) * K * V + rows[:, None] * V + cols[None, :]
     return p, (rows < K)[:, None] & (cols < V)[None, :]
 
 
 @triton.jit
-def _load_state(ptr, idx, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, v0):
-    p, m = _state_ptrs(ptr, idx, K, V, BK, BV, v0)
+def _load_state(ptr, idx, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, v0, k0=0):
+    p, m = _state_ptrs(ptr, idx, K, V, BK, BV, v0, k0)
     return tl.load(p, mask=m, other=0.0)
 
 
 @triton.jit
 def _store_state(ptr, x, idx, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, v0):
-    p, m = _state_ptrs(ptr, idx, K, V, BK, BV, v0)
+    p, m = _state_ptrs(ptr, idx, K, V, BK, BV, v0, 0)
     tl.store(p, x, mask=m)
 
 
