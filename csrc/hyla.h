@@ -47,6 +47,11 @@ void hyla_set_threads(int n);    /* OpenMP threads; <= 0 keeps the default */
  * range or when the context would overflow. */
 int hyla_forward(Hyla *m, const int *tokens, int n, float *logits, int all_logits);
 
+/* Bytes per second of the best of `passes` reads of a `bytes` buffer (huge pages, each OpenMP thread
+ * summing a contiguous range, as decoding streams weights): the read bandwidth the engine can hope
+ * for with the current thread count. -1 if the buffer cannot be allocated. */
+double hyla_read_bandwidth(size_t bytes, int passes);
+
 /* Sampling: greedy at temperature <= 0, else top-p (nucleus) sampling with an xorshift RNG. */
 typedef struct {
     float temperature, top_p;

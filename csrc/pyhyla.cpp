@@ -6,6 +6,7 @@
 //   logits = m.forward(17)                      # one decoding step
 //   m.reset()
 //   tok = pyhyla.Tokenizer("tokenizer.bin"); tok.encode("text", bos=True); tok.decode(ids)
+//   pyhyla.read_bandwidth(threads=2)              # GB/s of a plain parallel read (benchmark reference)
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -146,4 +147,18 @@ PYBIND11_MODULE(pyhyla, mod) {
         .def_property_readonly("bos_id", &Tokenizer::bos_id)
         .def_property_readonly("eos_id", &Tokenizer::eos_id);
     mod.def("set_threads", &hyla_set_threads, py::arg("n"));
+    mod.def(
+        "read_bandwidth",
+        [](int threads, double mib, int passes) {
+            hyla_set_threads(threads);
+            double bps;
+            {
+                py::gil_scoped_release release;
+                bps = hyla_read_bandwidth((size_t)(mib * (1 << 20)), passes);
+            }
+            if (bps < 0) throw std::bad_alloc();
+            return bps / 1e9;
+        },
+        py::arg("threads"), py::arg("mib") = 256.0, py::arg("passes") = 10,
+        "GB/s of the engine's own parallel read of a buffer (see hyla_read_bandwidth)");
 }

@@ -346,3 +346,9 @@ def test_forward_rejects_bad_tokens(pyhyla, tmp_path):
     eng.prefill([1] * model.cfg.max_seq_len)
     with pytest.raises(ValueError, match="context"):
         eng.forward(1)
+
+
+def test_read_bandwidth_probe(pyhyla):
+    """The benchmark's read-bandwidth reference (a parallel read of huge pages) returns a plausible rate."""
+    for threads in (1, 2):
+        assert 0.1 < pyhyla.read_bandwidth(threads=threads, mib=16, passes=2) < 1e4
