@@ -18,19 +18,23 @@ def check(cond: bool, msg: str) -> None:
 
 
 def check_tensor(name: str, x: torch.Tensor, shape: Sequence[int | None], dtypes=FLOAT_DTYPES) -> None:
-    """Check rank, sizes (None = any) and dtype of one input tensor."""
-    check(isinstance(x, torch.Tensor), f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    check(
-        x.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, x.shape, strict=False)),
-        f"{name} must have shape {tuple('*' if s is None else s for s in shape)}, got {tuple(x.shape)}",
-    )
-    check(x.dtype in dtypes, f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
+    """Check rank, sizes (None = any) and dtype of one input tensor (messages are built only on failure:
+    this runs on every call of an op)."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape, strict=False)):
+        want = tuple("*" if s is None else s for s in shape)
+        raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+    if x.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
     devices = {n: t.device for n, t in tensors.items() if t is not None}
-    check(len(set(devices.values())) == 1, f"inputs must be on one device, got {devices}")
-    return next(iter(devices.values()))
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        raise ValueError(f"inputs must be on one device, got {devices}")
+    return first
 
 
 def pick_backend(backend: str, device: torch.device, available: dict[str, Callable[[torch.device], bool]]) -> str:
