@@ -36,6 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels.csa as csa  # noqa: E402
+from kernels import common  # noqa: E402
 from kernels.csa import reference, triton_csa  # noqa: E402
 
 H, HKV, D, STRIDE, WINDOW = 9, 3, 64, 4, 64
@@ -363,11 +364,11 @@ def graph_rows(B: int, flex_fn, sdpa) -> list[dict]:
     host["ours_bwd_launcher"] = cpu_issue_us(lambda: triton_csa.csa_bwd(do, *x0, *saved, WINDOW, STRIDE, SCALE))
     host["ours_fwd_with_grad"] = cpu_issue_us(lambda: csa.csa_attention(*xs))
     host["ours_step"] = cpu_issue_us(step)
-    triton_csa.FAST_LAUNCH = False
+    common.FAST_LAUNCH = False
     try:
         host["ours_step_triton_jit_launch"] = cpu_issue_us(step)
     finally:
-        triton_csa.FAST_LAUNCH = True
+        common.FAST_LAUNCH = True
     host["passthrough_function_step"] = cpu_issue_us(lambda: torch.autograd.grad(_Passthrough.apply(*xs), xs, do,
                                                                                  allow_unused=True))
     host["flex_step"] = cpu_issue_us(lambda: torch.autograd.grad(flex_fn(*xf), xf, dof))

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.common import launch
+
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = math.log2(math.e)
@@ -313,38 +315,6 @@ CONFIG = {
 }
 
 
-def _launch(kernel, grid: tuple[int, int, int], *args, **meta) -> None:
-    """kernel[grid](*args, **meta), with Triton's per-call argument binding skipped after the first call.
-
-    Triton specializes a compiled kernel on the dtypes and 16-byte alignment of pointer arguments and on
-    integers being 1 or multiples of 16; keyed on the same facts, the compiled kernel of a first launch
-    is reused through its own launcher (tens of microseconds less host time per launch). The
-    interpreter (CPU tensors) always takes the plain path.
-    """
-    if not (FAST_LAUNCH and args[0].is_cuda):
-        kernel[grid](*args, **meta)
-        return
-    key = (kernel, torch.cuda.current_device(), tuple(_spec(a) for a in args), *meta.items())
-    entry = _COMPILED.get(key)
-    if entry is None:
-        compiled = kernel[grid](*args, **meta)
-        compiled = compiled.result() if hasattr(compiled, "result") else compiled  # async compile future
-        _COMPILED[key] = (compiled, [meta[p.name] for p in kernel.params if p.is_constexpr])
-        return
-    compiled, constexprs = entry
-    compiled[grid](*args, *constexprs)  # constexprs are the last parameters of every kernel here
-
-
-def _spec(a) -> object:
-    if isinstance(a, torch.Tensor):
-        return a.dtype, a.data_ptr() % 16 == 0
-    if isinstance(a, int):
-        return a == 1, a % 16 == 0, a.bit_length() > 31
-    return None  # floats are not specialized
-
-
-_COMPILED: dict = {}
-FAST_LAUNCH = True  # False: every launch through Triton's JIT front end (bench/csa.py measures both)
 
 
 def csa_fwd(
@@ -364,7 +334,7 @@ def csa_fwd(
     else:
         dcl, lse = q.new_empty(0), q.new_empty(0, dtype=torch.float32)
     cfg = CONFIG["fwd"]
-    _launch(
+    launch(
         _csa_fwd, (B * H, triton.cdiv(T, cfg["BLOCK_M"]), 1), q, k, v, kc, vc, blend, o, dcl, lse, T, Tc,
         scale * LOG2E, H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window, SAVE=save, **cfg,
     )
@@ -386,7 +356,7 @@ def csa_bwd(
     # dC = blend dO, dL = dO - dC for the key-block launch, unless it recomputes them from dO and blend
     dx = torch.empty(B, T, H, 2, D, device=q.device, dtype=q.dtype) if store_dx else q.new_empty(0)
     delta = torch.empty_like(lse)
-    _launch(
+    launch(
         _csa_bwd_dq, (B * H, triton.cdiv(T, cfg_dq["BLOCK_M"]), 1), q, k, v, kc, vc, blend, o, dcl, do, lse,
         dq, dblend, dx, delta, T, Tc, scale * LOG2E, scale, H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window,
         STORE_DX=store_dx, **cfg_dq,
@@ -394,7 +364,7 @@ def csa_bwd(
     dk, dv, dkc, dvc = (torch.empty_like(x) for x in (k, v, kc, vc))
     n_blocks = triton.cdiv(Tc, cfg_dkv["BLOCK_N"]) + triton.cdiv(T, cfg_dkv["BLOCK_NR"])
     grid = (B * Hkv, n_blocks, 1) if cfg_dkv["HEAVY_FIRST"] else (n_blocks, B * Hkv, 1)
-    _launch(
+    launch(
         _csa_bwd_dkv, grid, q, kc, vc, k, v, dx, do, blend, lse, delta, dkc, dvc, dk, dv, T, Tc,
         scale * LOG2E, scale, H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window, **cfg_dkv,
     )
