@@ -32,6 +32,7 @@ from kernels.gdn.triton_fwd import (
     _load_state,
     _prec,
     _rows,
+    _state_or_zeros,
     _store_buf,
     _store_io,
     _store_state,
@@ -51,11 +52,7 @@ def _bwd_state_kernel(
     v0 = iv * BV
     dt = q.dtype.element_ty
     r = tl.arange(0, BT)
-    if USE_DHT:
-        dS = _load_state(dht, bh, K, V, BK, BV, v0)
-        dS = dS.to(tl.float32)
-    else:
-        dS = tl.zeros([BK, BV], dtype=tl.float32)
+    dS = _state_or_zeros(dht, bh, USE_DHT, K, V, BK, BV, v0)
     for m in range(NT):
         n = NT - 1 - m
         t0 = n * BT

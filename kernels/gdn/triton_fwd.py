@@ -90,6 +90,17 @@ def _store_state(ptr, x, idx, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr
 
 
 @triton.jit
+def _state_or_zeros(ptr, idx, USE: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                    BV: tl.constexpr, v0):  # fmt: skip
+    """The fp32 state `_load_state` reads when USE (an initial state or its gradient is given), else 0."""
+    if USE:
+        S = _load_state(ptr, idx, K, V, BK, BV, v0).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    return S
+
+
+@triton.jit
 def _rows(ptr, bh, t0, T, H: tl.constexpr, BT: tl.constexpr):
     """Rows t0..t0+BT of head bh of a [B, T, H] tensor, as fp32, zero past T."""
     b, h = bh // H, bh % H
@@ -195,11 +206,7 @@ def _state_out_kernel(
     v0 = iv * BV
     dt = q.dtype.element_ty
     r = tl.arange(0, BT)
-    if USE_H0:
-        S = _load_state(h0, bh, K, V, BK, BV, v0)
-        S = S.to(tl.float32)
-    else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
+    S = _state_or_zeros(h0, bh, USE_H0, K, V, BK, BV, v0)
     for n in range(NT):
         t0 = n * BT
         if SAVE:  # S entering chunk n
