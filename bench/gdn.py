@@ -16,6 +16,7 @@ each head size. Runs about 5 minutes on an H100 (compiles, the reference, the fl
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -133,39 +134,46 @@ def resource_report():
     return rows
 
 
-SWEEP = [dict(state_bv=32), dict(state_bv=64), dict(state_bv=32, state_warps=8), dict(state_bv=64, state_warps=8),
-         dict(chunk_bv=64), dict(chunk_warps=4), dict(prep_warps=4), dict(state_stages=3)]  # fmt: skip
+# one change of the launch configuration (triton_fwd.CONFIG) per entry, each timed against the default
+SWEEP = [dict(state_bv=16), dict(state_bv=64), dict(state_warps=8), dict(state_stages=3), dict(prep_warps=8),
+         dict(chunk_bv=64), dict(chunk_warps=8), dict(chunk_stages=1)]  # fmt: skip
 
 
-def run_sweep(fn, reps):
-    """fwd+bwd of ours at the two K = 112 shapes under each SWEEP change of the launch configuration."""
+def run_sweep(fn, reps, rounds=3):
+    """fwd+bwd of ours at the two K = 112 shapes under each SWEEP change, the default included; the
+    configurations are interleaved over `rounds` rounds and each reports its median over them (run-to-run
+    drift of the GPU clock otherwise favours whichever configuration ran first)."""
     default, out = dict(triton_fwd.CONFIG), []
     for B, T, H, K in SHAPES[:2]:
-        sets = [(*make_inputs(B, T, H, K, K), torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16))]
-        for change in [{}, *SWEEP]:
-            triton_fwd.CONFIG.update(change)
-            try:
-                t = median_ms(forward_backward(fn), sets, reps)
-            except Exception as e:  # a configuration out of resources
-                t = float("nan")
-                print(f"sweep {change}: {type(e).__name__}: {str(e)[:200]}")
-            triton_fwd.CONFIG.update(default)
-            out.append(dict(B=B, change=change, fwdbwd_ms=t))
-            print(f"sweep B{B} {change}: fwd+bwd {t:.3f} ms", flush=True)
+        sets = [(*make_inputs(B, T, H, K, K), torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16))
+                for _ in range(2)]  # fmt: skip
+        changes = [{}, *SWEEP]
+        times = [[] for _ in changes]
+        for _ in range(rounds):
+            for change, ts in zip(changes, times, strict=True):
+                triton_fwd.CONFIG.update(change)
+                try:
+                    ts.append(median_ms(forward_backward(fn), sets, reps))
+                except Exception as e:  # a configuration out of resources
+                    ts.append(float("nan"))
+                    print(f"sweep {change}: {type(e).__name__}: {str(e)[:200]}")
+                triton_fwd.CONFIG.update(default)
+        for change, ts in zip(changes, times, strict=True):
+            out.append(dict(B=B, change=change, fwdbwd_ms=statistics.median(ts), rounds=ts))
+            print(f"sweep B{B} {change}: fwd+bwd {out[-1]['fwdbwd_ms']:.3f} ms", flush=True)
     return out
 
 
 def profile(methods, out_dir):
-    """CUDA time per kernel for a few fwd+bwd calls at the first shape, written to gdn_profile.txt."""
+    """CUDA time per kernel for a few fwd+bwd calls at the two K = 112 shapes, written to gdn_profile.txt."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    B, T, H, K = SHAPES[0]
-    x = (*make_inputs(B, T, H, K, K), torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16))
     text = []
-    for name in ("ours", "fla"):
+    for (B, T, H, K), name in itertools.product(SHAPES[:2], ("ours", "fla")):
         if name not in methods:
             continue
+        x = (*make_inputs(B, T, H, K, K), torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16))
         f = forward_backward(methods[name])
         for _ in range(3):
             f(*x)
@@ -188,7 +196,7 @@ def main():
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="also time ours under other launch configurations")
-    ap.add_argument("--profile", action="store_true", help="per-kernel CUDA times of ours and fla at B16")
+    ap.add_argument("--profile", action="store_true", help="per-kernel CUDA times of ours and fla at B16 and B64")
     args = ap.parse_args()
     torch.manual_seed(0)
     fla_fn, fla_version, lifted = load_fla()
