@@ -27,6 +27,7 @@ from kernels.gdn.triton_fwd import (
     CONFIG,
     _decay,
     _dot_f32_lowp,
+    _gates,
     _load_buf,
     _load_io,
     _load_state,
@@ -36,6 +37,7 @@ from kernels.gdn.triton_fwd import (
     _store_buf,
     _store_io,
     _store_state,
+    _tile_offsets,
     pick_bv,
 )
 
@@ -51,7 +53,6 @@ def _bwd_state_kernel(
     Tp = NT * BT
     v0 = iv * BV
     dt = q.dtype.element_ty
-    r = tl.arange(0, BT)
     dS = _state_or_zeros(dht, bh, USE_DHT, K, V, BK, BV, v0)
     for m in range(NT):
         n = NT - 1 - m
@@ -61,11 +62,10 @@ def _bwd_state_kernel(
         kb = _load_io(k, bh, t0, T, H, K, BT, BK)
         wb = _load_buf(Wk, bh, t0, Tp, K, BT, BK)
         dob = _load_io(do, bh, t0, T, H, V, BT, BV, v0)
-        Gb = tl.load(G + bh.to(tl.int64) * Tp + t0 + r)
-        G_end = tl.load(G + bh.to(tl.int64) * Tp + t0 + BT - 1)
+        Gb, G_end = _gates(G, bh, t0, Tp, BT)
 
         dSd = dS.to(dt)
-        P = tl.load(Pm + (bh.to(tl.int64) * NT + n) * BT * BT + r[:, None] * BT + r[None, :])
+        P = tl.load(Pm + _tile_offsets(bh, n, NT, BT))
         kd = (kb.to(tl.float32) * tl.exp(G_end - Gb)[:, None]).to(dt)
         dw = scale * tl.dot(tl.trans(P), dob, input_precision=PREC)  # (7)
         dw = tl.dot(kd, dSd, dw, input_precision=PREC).to(dt)
@@ -94,8 +94,7 @@ def _bwd_out_kernel(
     r = tl.arange(0, BT)
     qb = _load_io(q, bh, t0, T, H, K, BT, BKH, k0)
     kb = _load_io(k, bh, t0, T, H, K, BT, BKH, k0)
-    Gb = tl.load(G + bh.to(tl.int64) * Tp + t0 + r)
-    G_end = tl.load(G + bh.to(tl.int64) * Tp + t0 + BT - 1)
+    Gb, G_end = _gates(G, bh, t0, Tp, BT)
 
     # sums over V: dO S^T, dO W^T, W dS'^T, and the rows of S * dS'
     dQs = tl.zeros([BT, BKH], dtype=tl.float32)
@@ -144,9 +143,9 @@ def _bwd_wy_kernel(
     t0 = n * BT
     r = tl.arange(0, BT)
     kb = _load_io(k, bh, t0, T, H, K, BT, BK)
-    Gb = tl.load(G + bh.to(tl.int64) * Tp + t0 + r)
+    Gb, _ = _gates(G, bh, t0, Tp, BT)
     b = _rows(beta, bh, t0, T, H, BT)
-    Tt = tl.trans(tl.load(Tinv + (bh.to(tl.int64) * NT + n) * BT * BT + r[:, None] * BT + r[None, :]))
+    Tt = tl.trans(tl.load(Tinv + _tile_offsets(bh, n, NT, BT)))
 
     # sums over V: dW S^T, dU (beta V)^T; dv = beta T^T dU directly
     dWk = tl.zeros([BT, BK], dtype=tl.float32)

@@ -109,6 +109,20 @@ def _rows(ptr, bh, t0, T, H: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
+def _tile_offsets(bh, n, NT, BT: tl.constexpr):
+    """Offsets of chunk n's [BT, BT] tile of head bh in a [B*H, NT, BT, BT] tensor (T and P)."""
+    r = tl.arange(0, BT)
+    return (bh.to(tl.int64) * NT + n) * BT * BT + r[:, None] * BT + r[None, :]
+
+
+@triton.jit
+def _gates(G, bh, t0, Tp, BT: tl.constexpr):
+    """Rows t0..t0+BT of head bh of the padded cumulative gate [B*H, Tp], and its last row G_C."""
+    p = G + bh.to(tl.int64) * Tp + t0
+    return tl.load(p + tl.arange(0, BT)), tl.load(p + BT - 1)
+
+
+@triton.jit
 def _decay(G, INCLUSIVE: tl.constexpr):
     """Gamma_ij = exp(G_i - G_j) for j <= i (j < i unless INCLUSIVE), else 0; masked before the exp."""
     r = tl.arange(0, G.shape[0])
@@ -179,7 +193,7 @@ def _prep_kernel(
     # (3): A_ij = beta_i exp(G_i - G_j) k_i . k_j for j < i (bf16 products are exact in the fp32 accumulator)
     A = b[:, None] * tl.dot(kb, tl.trans(kb), input_precision=PREC) * _decay(Gc, False)
     Tm = _unit_lower_inverse(A, kb, b, Gc, BS, PREC)
-    p_tile = (bh.to(tl.int64) * NT + n) * BT * BT + r[:, None] * BT + r[None, :]
+    p_tile = _tile_offsets(bh, n, NT, BT)
     tl.store(Tinv + p_tile, Tm)
     # P = Q K^T * Gamma of (4), used by both sequential kernels and the backward
     qb = _load_io(q, bh, t0, T, H, K, BT, BK)
@@ -205,7 +219,6 @@ def _state_out_kernel(
     Tp = NT * BT
     v0 = iv * BV
     dt = q.dtype.element_ty
-    r = tl.arange(0, BT)
     S = _state_or_zeros(h0, bh, USE_H0, K, V, BK, BV, v0)
     for n in range(NT):
         t0 = n * BT
@@ -215,15 +228,14 @@ def _state_out_kernel(
         kb = _load_io(k, bh, t0, T, H, K, BT, BK)
         wb = _load_buf(Wk, bh, t0, Tp, K, BT, BK)
         ub = _load_buf(U, bh, t0, Tp, V, BT, BV, v0)
-        Gb = tl.load(G + bh.to(tl.int64) * Tp + t0 + r)
-        G_end = tl.load(G + bh.to(tl.int64) * Tp + t0 + BT - 1)
+        Gb, G_end = _gates(G, bh, t0, Tp, BT)
 
         Sd = S.to(dt)
         w = (ub.to(tl.float32) - tl.dot(wb, Sd, input_precision=PREC)).to(dt)  # W = U - W_k S
         if SAVE:
             _store_buf(Wb, w, bh, t0, Tp, V, BT, BV, v0)
         # (4): O = scale (diag(e^G) Q S + (Q K^T * Gamma) W)
-        P = tl.load(Pm + (bh.to(tl.int64) * NT + n) * BT * BT + r[:, None] * BT + r[None, :])
+        P = tl.load(Pm + _tile_offsets(bh, n, NT, BT))
         ob = tl.dot(qb, Sd, input_precision=PREC) * tl.exp(Gb)[:, None]
         ob = tl.dot(P, w, ob, input_precision=PREC)
         _store_io(o, (scale * ob).to(o.dtype.element_ty), bh, t0, T, H, V, BT, BV, v0)
