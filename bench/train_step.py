@@ -97,7 +97,11 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default="profiles/train_step.json")
-    ap.add_argument("--trace", default=None, help="write a chrome trace of one eager kernel step here")
+    ap.add_argument(
+        "--trace",
+        default=None,
+        help="chrome traces of one kernel step (eager, compiled): X.json -> X_eager.json, X_compiled.json",
+    )
     args = ap.parse_args()
     dev = torch.device("cuda")
     roof = roofline()
@@ -105,7 +109,9 @@ def main() -> None:
     rows = []
     for backend, compile_ in [("auto", False), ("auto", True), ("reference", False)]:
         try:
-            trace = args.trace if (backend, compile_) == ("auto", False) else None
+            trace = None
+            if args.trace and backend == "auto":
+                trace = args.trace.replace(".json", "_compiled.json" if compile_ else "_eager.json")
             row = bench_step(args.batch, args.seq, backend, compile_, args.reps, trace)
             torch.cuda.empty_cache()
         except Exception as e:  # report the failure of one variant, keep the others

@@ -1,0 +1,77 @@
+"""Chunked linear cross-entropy (model/loss.py) against F.cross_entropy on materialized logits."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import Hyla, get_config
+from model.loss import linear_cross_entropy
+
+
+def _inputs(n=45, dim=24, vocab=70, dtype=torch.float64, ignored=(3, 10, 44)):
+    x = torch.randn(n, dim, dtype=dtype, requires_grad=True)
+    w = torch.randn(vocab, dim, dtype=dtype, requires_grad=True)
+    y = torch.randint(0, vocab, (n,))
+    y[list(ignored)] = -1
+    return x, w, y
+
+
+def _loss_and_grads(fn, x, w, y):
+    x.grad = w.grad = None
+    loss = fn(x, w, y)
+    loss.backward()
+    return loss.detach(), x.grad.clone(), w.grad.clone()
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 8, 45, 4096])
+def test_matches_cross_entropy_fp64(chunk_rows):
+    x, w, y = _inputs()
+    ours = _loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk_rows=chunk_rows), x, w, y)
+    ref = _loss_and_grads(lambda a, b, c: F.cross_entropy(a @ b.T, c, ignore_index=-1), x, w, y)
+    for o, r in zip(ours, ref, strict=True):
+        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-14)
+
+
+def test_autocast_bf16_matches_plain_head():
+    """Under bf16 autocast both compute the head in bf16 and the loss in fp32."""
+    x, w, y = _inputs(dtype=torch.float32)
+    with torch.autocast("cpu", torch.bfloat16):
+        ours = _loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk_rows=16), x, w, y)
+        ref = _loss_and_grads(lambda a, b, c: F.cross_entropy(F.linear(a, b).float(), c, ignore_index=-1), x, w, y)
+    assert ours[0].dtype == torch.float32
+    for o, r in zip(ours, ref, strict=True):
+        assert o.dtype == r.dtype
+        torch.testing.assert_close(o, r, rtol=2e-2, atol=1e-3)
+
+
+def test_no_grad_path_and_all_ignored():
+    x, w, y = _inputs()
+    with torch.no_grad():
+        expected = F.cross_entropy(x @ w.T, y, ignore_index=-1)
+        torch.testing.assert_close(linear_cross_entropy(x, w, y, chunk_rows=7), expected)
+    assert linear_cross_entropy(x, w, torch.full_like(y, -1)).isnan()
+
+
+def test_model_loss_equals_logits_loss():
+    torch.manual_seed(0)
+    model = Hyla(get_config("tiny", n_layers=2)).double()
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 33))
+    tgt = torch.randint(0, model.cfg.vocab_size, (2, 33))
+    tgt[0, :5] = -1
+    logits = model(idx)
+    expected = F.cross_entropy(logits.flatten(0, 1), tgt.reshape(-1), ignore_index=-1)
+    torch.testing.assert_close(model(idx, tgt), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "x, w, y, match",
+    [
+        (torch.randn(4, 8), torch.randn(10, 6), torch.zeros(4, dtype=torch.long), "weight"),
+        (torch.randn(4, 8), torch.randn(10, 8), torch.zeros(5, dtype=torch.long), "targets"),
+        (torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4), "targets"),
+        (torch.randn(2, 4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long), "x"),
+    ],
+)
+def test_bad_input(x, w, y, match):
+    with pytest.raises(ValueError, match=match):
+        linear_cross_entropy(x, w, y)
