@@ -206,7 +206,7 @@ def time_variant(fwd, sets, do, calls: int) -> dict:
     }
 
 
-def sweep_configs(shapes=((16, 1024), (64, 1024))) -> dict:
+def sweep_configs(shapes=((16, 1024), (64, 1024)), options: dict | None = None) -> dict:
     """Time a few tile configs per kernel at each shape (each checked against the fp64 reference first);
     keep the one with the least total time. Kernels are swept in order (fwd, bwd_dq, bwd_dkv), each with
     the best of the previous ones; bwd_* configs are timed as the whole backward."""
@@ -218,7 +218,7 @@ def sweep_configs(shapes=((16, 1024), (64, 1024))) -> dict:
         c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_MR=bmr, BLOCK_NR=bnr, RECOMPUTE_DX=recompute, HEAVY_FIRST=heavy_first)
         return {**c, "num_warps": w, "num_stages": 3, **({} if maxnreg is None else {"maxnreg": maxnreg})}
 
-    options = {  # run 2 of this version swept more (profiles/csa.md); these are its best and register caps
+    options = options or {  # run 2 of this version swept more (profiles/csa.md); these are its best and register caps
         "fwd": [cfg(64, 32, 64, 4, 3), cfg(64, 32, 64, 4, 3, 168), cfg(64, 32, 64, 4, 3, 128)],
         "bwd_dq": [cfg(64, 32, 64, 4, 3), cfg(64, 32, 64, 4, 3, 168), cfg(64, 32, 128, 4, 3)],
         "bwd_dkv": [

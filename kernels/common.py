@@ -77,14 +77,22 @@ def launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
     For kernels whose constexpr parameters all come last and are passed by keyword in `meta` (with the
     launch options: num_warps, ...), runtime arguments positionally. Triton specializes a compiled kernel
     on the dtypes and 16-byte alignment of pointer arguments and on integers being 1 or multiples of 16;
-    keyed on the same facts, the compiled kernel of a first launch is reused through its own launcher
-    (tens of microseconds less host time per launch). The interpreter (CPU tensors) and kernels of
-    another form take the plain path.
+    keyed on the same facts, the compiled kernel of a first launch is reused by calling its C launcher
+    directly on the current stream (the host cost of a launch is most of a small op's time). Launch hooks
+    (Triton's launch_enter/exit_hook, used by profilers such as proton) are not called on that path: set
+    FAST_LAUNCH = False for them. The interpreter (CPU tensors) and kernels of another form take the
+    plain path.
     """
     if not (FAST_LAUNCH and args[0].is_cuda):
         kernel[grid](*args, **meta)
         return
-    key = (kernel, torch.cuda.current_device(), tuple(_spec(a) for a in args), *meta.items())
+    device = torch.cuda.current_device()
+    key = (kernel, device, *meta.items(), *[
+        (a.dtype, a.data_ptr() & 15 == 0) if isinstance(a, torch.Tensor)
+        else (a == 1, a & 15 == 0, a.bit_length() > 31) if type(a) is int  # bools are not ints here
+        else None  # floats and bools are not specialized
+        for a in args
+    ])
     entry = _COMPILED.get(key)
     if entry is None:
         compiled = kernel[grid](*args, **meta)
@@ -93,19 +101,15 @@ def launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
         if all(p.is_constexpr and p.name in meta for p in tail) and not any(
             p.is_constexpr for p in kernel.params[: len(args)]
         ):
-            _COMPILED[key] = (compiled, [meta[p.name] for p in tail])
+            constexprs = tuple(meta[p.name] for p in tail)
+            _COMPILED[key] = (compiled.run, compiled.function, compiled.packed_metadata, constexprs)
         return
-    compiled, constexprs = entry
-    compiled[(*grid, 1, 1)[:3]](*args, *constexprs)  # a compiled kernel's launcher takes a 3-D grid
+    run, function, metadata, constexprs = entry
+    gx, gy, gz = (*grid, 1, 1)[:3]
+    # the launcher's arguments: grid, stream, kernel, its metadata, launch metadata and hooks, every parameter
+    run(gx, gy, gz, _current_stream(device), function, metadata, None, None, None, *args, *constexprs)
 
 
-def _spec(a) -> object:
-    if isinstance(a, torch.Tensor):
-        return a.dtype, a.data_ptr() % 16 == 0
-    if isinstance(a, int):
-        return a == 1, a % 16 == 0, a.bit_length() > 31
-    return None  # floats are not specialized
-
-
+_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what Triton's own launch uses
 _COMPILED: dict = {}
 FAST_LAUNCH = True  # False: every launch through Triton's JIT front end (bench/csa.py measures both)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import kernels.csa as csa
-from kernels.csa import reference, triton_csa
+from kernels.csa import reference, triton_compress, triton_csa
 from tests.helpers import compile_for_hopper, relerr
 
 GRAD_NAMES = ("dq", "dk", "dv", "dkc", "dvc", "dblend")
@@ -173,6 +173,17 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
 def compile_all_for_hopper() -> list[str]:
     """Compile every kernel for sm_90 (bf16, the model's H=9, Hkv=3, D=64); names of the cubins."""
     built = []
+    for name in ("_compress_fwd", "_compress_bwd"):
+        kernel = getattr(triton_compress, name)
+        tiles = {k: v for k, v in triton_compress.CONFIG.items() if k not in ("num_warps", "num_stages")}
+        constexprs = dict(HKV=3, D=64, STRIDE=4, R=32, **tiles)
+        if name == "_compress_fwd":
+            constexprs["SAVE"] = True
+        kinds = {"T": "i32", "Tc": "i32", "n_rows": "i32", "COS": "*fp32", "SIN": "*fp32"}
+        params = inspect.signature(kernel.fn).parameters
+        sig = {n: "constexpr" if n in constexprs else kinds.get(n, "*bf16") for n in params}
+        if compile_for_hopper(kernel, sig, constexprs).asm["cubin"]:
+            built.append(name)
     for name, cfg_name in (("_csa_fwd", "fwd"), ("_csa_bwd_dq", "bwd_dq"), ("_csa_bwd_dkv", "bwd_dkv")):
         kernel, cfg = getattr(triton_csa, name), triton_csa.CONFIG[cfg_name]
         tiles = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages", "maxnreg")}
@@ -194,7 +205,37 @@ def test_compiles_for_hopper():
     code = "from tests.test_csa_triton import compile_all_for_hopper as f; print(*f())"
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.split() == ["_csa_fwd", "_csa_bwd_dq", "_csa_bwd_dkv"], res.stdout
+    names = ["_compress_fwd", "_compress_bwd", "_csa_fwd", "_csa_bwd_dq", "_csa_bwd_dkv"]
+    assert res.stdout.split() == names, res.stdout
+
+
+def compress_both(xs, fn, stride=4, rotary_dim=8, theta=100.0):
+    """Outputs and gradients (k, v, weight_k, weight_v) of `fn` and of the float64 reference compressor."""
+    kc, vc = fn(*xs, stride, rotary_dim, theta)
+    g = torch.Generator().manual_seed(2)
+    dkc, dvc = (torch.randn(x.shape, generator=g).to(x) for x in (kc, vc))
+    grads = torch.autograd.grad((kc * dkc).float().sum() + (vc * dvc).float().sum(), xs)
+    x64 = [x.detach().cpu().double().requires_grad_() for x in xs]
+    rk, rv = reference.compress_kv(*x64, stride, rotary_dim, theta)
+    ref_grads = torch.autograd.grad((rk * dkc.cpu().double()).sum() + (rv * dvc.cpu().double()).sum(), x64)
+    return [kc, vc, *grads], [rk, rv, *ref_grads]
+
+
+def compress_inputs(B, T, Hkv, D, device="cpu", dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k, v = (torch.randn(B, T, Hkv, D, generator=g) for _ in range(2))
+    wk, wv = (torch.randn(Hkv * D, Hkv * D, generator=g) / (Hkv * D) ** 0.5 for _ in range(2))
+    return [x.to(device=device, dtype=dtype).requires_grad_() for x in (k, v, wk, wv)]
+
+
+@pytest.mark.parametrize("B, T, Hkv, D, rotary_dim", [(2, 10, 3, 16, 8), (1, 13, 2, 32, 32), (2, 3, 1, 16, 0)])
+def test_compressor_matches_reference(B, T, Hkv, D, rotary_dim):
+    """Partial last block (T % 4 != 0), several heads mixed by the weights, full / partial / no RoPE."""
+    xs = compress_inputs(B, T, Hkv, D, device=DEVICE, seed=T)
+    outs, refs = compress_both(xs, triton_compress.compress_kv_triton, rotary_dim=rotary_dim)
+    tol = 1e-5 if DEVICE == "cpu" else 2e-3  # tf32 products on a GPU
+    for name, a, r in zip(("kc", "vc", "dk", "dv", "dwk", "dwv"), outs, refs, strict=True):
+        assert relerr(a.cpu(), r) < tol, name
 
 
 GPU_LENGTHS = [*range(1, 9), 63, 65, 1000, 4096]
@@ -225,3 +266,12 @@ def test_fp32_gpu_and_errors():
             *[torch.zeros(1, 3, 1, 48, device="cuda")] * 2,
             torch.zeros(1, 9, 144, device="cuda"),
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 7, 1000, 4096])
+def test_compressor_bf16_gpu(T):
+    xs = compress_inputs(2, T, 3, 64, device="cuda", dtype=torch.bfloat16, seed=T)
+    outs, refs = compress_both(xs, lambda *a: csa.compress_kv(*a, backend="auto"), rotary_dim=32, theta=20000.0)
+    for name, a, r in zip(("kc", "vc", "dk", "dv", "dwk", "dwv"), outs, refs, strict=True):
+        assert relerr(a.cpu(), r) < 1e-2, name

@@ -1,8 +1,11 @@
 """Compressed sparse attention: `csa_attention` (the attention core) and `compress_kv` (compressor).
 
 Backends, in "auto" order:
-- "triton" (`triton_csa.py`, CUDA): one fused forward and a two-launch backward, as torch.library ops
-  (differentiable, torch.compile(fullgraph=True) friendly); fp16/bf16/fp32, head dim 16/32/64/128.
+- "triton" (CUDA; fp16/bf16/fp32, head dim 16/32/64/128):
+  `triton_csa.py`: one fused forward and a two-launch backward, as torch.library ops (differentiable,
+  torch.compile(fullgraph=True) friendly); `triton_compress.py`: the compressor in one launch forward
+  and one launch plus one batched matmul backward (eager only: under torch.compile the PyTorch
+  compressor is traced, which inductor fuses).
 - "reference" (`reference.py`, any device, differentiable by autograd).
 The math and the layout are documented in `reference.py` and kept by every backend. Token-by-token
 decoding lives in `decode.py` (`CSADecodeState`).
@@ -15,12 +18,11 @@ import torch
 from kernels.common import FLOAT_DTYPES, check, check_same_device, check_tensor, pick_backend
 from kernels.csa import reference
 from kernels.csa.decode import CSADecodeState
-from kernels.csa.reference import compress_kv
 
 try:  # triton is a Linux-only dependency
-    from kernels.csa import triton_csa
+    from kernels.csa import triton_compress, triton_csa
 except ImportError:
-    triton_csa = None
+    triton_compress = triton_csa = None
 
 __all__ = ["csa_attention", "compress_kv", "CSADecodeState"]
 
@@ -105,3 +107,65 @@ def _validate(q, k, v, kc, vc, blend, window: int, stride: int) -> None:
     check_tensor("blend", blend, (B, T, H * D))
     check(T > 0 and B > 0, f"empty input: B={B}, T={T}")
     check_same_device(q=q, k=k, v=v, kc=kc, vc=vc, blend=blend)
+
+
+def compress_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    weight_k: torch.Tensor,
+    weight_v: torch.Tensor,
+    stride: int = 4,
+    rotary_dim: int = 32,
+    theta: float = 20000.0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compressor: kc = RoPE(mean_stride(k) weight_k^T) at positions stride j + stride // 2, vc = mean_stride(v)
+    weight_v^T (blocks of `stride` tokens, zero-padded past T; `reference.compress_kv` has the details).
+
+    Args:
+        k: [B, T, Hkv, D] keys after k_norm, before RoPE; v: [B, T, Hkv, D] values.
+        weight_k, weight_v: [Hkv * D, Hkv * D] (x @ W^T), mixing the KV heads.
+        stride, rotary_dim, theta: block length, rotated dims (even, <= D), RoPE base.
+        backend: "auto", "triton" (CUDA, eager; under torch.compile "auto" takes the reference) or
+            "reference".
+
+    Returns:
+        kc, vc: [B, ceil(T / stride), Hkv, D].
+
+    Example:
+        >>> k, v, w = torch.randn(2, 10, 3, 64), torch.randn(2, 10, 3, 64), torch.randn(192, 192)
+        >>> [x.shape for x in compress_kv(k, v, w, w)]
+        [torch.Size([2, 3, 3, 64]), torch.Size([2, 3, 3, 64])]
+    """
+    if not (
+        isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and k.dim() == 4 and v.shape == k.shape
+        and isinstance(weight_k, torch.Tensor) and isinstance(weight_v, torch.Tensor)
+        and weight_k.shape == weight_v.shape == (k.shape[2] * k.shape[3],) * 2
+        and k.shape[0] > 0 and k.shape[1] > 0 and stride > 0 and rotary_dim % 2 == 0 and 0 <= rotary_dim <= k.shape[3]
+        and k.device == v.device == weight_k.device == weight_v.device
+        and {k.dtype, v.dtype, weight_k.dtype, weight_v.dtype} <= set(FLOAT_DTYPES)
+    ):
+        _validate_compress(k, v, weight_k, weight_v, stride, rotary_dim)  # raises the precise ValueError
+    name = pick_backend(backend, k.device, COMPRESS_BACKENDS)
+    if name == "triton" and not (backend == "auto" and torch.compiler.is_compiling()):
+        return triton_compress.compress_kv_triton(k, v, weight_k, weight_v, stride, rotary_dim, theta)
+    return reference.compress_kv(k, v, weight_k, weight_v, stride, rotary_dim, theta)
+
+
+COMPRESS_BACKENDS = {
+    "triton": lambda device: device.type == "cuda" and triton_compress is not None,
+    "reference": lambda device: True,
+}
+
+
+def _validate_compress(k, v, weight_k, weight_v, stride: int, rotary_dim: int) -> None:
+    """Raise a ValueError naming the first bad input of `compress_kv`."""
+    check_tensor("k", k, (None, None, None, None))
+    B, T, Hkv, D = k.shape
+    check_tensor("v", v, (B, T, Hkv, D))
+    check_tensor("weight_k", weight_k, (Hkv * D, Hkv * D))
+    check_tensor("weight_v", weight_v, (Hkv * D, Hkv * D))
+    check(B > 0 and T > 0, f"empty input: B={B}, T={T}")
+    check(stride > 0, f"stride must be positive, got {stride}")
+    check(rotary_dim % 2 == 0 and 0 <= rotary_dim <= D, f"rotary_dim must be even and <= {D}, got {rotary_dim}")
+    check_same_device(k=k, v=v, weight_k=weight_k, weight_v=weight_v)

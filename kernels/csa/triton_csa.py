@@ -315,28 +315,24 @@ CONFIG = {
 }
 
 
-
-
 def csa_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
     blend: torch.Tensor, window: int, stride: int, scale: float, save: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward; returns o [B, T, H, D] and, when `save`, dcl = comp - local and the two
-    log2-sum-exps [B, H, 2, T] (fp32; compressed path first, +inf for rows without a visible compressed
-    block), else empty ones. Inputs are made contiguous (a no-op for the model's tensors)."""
-    q, k, v, kc, vc, blend = (x.contiguous() for x in (q, k, v, kc, vc, blend))
+    """Launch the forward on contiguous inputs (k, v, kc, vc in q's dtype); returns o [B, T, H, D] and,
+    when `save`, dcl = comp - local and the two log2-sum-exps [B, H, 2, T] (fp32; compressed path first,
+    +inf for rows without a visible compressed block), else empty ones."""
     B, T, H, D = q.shape
-    Hkv, Tc = k.shape[2], kc.shape[1]
     o = torch.empty_like(q)
     if save:
         dcl = torch.empty_like(q)
-        lse = torch.empty(B, H, 2, T, device=q.device, dtype=torch.float32)
+        lse = torch.empty((B, H, 2, T), device=q.device, dtype=torch.float32)
     else:
         dcl, lse = q.new_empty(0), q.new_empty(0, dtype=torch.float32)
     cfg = CONFIG["fwd"]
     launch(
-        _csa_fwd, (B * H, triton.cdiv(T, cfg["BLOCK_M"]), 1), q, k, v, kc, vc, blend, o, dcl, lse, T, Tc,
-        scale * LOG2E, H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window, SAVE=save, **cfg,
+        _csa_fwd, (B * H, triton.cdiv(T, cfg["BLOCK_M"]), 1), q, k, v, kc, vc, blend, o, dcl, lse, T,
+        kc.shape[1], scale * LOG2E, H=H, HKV=k.shape[2], D=D, STRIDE=stride, WINDOW=window, SAVE=save, **cfg,
     )
     return o, dcl, lse
 
@@ -346,22 +342,23 @@ def csa_bwd(
     blend: torch.Tensor, o: torch.Tensor, dcl: torch.Tensor, lse: torch.Tensor, window: int, stride: int,
     scale: float,
 ) -> tuple[torch.Tensor, ...]:
-    """Launch the backward; returns dq, dk, dv, dkc, dvc, dblend (contiguous, in the inputs' dtypes)."""
-    q, k, v, kc, vc, blend, do = (x.contiguous() for x in (q, k, v, kc, vc, blend, do))
+    """Launch the backward (inputs as `csa_fwd` took them and its saved outputs; `do` any layout);
+    returns dq, dk, dv, dkc, dvc, dblend (contiguous, in the inputs' dtypes)."""
+    do = do.contiguous()
     B, T, H, D = q.shape
     Hkv, Tc = k.shape[2], kc.shape[1]
-    dq, dblend = torch.empty_like(q), torch.empty_like(blend)
     cfg_dq, cfg_dkv = CONFIG["bwd_dq"], CONFIG["bwd_dkv"]
     store_dx = not cfg_dkv["RECOMPUTE_DX"]
+    dq, dblend = torch.empty_like(q), torch.empty_like(blend)
     # dC = blend dO, dL = dO - dC for the key-block launch, unless it recomputes them from dO and blend
-    dx = torch.empty(B, T, H, 2, D, device=q.device, dtype=q.dtype) if store_dx else q.new_empty(0)
+    dx = torch.empty((B, T, H, 2, D), device=q.device, dtype=q.dtype) if store_dx else q.new_empty(0)
     delta = torch.empty_like(lse)
     launch(
         _csa_bwd_dq, (B * H, triton.cdiv(T, cfg_dq["BLOCK_M"]), 1), q, k, v, kc, vc, blend, o, dcl, do, lse,
         dq, dblend, dx, delta, T, Tc, scale * LOG2E, scale, H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window,
         STORE_DX=store_dx, **cfg_dq,
     )
-    dk, dv, dkc, dvc = (torch.empty_like(x) for x in (k, v, kc, vc))
+    dk, dv, dkc, dvc = torch.empty_like(k), torch.empty_like(v), torch.empty_like(kc), torch.empty_like(vc)
     n_blocks = triton.cdiv(Tc, cfg_dkv["BLOCK_N"]) + triton.cdiv(T, cfg_dkv["BLOCK_NR"])
     grid = (B * Hkv, n_blocks, 1) if cfg_dkv["HEAVY_FIRST"] else (n_blocks, B * Hkv, 1)
     launch(
@@ -441,12 +438,12 @@ class _CSAFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, kc, vc, blend, window, stride, scale):
         o, dcl, lse = csa_fwd(q, k, v, kc, vc, blend, window, stride, scale, True)
         ctx.save_for_backward(q, k, v, kc, vc, blend, o, dcl, lse)
-        ctx.window, ctx.stride, ctx.scale = window, stride, scale
+        ctx.args = window, stride, scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        return (*csa_bwd(do, *ctx.saved_tensors, ctx.window, ctx.stride, ctx.scale), None, None, None)
+        return (*csa_bwd(do, *ctx.saved_tensors, *ctx.args), None, None, None)
 
 
 def csa_attention_triton(
@@ -455,15 +452,27 @@ def csa_attention_triton(
 ) -> torch.Tensor:
     """The fused kernel pair behind `kernels.csa.csa_attention(..., backend="triton")` (inputs checked there).
 
-    k, v, kc, vc are cast to q's dtype (one dtype for the matrix units). Saves dcl and the
-    log-sum-exps for the backward only when some input needs a gradient. Under torch.compile it goes
-    through the torch.library ops (hyla::csa_fwd / hyla::csa_bwd), in eager through an autograd.Function.
+    Inputs are made contiguous and k, v, kc, vc cast to q's dtype (one dtype for the matrix units); both
+    are no-ops for the model's tensors. Saves dcl and the log-sum-exps for the backward only when some
+    input needs a gradient. Under torch.compile it goes through the torch.library ops (hyla::csa_fwd /
+    hyla::csa_bwd), in eager through an autograd.Function.
     """
-    check_inputs(q, k, v, kc, vc, blend)
-    k, v, kc, vc = (x if x.dtype == q.dtype else x.to(q.dtype) for x in (k, v, kc, vc))
-    save = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, kc, vc, blend))
+    dt = q.dtype
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS or not {dt, k.dtype, v.dtype, kc.dtype, vc.dtype, blend.dtype} <= _DTYPES:
+        check_inputs(q, k, v, kc, vc, blend)  # raises the precise ValueError
+    if not k.dtype == v.dtype == kc.dtype == vc.dtype == dt:  # (a .to() that does nothing still costs)
+        k, v, kc, vc = k.to(dt), v.to(dt), kc.to(dt), vc.to(dt)
+    q, k, v, blend = q.contiguous(), k.contiguous(), v.contiguous(), blend.contiguous()
+    kc, vc = kc.contiguous(), vc.contiguous()
+    save = torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad or kc.requires_grad or vc.requires_grad
+        or blend.requires_grad
+    )
     if torch.compiler.is_compiling():  # opaque ops in the graph
         return _csa_fwd_op(q, k, v, kc, vc, blend, window, stride, scale, save)[0]
     if save:
         return _CSAFunction.apply(q, k, v, kc, vc, blend, window, stride, scale)
     return csa_fwd(q, k, v, kc, vc, blend, window, stride, scale, False)[0]
+
+
+_DTYPES = set(SUPPORTED_DTYPES)

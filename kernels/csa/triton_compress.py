@@ -1,0 +1,234 @@
+"""Fused Triton compressor for CSA, forward and backward (the math of `reference.compress_kv`).
+
+For compressed row j of batch b (tokens stride j .. stride j + stride - 1, zero past T):
+
+    x_j  = (1 / stride) sum_s x[stride j + s]           (mean over the block, [Hkv D] wide)
+    a_j  = x_j W^T                                      (W: [Hkv D, Hkv D], mixes heads)
+    kc_j = a_j cos_j + rotate_half(a_j) sin_j           (keys only; RoPE at position stride j + stride // 2)
+
+One program owns BLOCK_J compressed rows of either the keys or the values (grid axis 1) and computes
+all Hkv output heads as Hkv x Hkv tiles of D x D. rotate_half is the product with a signed permutation
+P (exact in fp32), and its transpose is -P, so the backward takes da = g cos - rotate_half(g sin).
+
+Backward (one launch + one batched matmul): per row block, da for both paths (saved for dW), and
+dx = da W / stride written to each of the block's `stride` source rows; dW = da^T x over all rows is
+one torch.bmm on the saved block means.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.common import launch
+from kernels.rope import rope_tables
+
+
+@triton.jit
+def _rotate_half(x, D: tl.constexpr, R: tl.constexpr):
+    """rotate_half on the first R columns of x [rows, D] (0 past R): x P with P[c + R/2, c] = -1 for
+    c < R/2 and P[c - R/2, c] = 1 for R/2 <= c < R; an fp32 product that is exact."""
+    src = tl.arange(0, D)[:, None]
+    dst = tl.arange(0, D)[None, :]
+    p = tl.where((dst < R // 2) & (src == dst + R // 2), -1.0, 0.0)
+    p = tl.where((dst >= R // 2) & (dst < R) & (src == dst - R // 2), 1.0, p)
+    return tl.dot(x, p, input_precision="ieee")
+
+
+@triton.jit
+def _compress_rows(
+    X, W, Y, XM, COS, SIN, pid, T, Tc, n_rows,
+    ROPE: tl.constexpr, SAVE: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr,
+    R: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """Y[rows] = (RoPE of) mean_stride(X) W^T for compressed rows pid BLOCK_J .. (flattened over b, j);
+    with SAVE also the block means XM [n_rows, HKV D] for the backward."""
+    rows = pid * BLOCK_J + tl.arange(0, BLOCK_J)
+    in_r = rows < n_rows
+    b, j = rows // Tc, rows % Tc
+    offs_d = tl.arange(0, D)
+    src0 = (b.to(tl.int64) * T + STRIDE * j) * HKV  # first source token of each block, in head rows
+    if ROPE:
+        cs_offs = j[:, None] * R + offs_d[None, :]
+        in_rot = in_r[:, None] & (offs_d[None, :] < R)
+        cos = tl.load(COS + cs_offs, mask=in_rot, other=1.0)
+        sin = tl.load(SIN + cs_offs, mask=in_rot, other=0.0)
+    for ho in tl.static_range(HKV):
+        acc = tl.zeros([BLOCK_J, D], dtype=tl.float32)
+        for hi in tl.static_range(HKV):
+            xm = tl.zeros([BLOCK_J, D], dtype=tl.float32)
+            for s in tl.static_range(STRIDE):
+                ok = in_r & (STRIDE * j + s < T)
+                xm += tl.load(X + (src0 + s * HKV + hi)[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+            xm = (xm / STRIDE).to(X.dtype.element_ty)  # the mean in the inputs' dtype, as the matmul sees it
+            if SAVE and ho == 0:
+                tl.store(XM + rows[:, None] * (HKV * D) + hi * D + offs_d[None, :], xm, mask=in_r[:, None])
+            wt = tl.load(W + (ho * D + offs_d[None, :]) * (HKV * D) + hi * D + offs_d[:, None])  # W^T tile
+            acc += tl.dot(xm, wt.to(xm.dtype))
+        if ROPE:
+            acc = acc * cos + _rotate_half(acc, D, R) * sin
+        tl.store(Y + rows[:, None] * (HKV * D) + ho * D + offs_d[None, :], acc.to(Y.dtype.element_ty),
+                 mask=in_r[:, None])
+
+
+@triton.jit
+def _compress_fwd(
+    K, V, WK, WV, KC, VC, XM, COS, SIN, T, Tc, n_rows,
+    SAVE: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr, R: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if tl.program_id(1) == 0:
+        _compress_rows(K, WK, KC, XM, COS, SIN, pid, T, Tc, n_rows, True, SAVE, HKV, D, STRIDE, R, BLOCK_J)
+    else:
+        _compress_rows(V, WV, VC, XM + n_rows * HKV * D, COS, SIN, pid, T, Tc, n_rows, False, SAVE, HKV, D,
+                       STRIDE, R, BLOCK_J)
+
+
+@triton.jit
+def _compress_bwd_rows(
+    G, W, DX, DA, COS, SIN, pid, T, Tc, n_rows,
+    ROPE: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr, R: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    """da = dY through the RoPE (stored for dW), dx = da W / stride into each source row of the block."""
+    rows = pid * BLOCK_J + tl.arange(0, BLOCK_J)
+    in_r = rows < n_rows
+    b, j = rows // Tc, rows % Tc
+    offs_d = tl.arange(0, D)
+    src0 = (b.to(tl.int64) * T + STRIDE * j) * HKV
+    if ROPE:
+        cs_offs = j[:, None] * R + offs_d[None, :]
+        in_rot = in_r[:, None] & (offs_d[None, :] < R)
+        cos = tl.load(COS + cs_offs, mask=in_rot, other=1.0)
+        sin = tl.load(SIN + cs_offs, mask=in_rot, other=0.0)
+    for hi in tl.static_range(HKV):
+        dx = tl.zeros([BLOCK_J, D], dtype=tl.float32)
+        for ho in tl.static_range(HKV):
+            row_offs = rows[:, None] * (HKV * D) + ho * D + offs_d[None, :]
+            da = tl.load(G + row_offs, mask=in_r[:, None], other=0.0).to(tl.float32)
+            if ROPE:
+                da = da * cos - _rotate_half(da * sin, D, R)  # (g cos + (g sin) P^T), P^T = -P
+            da = da.to(DA.dtype.element_ty)
+            if hi == 0:
+                tl.store(DA + row_offs, da, mask=in_r[:, None])
+            w = tl.load(W + (ho * D + offs_d[:, None]) * (HKV * D) + hi * D + offs_d[None, :])  # W tile
+            dx += tl.dot(da, w.to(da.dtype))
+        dx = (dx / STRIDE).to(DX.dtype.element_ty)
+        for s in tl.static_range(STRIDE):
+            ok = in_r & (STRIDE * j + s < T)
+            tl.store(DX + (src0 + s * HKV + hi)[:, None] * D + offs_d[None, :], dx, mask=ok[:, None])
+
+
+@triton.jit
+def _compress_bwd(
+    DKC, DVC, WK, WV, DK, DV, DA, COS, SIN, T, Tc, n_rows,
+    HKV: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr, R: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if tl.program_id(1) == 0:
+        _compress_bwd_rows(DKC, WK, DK, DA, COS, SIN, pid, T, Tc, n_rows, True, HKV, D, STRIDE, R, BLOCK_J)
+    else:
+        _compress_bwd_rows(DVC, WV, DV, DA + n_rows * HKV * D, COS, SIN, pid, T, Tc, n_rows, False, HKV, D,
+                           STRIDE, R, BLOCK_J)
+
+
+CONFIG = dict(BLOCK_J=32, num_warps=4, num_stages=2)
+
+
+@functools.lru_cache(maxsize=16)
+def _tables(Tc: int, stride: int, rotary_dim: int, theta: float, device: torch.device):
+    """RoPE cos, sin [Tc, rotary_dim] (fp32) at positions stride j + stride // 2, as the reference makes them."""
+    positions = torch.arange(Tc, device=device) * stride + stride // 2
+    return tuple(t.contiguous() for t in rope_tables(positions, rotary_dim, theta, torch.float32))
+
+
+def compress_fwd(
+    k: torch.Tensor, v: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, stride: int, rotary_dim: int,
+    theta: float, save: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """kc, vc [B, Tc, Hkv, D] from contiguous k, v [B, T, Hkv, D] and weights; with `save` also the block
+    means [2, B Tc, Hkv D] (keys, values) for the backward, else an empty tensor."""
+    B, T, Hkv, D = k.shape
+    Tc = -(-T // stride)
+    n_rows = B * Tc
+    kc = k.new_empty(B, Tc, Hkv, D)
+    vc = v.new_empty(B, Tc, Hkv, D)
+    xm = k.new_empty(2, n_rows, Hkv * D) if save else k.new_empty(0)
+    cos, sin = _tables(Tc, stride, rotary_dim, float(theta), k.device)
+    cfg = CONFIG
+    launch(
+        _compress_fwd, (triton.cdiv(n_rows, cfg["BLOCK_J"]), 2, 1), k, v, wk, wv, kc, vc, xm, cos, sin, T, Tc,
+        n_rows, SAVE=save, HKV=Hkv, D=D, STRIDE=stride, R=rotary_dim, **cfg,
+    )
+    return kc, vc, xm
+
+
+def compress_bwd(
+    dkc: torch.Tensor, dvc: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, xm: torch.Tensor, T: int,
+    stride: int, rotary_dim: int, theta: float,
+) -> tuple[torch.Tensor, ...]:
+    """dk, dv [B, T, Hkv, D] and dwk, dwv from the output gradients and the saved block means."""
+    dkc, dvc = dkc.contiguous(), dvc.contiguous()
+    B, Tc, Hkv, D = dkc.shape
+    n_rows = B * Tc
+    dk = dkc.new_empty(B, T, Hkv, D)
+    dv = dvc.new_empty(B, T, Hkv, D)
+    da = xm.new_empty(2, n_rows, Hkv * D)
+    cos, sin = _tables(Tc, stride, rotary_dim, float(theta), dkc.device)
+    cfg = CONFIG
+    launch(
+        _compress_bwd, (triton.cdiv(n_rows, cfg["BLOCK_J"]), 2, 1), dkc, dvc, wk, wv, dk, dv, da, cos, sin, T, Tc,
+        n_rows, HKV=Hkv, D=D, STRIDE=stride, R=rotary_dim, **cfg,
+    )
+    dwk, dwv = torch.bmm(da.transpose(1, 2), xm).unbind(0)  # dW = da^T x, both paths in one product
+    return dk, dv, dwk.to(wk.dtype), dwv.to(wv.dtype)
+
+
+class _CompressFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, k, v, wk, wv, stride, rotary_dim, theta):
+        kc, vc, xm = compress_fwd(k, v, wk, wv, stride, rotary_dim, theta, True)
+        ctx.save_for_backward(wk, wv, xm)
+        ctx.args = k.shape[1], stride, rotary_dim, theta
+        return kc, vc
+
+    @staticmethod
+    def backward(ctx, dkc, dvc):
+        wk, wv, xm = ctx.saved_tensors
+        return (*compress_bwd(dkc, dvc, wk, wv, xm, *ctx.args), None, None, None)
+
+
+def compress_kv_triton(
+    k: torch.Tensor, v: torch.Tensor, weight_k: torch.Tensor, weight_v: torch.Tensor, stride: int,
+    rotary_dim: int, theta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused compressor behind `kernels.csa.compress_kv(..., backend="triton")` (shapes checked there).
+
+    v and the weights are used in k's dtype for the products (fp32 accumulation); the weight gradients
+    come back in the weights' dtype.
+    """
+    if k.shape[-1] not in (16, 32, 64, 128) or not {k.dtype, v.dtype, weight_k.dtype, weight_v.dtype} <= _DTYPES:
+        check_inputs(k, v, weight_k, weight_v)  # raises the precise ValueError
+    k, v = k.contiguous(), v.to(k.dtype).contiguous()
+    weight_k, weight_v = weight_k.contiguous(), weight_v.contiguous()
+    save = torch.is_grad_enabled() and (
+        k.requires_grad or v.requires_grad or weight_k.requires_grad or weight_v.requires_grad
+    )
+    if save:
+        return _CompressFunction.apply(k, v, weight_k, weight_v, stride, rotary_dim, theta)
+    kc, vc, _ = compress_fwd(k, v, weight_k, weight_v, stride, rotary_dim, theta, False)
+    return kc, vc
+
+
+_DTYPES = {torch.float16, torch.bfloat16, torch.float32}
+
+
+def check_inputs(k: torch.Tensor, *others: torch.Tensor) -> None:
+    """What the kernels need beyond `compress_kv`'s shape checks: head dim and dtypes (ValueError)."""
+    if k.shape[-1] not in (16, 32, 64, 128):
+        raise ValueError(f"triton compressor supports head dims (16, 32, 64, 128), got {k.shape[-1]}")
+    for x in (k, *others):
+        if x.dtype not in _DTYPES:
+            raise ValueError(f"triton compressor supports dtypes fp16/bf16/fp32, got {x.dtype}")
