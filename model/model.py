@@ -4,7 +4,7 @@ Blocks are pre-norm, tiled `(gdn, gdn, csa, full)`; each is
     h   = (1 + r_a) x + (1 + s_a) mixer(attention_norm(x))
     out = (1 + r_f) h + (1 + s_f) ffn(ffn_norm(h))
 with r, s zero-initialized vectors (hyper-connection scaling). Every GDN and CSA op goes through
-`kernels.gdn` / `kernels.csa`, which pick Triton on CUDA and the PyTorch reference elsewhere.
+`kernels.gdn` / `kernels.csa` / `kernels.conv`, which pick Triton on CUDA and the PyTorch reference elsewhere.
 
 `Hyla.forward(idx, targets)` runs whole sequences (training). `Hyla.forward(idx, cache=cache)` runs the
 next tokens of sequences whose past lives in `cache` (from `Hyla.new_cache`): GDN recurrent and conv
@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.common import compute_dtype
+from kernels.conv import causal_conv1d_silu
 from kernels.csa import CSADecodeState, compress_kv, csa_attention
 from kernels.gdn import gated_delta_rule
 from kernels.rope import apply_rope, rope_tables
@@ -226,21 +227,14 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = nn.Linear(H * Dh, cfg.dim, bias=False)
 
     def causal_conv_silu(self, x: Tensor, cache: GDNCache | None) -> Tensor:
-        """silu(y), y[t, c] = sum_i w[c, 0, i] x[t - (width-1) + i, c]: zero left context, or the cached one.
-
-        Written as `width` shifted multiply-adds in fp32 on the [B, T, C] layout rather than a grouped
-        F.conv1d: no transposes, and torch.compile fuses it (and its backward) into a few elementwise
-        kernels, where cuDNN's depthwise conv took ~17% of an eager training step (profiles/train_step.md).
-        """
+        """silu(depthwise causal conv of x) with zero left context, or the cached one (`kernels.conv`)."""
         B, T, C = x.shape
-        pad = self.conv_width - 1
-        past = x.new_zeros(B, pad, C) if cache is None or cache.conv is None else cache.conv.to(x.dtype)
-        xp = torch.cat([past, x], 1)
+        past = None if cache is None or cache.conv is None else cache.conv.to(x.dtype)
+        y = causal_conv1d_silu(x, self.conv1d.weight[:, 0], past)
         if cache is not None:
-            cache.conv = xp[:, -pad:]
-        w = self.conv1d.weight[:, 0].to(compute_dtype(x))  # [C, width]
-        y = sum(xp[:, i : i + T].to(w.dtype) * w[:, i] for i in range(self.conv_width))
-        return F.silu(y).to(x.dtype)
+            pad = self.conv_width - 1
+            cache.conv = torch.cat([x.new_zeros(B, pad, C) if past is None else past, x], 1)[:, -pad:]
+        return y
 
     def forward(self, x: Tensor, rope=None, cache: GDNCache | None = None) -> Tensor:
         B, T, _ = x.shape

@@ -1,0 +1,66 @@
+"""Causal depthwise conv + SiLU (Gated DeltaNet's short convolution): one public function,
+`causal_conv1d_silu`, dispatching to a backend.
+
+Backends, in "auto" order: "triton" (CUDA tensors, fp16/bf16/fp32 x, no `past`: `triton_conv.py`, one
+launch forward, one launch plus a partial-sum reduction backward, as torch.library ops) and "reference"
+(`reference.py`, any device, differentiable by autograd; also the decoding path with a cached `past`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.common import check, check_same_device, check_tensor, pick_backend
+from kernels.conv.reference import causal_conv1d_silu as reference_causal_conv1d_silu
+
+try:  # triton is a Linux-only dependency
+    from kernels.conv.triton_conv import SUPPORTED_DTYPES, triton_causal_conv1d_silu
+except ImportError:
+    triton_causal_conv1d_silu = None
+
+__all__ = ["causal_conv1d_silu"]
+
+MAX_WIDTH = 8
+BACKENDS = {
+    "triton": lambda device: device.type == "cuda" and triton_causal_conv1d_silu is not None,
+    "reference": lambda device: True,
+}
+
+
+def causal_conv1d_silu(
+    x: torch.Tensor, weight: torch.Tensor, past: torch.Tensor | None = None, backend: str = "auto"
+) -> torch.Tensor:
+    """y[b, t, c] = silu(sum_i weight[c, i] x~[b, t - W + 1 + i, c]), x~ = concat(past, x) over time.
+
+    Args:
+        x: [B, T, C] inputs.
+        weight: [C, W] per-channel taps (W <= 8), e.g. `nn.Conv1d(C, C, W, groups=C).weight[:, 0]`.
+        past: optional [B, W - 1, C] inputs before x (decoding); None means zeros.
+        backend: "auto", "triton" or "reference".
+
+    Returns:
+        [B, T, C] in x's dtype, accumulated in fp32.
+
+    Example:
+        >>> x, w = torch.randn(2, 10, 6), torch.randn(6, 4)
+        >>> causal_conv1d_silu(x, w).shape
+        torch.Size([2, 10, 6])
+    """
+    check_tensor("x", x, (None, None, None))
+    B, T, C = x.shape
+    check(B > 0 and T > 0 and C > 0, f"empty input: x {tuple(x.shape)}")
+    check_tensor("weight", weight, (C, None))
+    W = weight.shape[1]
+    check(0 < W <= MAX_WIDTH, f"conv width must be in [1, {MAX_WIDTH}], got {W}")
+    if past is not None:
+        check_tensor("past", past, (B, W - 1, C))
+    device = check_same_device(x=x, weight=weight, past=past)
+    name = pick_backend(backend, device, BACKENDS)
+    if name == "triton":
+        reason = None if past is None else "no past context (decoding runs the reference)"
+        if x.dtype not in SUPPORTED_DTYPES:
+            reason = f"x in {SUPPORTED_DTYPES}, got {x.dtype}"
+        check(reason is None or backend == "auto", f"backend 'triton' needs {reason}")
+        if reason is None:
+            return triton_causal_conv1d_silu(x, weight)
+    return reference_causal_conv1d_silu(x, weight, past)

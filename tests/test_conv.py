@@ -1,0 +1,130 @@
+"""Causal depthwise conv + SiLU (kernels/conv): the reference against torch's grouped conv1d, the Triton
+kernels against the float64 reference.
+
+On CPU the Triton kernels run under TRITON_INTERPRET=1 in fp32 (the interpreter's bf16 is wrong), plus a
+compile-only check for sm_90; on a GPU in bf16 at the model's shape. Outputs come from torch.empty under
+deterministic mode (NaN-filled), so an element the kernels do not write fails the comparison.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.conv import causal_conv1d_silu, reference, triton_conv
+from tests.helpers import compile_for_hopper, relerr
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def poison_empty():
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(old)
+
+
+def make_inputs(B, T, C, W, device=DEVICE, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, C, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    w_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # the model's weight is fp32
+    w = (torch.randn(C, W, generator=g) / W**0.5).to(device=device, dtype=w_dtype).requires_grad_()
+    return x, w
+
+
+def grads_vs_reference(fn, x, w):
+    """Our output and (dx, dw), and the float64 reference's, for one random output gradient."""
+    y = fn(x, w)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
+    ours = (y, *torch.autograd.grad(y, (x, w), dy))
+    x64, w64 = (t.detach().cpu().double().requires_grad_() for t in (x, w))
+    y64 = reference.causal_conv1d_silu(x64, w64)
+    return ours, (y64, *torch.autograd.grad(y64, (x64, w64), dy.cpu().double()))
+
+
+def test_reference_matches_grouped_conv1d():
+    x, w = make_inputs(2, 37, 10, 4, device="cpu", dtype=torch.float64)
+    past = torch.randn(2, 3, 10, dtype=torch.float64)
+    xp = torch.cat([past, x], 1)
+    expected = F.silu(F.conv1d(xp.transpose(1, 2), w[:, None], groups=10).transpose(1, 2))
+    torch.testing.assert_close(reference.causal_conv1d_silu(x, w, past), expected)
+    # zero past = no past; decoding token by token with the last W - 1 inputs as past = the whole sequence
+    torch.testing.assert_close(reference.causal_conv1d_silu(x, w, torch.zeros_like(past)), causal_conv1d_silu(x, w))
+    steps = [causal_conv1d_silu(x[:, t : t + 1], w, xp[:, t : t + 3]) for t in range(x.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, 1), expected)
+
+
+@pytest.mark.parametrize(
+    "B, T, C, W",
+    [(1, 1, 5, 4), (2, 7, 20, 4), (1, 70, 130, 4), (2, 129, 33, 3), (1, 65, 16, 1), (1, 40, 24, 8)],
+)
+def test_triton_matches_reference(B, T, C, W):
+    """Several time tiles (T > 64), partial channel tiles (C not a multiple of 128), widths 1..8."""
+    x, w = make_inputs(B, T, C, W)
+    ours, ref = grads_vs_reference(triton_conv.triton_causal_conv1d_silu, x, w)
+    for name, o, r in zip(("y", "dx", "dw"), ours, ref, strict=True):
+        assert relerr(o, r) < 1e-5, name
+
+
+def test_triton_is_deterministic():
+    x, w = make_inputs(2, 100, 40, 4)
+    y = triton_conv.triton_causal_conv1d_silu(x, w)
+    dy = torch.randn_like(y)
+    first, second = (torch.autograd.grad(y, (x, w), dy, retain_graph=True) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((torch.randn(2, 5), torch.randn(5, 4)), "x must have shape"),
+        ((torch.randn(2, 5, 6), torch.randn(5, 4)), "weight must have shape"),
+        ((torch.randn(2, 5, 6), torch.randn(6, 9)), "conv width"),
+        ((torch.randn(2, 5, 6), torch.randn(6, 4), torch.randn(2, 2, 6)), "past must have shape"),
+        ((torch.randn(2, 0, 6), torch.randn(6, 4)), "empty"),
+        ((torch.randint(0, 3, (2, 5, 6)), torch.randn(6, 4)), "dtype"),
+    ],
+)
+def test_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        causal_conv1d_silu(*args)
+
+
+def compile_all_for_hopper() -> int:
+    common = {"T": "i32", "C": "i32"}
+    fwd = {"x": "*bf16", "w": "*fp32", "y": "*bf16", **common}
+    bwd = {"x": "*bf16", "w": "*fp32", "dy": "*bf16", "dx": "*bf16", "dw_part": "*fp32", **common}
+    (fbt, fbc, _), (bbt, bbc, _) = triton_conv.CONFIG["fwd"], triton_conv.CONFIG["bwd"]
+    built = [compile_for_hopper(triton_conv._conv_silu_fwd_kernel, fwd, {"W": 4, "BT": fbt, "BC": fbc}),
+             compile_for_hopper(triton_conv._conv_silu_bwd_kernel, bwd, {"W": 4, "BT": bbt, "BC": bbc})]  # fmt: skip
+    return sum(bool(k.asm["cubin"]) for k in built)
+
+
+def test_kernels_compile_for_hopper():
+    """In a fresh process without TRITON_INTERPRET (the interpreter's nested @jit helpers cannot be lowered)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "from tests.test_conv import compile_all_for_hopper as f; print(f())"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == "2", proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 63, 1024])
+def test_gpu_bf16_model_shape(T):
+    x, w = make_inputs(4, T, 3024, 4, dtype=torch.bfloat16, seed=T)
+    ours, ref = grads_vs_reference(causal_conv1d_silu, x, w)
+    for name, o, r in zip(("y", "dx", "dw"), ours, ref, strict=True):
+        assert relerr(o, r) < 1e-2, name
+
+
+@pytest.mark.gpu
+def test_gpu_compiles_fullgraph():
+    x, w = make_inputs(2, 100, 64, 4)
+    y = torch.compile(causal_conv1d_silu, fullgraph=True)(x, w)
+    torch.testing.assert_close(y, causal_conv1d_silu(x, w))
