@@ -11,9 +11,10 @@ Variants, all bf16, layout [B, T, H, D] unless said otherwise:
 Forward and forward+backward medians (CUDA events, warm-up, >= 20 reps, inputs rotated over two sets),
 tokens/s and the fraction of a roofline (useful FLOPs over the measured bf16 matmul rate, ideal bytes
 over the measured copy bandwidth, whichever is larger). Also: a tile-config sweep at B 16 and 64 (the
-best is kept for the rest of the run), GPU-only times from CUDA graphs, host microseconds per call of
-each piece of the eager step, and the whole CSA layer (projections included) with ours vs the reference,
-the compressor's share of it, eager vs torch.compile'd.
+best is kept for the rest of the run; --no-sweep keeps kernels/csa's defaults), GPU-only times from CUDA
+graphs, host microseconds per call of each piece of the eager step, and the whole CSA layer (projections
+included): ours (fused attention and compressor) vs ours with the PyTorch compressor vs the reference, eager
+and torch.compile'd, and the compressor alone: fused vs PyTorch eager vs PyTorch compiled.
 
     python bench/csa.py --out profiles            # writes csa.json and csa.md there
     python bench/csa.py --profile --out DIR       # host cProfile tables and per-kernel GPU times only
@@ -269,7 +270,9 @@ def sweep_configs(shapes=((16, 1024), (64, 1024)), options: dict | None = None) 
 
 
 def layer_bench(B: int, T: int, compiled: bool = False) -> dict:
-    """The model's CSA layer (projections included), fwd+bwd, ours vs the reference core, plus the compressor."""
+    """The model's CSA layer (projections included), fwd+bwd: ours (fused attention and compressor), ours
+    with the PyTorch compressor, and the reference (PyTorch attention and compressor); then the compressor
+    alone: PyTorch eager, PyTorch under torch.compile, fused (is the fused compressor the faster?)."""
     from model import model as model_mod
     from model.config import HylaConfig
 
@@ -280,29 +283,40 @@ def layer_bench(B: int, T: int, compiled: bool = False) -> dict:
     xs = [torch.randn(B, T, cfg.dim, device="cuda", dtype=DT, requires_grad=True) for _ in range(2)]
     dy = torch.randn(B, T, cfg.dim, device="cuda", dtype=DT)
     params = list(module.parameters())
-    core = model_mod.csa_attention
+    core, compressor = model_mod.csa_attention, model_mod.compress_kv
+    variants = {"ours": ("triton", "triton"), "reference": ("reference", "reference")}
+    if not compiled:  # (under torch.compile "auto" traces the PyTorch compressor anyway)
+        variants["ours_pytorch_compressor"] = ("triton", "reference")
     res = {}
     try:
-        for name, backend in (("ours", "triton"), ("reference", "reference")):
-            model_mod.csa_attention = partial(csa.csa_attention, backend=backend)
+        for name, (attn_backend, comp_backend) in variants.items():
+            model_mod.csa_attention = partial(csa.csa_attention, backend=attn_backend)
+            model_mod.compress_kv = partial(csa.compress_kv, backend="auto" if compiled else comp_backend)
             step = lambda i: torch.autograd.grad(layer(xs[i % 2], (cos, sin)), [xs[i % 2], *params], dy)
             res[f"{name}_fwdbwd_ms"] = bench(step, reps=20, calls=5)
             with torch.no_grad():
                 res[f"{name}_fwd_ms"] = bench(lambda i: layer(xs[i % 2], (cos, sin)), reps=20, calls=5)
     finally:
-        model_mod.csa_attention = core
+        model_mod.csa_attention, model_mod.compress_kv = core, compressor
     if compiled:
         return res
-    # the compressor alone (fwd+bwd), eager and compiled: is a fused compressor worth it?
     k_raw = torch.randn(B, T, HKV, D, device="cuda", dtype=DT, requires_grad=True)
     v = torch.randn(B, T, HKV, D, device="cuda", dtype=DT, requires_grad=True)
     wk, wv = module.compress_k.weight, module.compress_v.weight
     dkc = torch.randn(B, -(-T // STRIDE), HKV, D, device="cuda", dtype=DT)
-    for name, fn in (("eager", csa.compress_kv), ("compiled", torch.compile(csa.compress_kv, fullgraph=True))):
+    pytorch = partial(csa.compress_kv, backend="reference")
+    compressors = {
+        "pytorch_eager": pytorch,
+        "pytorch_compiled": torch.compile(pytorch, fullgraph=True),
+        "fused": partial(csa.compress_kv, backend="triton"),
+    }
+    for name, fn in compressors.items():
         comp_step = lambda i, fn=fn: torch.autograd.grad(
             sum((o * dkc).sum() for o in fn(k_raw, v, wk, wv)), [k_raw, v, wk, wv]
         )
         res[f"compressor_{name}_fwdbwd_ms"] = bench(comp_step, reps=20, calls=5)
+        with torch.no_grad():
+            res[f"compressor_{name}_fwd_ms"] = bench(lambda i, fn=fn: fn(k_raw, v, wk, wv), reps=20, calls=5)
     return res
 
 
@@ -599,6 +613,13 @@ def main() -> None:
     for key, lay in layer.items():
         if "ours_fwdbwd_ms" in lay:
             summary[f"layer_speedup_fwdbwd_vs_reference_{key}"] = lay["reference_fwdbwd_ms"] / lay["ours_fwdbwd_ms"]
+        if "compressor_fused_fwdbwd_ms" in lay:
+            summary[f"compressor_fused_speedup_fwdbwd_vs_pytorch_eager_{key}"] = (
+                lay["compressor_pytorch_eager_fwdbwd_ms"] / lay["compressor_fused_fwdbwd_ms"]
+            )
+            summary[f"layer_speedup_fwdbwd_fused_vs_pytorch_compressor_{key}"] = (
+                lay["ours_pytorch_compressor_fwdbwd_ms"] / lay["ours_fwdbwd_ms"]
+            )
     gms = lambda variant, B, key="fwdbwd_graph_ms": next(
         (r[key] for r in graph if r["variant"] == variant and r["B"] == B and key in r), float("nan")
     )

@@ -155,6 +155,18 @@ def test_bad_input():
         csa.csa_attention(xs[0], xs[1], xs[2], xs[3][:, :2], xs[4], xs[5])
 
 
+def test_compressor_bad_input():
+    k, v, wk, wv = (x.detach() for x in compress_inputs(1, 9, 3, 16))
+    with pytest.raises(ValueError, match="weight_k must have shape"):
+        csa.compress_kv(k, v, wk[:, :16], wv)
+    with pytest.raises(ValueError, match="rotary_dim must be even"):
+        csa.compress_kv(k, v, wk, wv, rotary_dim=7)
+    with pytest.raises(ValueError, match="not available for device cpu"):
+        csa.compress_kv(k, v, wk, wv, rotary_dim=8, backend="triton")
+    with pytest.raises(ValueError, match="head dims"):
+        triton_compress.check_inputs(torch.zeros(1, 9, 3, 48), v)
+
+
 def _signature(kernel, dtype: str, constexprs: dict) -> dict:
     """Argument types: the scales are fp32, the lengths T, Tc i32, the rest pointers."""
     sig = {}
@@ -176,7 +188,7 @@ def compile_all_for_hopper() -> list[str]:
     for name in ("_compress_fwd", "_compress_bwd"):
         kernel = getattr(triton_compress, name)
         tiles = {k: v for k, v in triton_compress.CONFIG.items() if k not in ("num_warps", "num_stages")}
-        constexprs = dict(HKV=3, D=64, STRIDE=4, R=32, **tiles)
+        constexprs = dict(HKV=3, D=64, HDP=256, STRIDE=4, R=32, **tiles)
         if name == "_compress_fwd":
             constexprs["SAVE"] = True
         kinds = {"T": "i32", "Tc": "i32", "n_rows": "i32", "COS": "*fp32", "SIN": "*fp32"}
@@ -272,6 +284,7 @@ def test_fp32_gpu_and_errors():
 @pytest.mark.parametrize("T", [1, 7, 1000, 4096])
 def test_compressor_bf16_gpu(T):
     xs = compress_inputs(2, T, 3, 64, device="cuda", dtype=torch.bfloat16, seed=T)
-    outs, refs = compress_both(xs, lambda *a: csa.compress_kv(*a, backend="auto"), rotary_dim=32, theta=20000.0)
+    fused = lambda *a: csa.compress_kv(*a, backend="auto")
+    outs, refs = compress_both(xs, fused, rotary_dim=32, theta=20000.0)
     for name, a, r in zip(("kc", "vc", "dk", "dv", "dwk", "dwv"), outs, refs, strict=True):
         assert relerr(a.cpu(), r) < 1e-2, name

@@ -119,8 +119,8 @@ def compress_kv(
     theta: float = 20000.0,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compressor: kc = RoPE(mean_stride(k) weight_k^T) at positions stride j + stride // 2, vc = mean_stride(v)
-    weight_v^T (blocks of `stride` tokens, zero-padded past T; `reference.compress_kv` has the details).
+    """Compressor: kc = RoPE(mean_stride(k) weight_k^T) at positions stride j + stride // 2,
+    vc = mean_stride(v) weight_v^T (blocks of `stride` tokens, zero-padded past T; as `reference.compress_kv`).
 
     Args:
         k: [B, T, Hkv, D] keys after k_norm, before RoPE; v: [B, T, Hkv, D] values.
@@ -141,9 +141,10 @@ def compress_kv(
         isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and k.dim() == 4 and v.shape == k.shape
         and isinstance(weight_k, torch.Tensor) and isinstance(weight_v, torch.Tensor)
         and weight_k.shape == weight_v.shape == (k.shape[2] * k.shape[3],) * 2
-        and k.shape[0] > 0 and k.shape[1] > 0 and stride > 0 and rotary_dim % 2 == 0 and 0 <= rotary_dim <= k.shape[3]
+        and k.shape[0] > 0 and k.shape[1] > 0 and stride > 0
+        and rotary_dim % 2 == 0 and 0 <= rotary_dim <= k.shape[3]
         and k.device == v.device == weight_k.device == weight_v.device
-        and {k.dtype, v.dtype, weight_k.dtype, weight_v.dtype} <= set(FLOAT_DTYPES)
+        and all(x.dtype in FLOAT_DTYPES for x in (k, v, weight_k, weight_v))
     ):
         _validate_compress(k, v, weight_k, weight_v, stride, rotary_dim)  # raises the precise ValueError
     name = pick_backend(backend, k.device, COMPRESS_BACKENDS)
@@ -167,5 +168,5 @@ def _validate_compress(k, v, weight_k, weight_v, stride: int, rotary_dim: int) -
     check_tensor("weight_v", weight_v, (Hkv * D, Hkv * D))
     check(B > 0 and T > 0, f"empty input: B={B}, T={T}")
     check(stride > 0, f"stride must be positive, got {stride}")
-    check(rotary_dim % 2 == 0 and 0 <= rotary_dim <= D, f"rotary_dim must be even and <= {D}, got {rotary_dim}")
+    check(rotary_dim % 2 == 0 and 0 <= rotary_dim <= D, f"rotary_dim must be even, <= {D}, got {rotary_dim}")
     check_same_device(k=k, v=v, weight_k=weight_k, weight_v=weight_v)

@@ -6,13 +6,14 @@ For compressed row j of batch b (tokens stride j .. stride j + stride - 1, zero 
     a_j  = x_j W^T                                      (W: [Hkv D, Hkv D], mixes heads)
     kc_j = a_j cos_j + rotate_half(a_j) sin_j           (keys only; RoPE at position stride j + stride // 2)
 
-One program owns BLOCK_J compressed rows of either the keys or the values (grid axis 1) and computes
-all Hkv output heads as Hkv x Hkv tiles of D x D. rotate_half is the product with a signed permutation
-P (exact in fp32), and its transpose is -P, so the backward takes da = g cos - rotate_half(g sin).
+One program owns BLOCK_J compressed rows of either the keys or the values (grid axis 1): the block means
+are one [BLOCK_J, Hkv D] tile (padded to a power of two), each output head one product with W's rows of
+that head. rotate_half is a signed gather of columns (`_rope_parts`): in the forward it gathers W's rows
+(a second product), in the backward the gradient's columns, da = g cos - rotate_half(g sin).
 
-Backward (one launch + one batched matmul): per row block, da for both paths (saved for dW), and
-dx = da W / stride written to each of the block's `stride` source rows; dW = da^T x over all rows is
-one torch.bmm on the saved block means.
+Backward (one launch + one batched matmul): da of both paths (saved for dW) and dx = da W / stride,
+written to each of the block's `stride` source rows; dW = da^T x over all rows is one torch.bmm with the
+block means saved by the forward.
 """
 
 import functools
@@ -26,48 +27,53 @@ from kernels.rope import rope_tables
 
 
 @triton.jit
-def _rotate_half(x, D: tl.constexpr, R: tl.constexpr):
-    """rotate_half on the first R columns of x [rows, D] (0 past R): x P with P[c + R/2, c] = -1 for
-    c < R/2 and P[c - R/2, c] = 1 for R/2 <= c < R; an fp32 product that is exact."""
-    src = tl.arange(0, D)[:, None]
-    dst = tl.arange(0, D)[None, :]
-    p = tl.where((dst < R // 2) & (src == dst + R // 2), -1.0, 0.0)
-    p = tl.where((dst >= R // 2) & (dst < R) & (src == dst - R // 2), 1.0, p)
-    return tl.dot(x, p, input_precision="ieee")
+def _rope_parts(offs_d, R: tl.constexpr):
+    """RoPE's rotate_half on the first R columns as a gather: rotate_half(x)[c] = sign(c) x[partner(c)],
+    partner(c) = c + R/2 with sign -1 for c < R/2, c - R/2 with sign +1 for R/2 <= c < R, sign 0 past R
+    (cos and sin of column c and of its partner are equal)."""
+    partner = tl.where(offs_d < R // 2, offs_d + R // 2, tl.where(offs_d < R, offs_d - R // 2, offs_d))
+    sign = tl.where(offs_d < R // 2, -1.0, tl.where(offs_d < R, 1.0, 0.0))
+    return partner, sign
 
 
 @triton.jit
 def _compress_rows(
     X, W, Y, XM, COS, SIN, pid, T, Tc, n_rows,
-    ROPE: tl.constexpr, SAVE: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr,
-    R: tl.constexpr, BLOCK_J: tl.constexpr,
+    ROPE: tl.constexpr, SAVE: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HDP: tl.constexpr,
+    STRIDE: tl.constexpr, R: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     """Y[rows] = (RoPE of) mean_stride(X) W^T for compressed rows pid BLOCK_J .. (flattened over b, j);
-    with SAVE also the block means XM [n_rows, HKV D] for the backward."""
+    with SAVE also the block means XM [n_rows, HKV D] for the backward. The block means are one
+    [BLOCK_J, HDP] tile (HKV D columns padded to a power of two); each output head is one product with
+    W's rows of that head. rotate_half(a) of a = x W^T is x W_p^T with W_p's rows gathered by
+    `_rope_parts`: a second product, no shuffle of a in registers."""
     rows = pid * BLOCK_J + tl.arange(0, BLOCK_J)
     in_r = rows < n_rows
     b, j = rows // Tc, rows % Tc
+    cols = tl.arange(0, HDP)
+    in_c = cols < HKV * D
+    xm = tl.zeros([BLOCK_J, HDP], dtype=tl.float32)
+    src = X + (b.to(tl.int64) * T + STRIDE * j)[:, None] * (HKV * D) + cols[None, :]  # the block's first token
+    for s in tl.static_range(STRIDE):
+        ok = in_r & (STRIDE * j + s < T)
+        xm += tl.load(src + s * HKV * D, mask=ok[:, None] & in_c[None, :], other=0.0)
+    xm = (xm * (1.0 / STRIDE)).to(X.dtype.element_ty)  # the mean in the inputs' dtype, as the matmul sees it
+    if SAVE:
+        tl.store(XM + rows[:, None] * (HKV * D) + cols[None, :], xm, mask=in_r[:, None] & in_c[None, :])
     offs_d = tl.arange(0, D)
-    src0 = (b.to(tl.int64) * T + STRIDE * j) * HKV  # first source token of each block, in head rows
     if ROPE:
+        partner, sign = _rope_parts(offs_d, R)
         cs_offs = j[:, None] * R + offs_d[None, :]
         in_rot = in_r[:, None] & (offs_d[None, :] < R)
         cos = tl.load(COS + cs_offs, mask=in_rot, other=1.0)
-        sin = tl.load(SIN + cs_offs, mask=in_rot, other=0.0)
+        sin = tl.load(SIN + cs_offs, mask=in_rot, other=0.0) * sign[None, :]
     for ho in tl.static_range(HKV):
-        acc = tl.zeros([BLOCK_J, D], dtype=tl.float32)
-        for hi in tl.static_range(HKV):
-            xm = tl.zeros([BLOCK_J, D], dtype=tl.float32)
-            for s in tl.static_range(STRIDE):
-                ok = in_r & (STRIDE * j + s < T)
-                xm += tl.load(X + (src0 + s * HKV + hi)[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
-            xm = (xm / STRIDE).to(X.dtype.element_ty)  # the mean in the inputs' dtype, as the matmul sees it
-            if SAVE and ho == 0:
-                tl.store(XM + rows[:, None] * (HKV * D) + hi * D + offs_d[None, :], xm, mask=in_r[:, None])
-            wt = tl.load(W + (ho * D + offs_d[None, :]) * (HKV * D) + hi * D + offs_d[:, None])  # W^T tile
-            acc += tl.dot(xm, wt.to(xm.dtype))
+        w = tl.load(W + (ho * D + offs_d[:, None]) * (HKV * D) + cols[None, :], mask=in_c[None, :], other=0.0)
+        acc = tl.dot(xm, tl.trans(w.to(xm.dtype)))
         if ROPE:
-            acc = acc * cos + _rotate_half(acc, D, R) * sin
+            w_p = tl.load(W + (ho * D + partner[:, None]) * (HKV * D) + cols[None, :], mask=in_c[None, :],
+                          other=0.0)
+            acc = acc * cos + tl.dot(xm, tl.trans(w_p.to(xm.dtype))) * sin
         tl.store(Y + rows[:, None] * (HKV * D) + ho * D + offs_d[None, :], acc.to(Y.dtype.element_ty),
                  mask=in_r[:, None])
 
@@ -75,63 +81,70 @@ def _compress_rows(
 @triton.jit
 def _compress_fwd(
     K, V, WK, WV, KC, VC, XM, COS, SIN, T, Tc, n_rows,
-    SAVE: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr, R: tl.constexpr,
-    BLOCK_J: tl.constexpr,
+    SAVE: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HDP: tl.constexpr, STRIDE: tl.constexpr,
+    R: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if tl.program_id(1) == 0:
-        _compress_rows(K, WK, KC, XM, COS, SIN, pid, T, Tc, n_rows, True, SAVE, HKV, D, STRIDE, R, BLOCK_J)
+        _compress_rows(K, WK, KC, XM, COS, SIN, pid, T, Tc, n_rows, True, SAVE, HKV, D, HDP, STRIDE, R,
+                       BLOCK_J)
     else:
         _compress_rows(V, WV, VC, XM + n_rows * HKV * D, COS, SIN, pid, T, Tc, n_rows, False, SAVE, HKV, D,
-                       STRIDE, R, BLOCK_J)
+                       HDP, STRIDE, R, BLOCK_J)
 
 
 @triton.jit
 def _compress_bwd_rows(
     G, W, DX, DA, COS, SIN, pid, T, Tc, n_rows,
-    ROPE: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr, R: tl.constexpr,
-    BLOCK_J: tl.constexpr,
+    ROPE: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HDP: tl.constexpr, STRIDE: tl.constexpr,
+    R: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """da = dY through the RoPE (stored for dW), dx = da W / stride into each source row of the block."""
+    """da = dY through the RoPE (stored for dW), dx = da W / stride into each source row of the block.
+    Through the RoPE: da = g cos - rotate_half(g sin), i.e. da[c] = g[c] cos[c] - sign(c) g[partner(c)]
+    sin[c] (the transpose of the gather is the gather with the opposite sign)."""
     rows = pid * BLOCK_J + tl.arange(0, BLOCK_J)
     in_r = rows < n_rows
     b, j = rows // Tc, rows % Tc
     offs_d = tl.arange(0, D)
-    src0 = (b.to(tl.int64) * T + STRIDE * j) * HKV
+    cols = tl.arange(0, HDP)
+    in_c = cols < HKV * D
     if ROPE:
+        partner, sign = _rope_parts(offs_d, R)
         cs_offs = j[:, None] * R + offs_d[None, :]
         in_rot = in_r[:, None] & (offs_d[None, :] < R)
         cos = tl.load(COS + cs_offs, mask=in_rot, other=1.0)
-        sin = tl.load(SIN + cs_offs, mask=in_rot, other=0.0)
-    for hi in tl.static_range(HKV):
-        dx = tl.zeros([BLOCK_J, D], dtype=tl.float32)
-        for ho in tl.static_range(HKV):
-            row_offs = rows[:, None] * (HKV * D) + ho * D + offs_d[None, :]
-            da = tl.load(G + row_offs, mask=in_r[:, None], other=0.0).to(tl.float32)
-            if ROPE:
-                da = da * cos - _rotate_half(da * sin, D, R)  # (g cos + (g sin) P^T), P^T = -P
-            da = da.to(DA.dtype.element_ty)
-            if hi == 0:
-                tl.store(DA + row_offs, da, mask=in_r[:, None])
-            w = tl.load(W + (ho * D + offs_d[:, None]) * (HKV * D) + hi * D + offs_d[None, :])  # W tile
-            dx += tl.dot(da, w.to(da.dtype))
-        dx = (dx / STRIDE).to(DX.dtype.element_ty)
-        for s in tl.static_range(STRIDE):
-            ok = in_r & (STRIDE * j + s < T)
-            tl.store(DX + (src0 + s * HKV + hi)[:, None] * D + offs_d[None, :], dx, mask=ok[:, None])
+        sin = tl.load(SIN + cs_offs, mask=in_rot, other=0.0) * sign[None, :]
+    dx = tl.zeros([BLOCK_J, HDP], dtype=tl.float32)
+    for ho in tl.static_range(HKV):
+        g_rows = G + rows[:, None] * (HKV * D) + ho * D
+        da = tl.load(g_rows + offs_d[None, :], mask=in_r[:, None], other=0.0).to(tl.float32)
+        if ROPE:
+            g_p = tl.load(g_rows + partner[None, :], mask=in_r[:, None], other=0.0).to(tl.float32)
+            da = da * cos - g_p * sin
+        da = da.to(DA.dtype.element_ty)
+        tl.store(DA + rows[:, None] * (HKV * D) + ho * D + offs_d[None, :], da, mask=in_r[:, None])
+        w = tl.load(W + (ho * D + offs_d[:, None]) * (HKV * D) + cols[None, :], mask=in_c[None, :], other=0.0)
+        dx += tl.dot(da, w.to(da.dtype))
+    dx = (dx * (1.0 / STRIDE)).to(DX.dtype.element_ty)
+    dst = DX + (b.to(tl.int64) * T + STRIDE * j)[:, None] * (HKV * D) + cols[None, :]
+    for s in tl.static_range(STRIDE):
+        ok = in_r & (STRIDE * j + s < T)
+        tl.store(dst + s * HKV * D, dx, mask=ok[:, None] & in_c[None, :])
 
 
 @triton.jit
 def _compress_bwd(
     DKC, DVC, WK, WV, DK, DV, DA, COS, SIN, T, Tc, n_rows,
-    HKV: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr, R: tl.constexpr, BLOCK_J: tl.constexpr,
+    HKV: tl.constexpr, D: tl.constexpr, HDP: tl.constexpr, STRIDE: tl.constexpr, R: tl.constexpr,
+    BLOCK_J: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if tl.program_id(1) == 0:
-        _compress_bwd_rows(DKC, WK, DK, DA, COS, SIN, pid, T, Tc, n_rows, True, HKV, D, STRIDE, R, BLOCK_J)
+        _compress_bwd_rows(DKC, WK, DK, DA, COS, SIN, pid, T, Tc, n_rows, True, HKV, D, HDP, STRIDE, R,
+                           BLOCK_J)
     else:
         _compress_bwd_rows(DVC, WV, DV, DA + n_rows * HKV * D, COS, SIN, pid, T, Tc, n_rows, False, HKV, D,
-                           STRIDE, R, BLOCK_J)
+                           HDP, STRIDE, R, BLOCK_J)
 
 
 CONFIG = dict(BLOCK_J=32, num_warps=4, num_stages=2)
@@ -139,7 +152,7 @@ CONFIG = dict(BLOCK_J=32, num_warps=4, num_stages=2)
 
 @functools.lru_cache(maxsize=16)
 def _tables(Tc: int, stride: int, rotary_dim: int, theta: float, device: torch.device):
-    """RoPE cos, sin [Tc, rotary_dim] (fp32) at positions stride j + stride // 2, as the reference makes them."""
+    """RoPE cos, sin [Tc, rotary_dim] (fp32) at positions stride j + stride // 2, as the reference has them."""
     positions = torch.arange(Tc, device=device) * stride + stride // 2
     return tuple(t.contiguous() for t in rope_tables(positions, rotary_dim, theta, torch.float32))
 
@@ -157,10 +170,10 @@ def compress_fwd(
     vc = v.new_empty(B, Tc, Hkv, D)
     xm = k.new_empty(2, n_rows, Hkv * D) if save else k.new_empty(0)
     cos, sin = _tables(Tc, stride, rotary_dim, float(theta), k.device)
-    cfg = CONFIG
     launch(
-        _compress_fwd, (triton.cdiv(n_rows, cfg["BLOCK_J"]), 2, 1), k, v, wk, wv, kc, vc, xm, cos, sin, T, Tc,
-        n_rows, SAVE=save, HKV=Hkv, D=D, STRIDE=stride, R=rotary_dim, **cfg,
+        _compress_fwd, (triton.cdiv(n_rows, CONFIG["BLOCK_J"]), 2, 1), k, v, wk, wv, kc, vc, xm, cos, sin, T, Tc,
+        n_rows, SAVE=save, HKV=Hkv, D=D, HDP=triton.next_power_of_2(Hkv * D), STRIDE=stride, R=rotary_dim,
+        **CONFIG,
     )
     return kc, vc, xm
 
@@ -177,10 +190,9 @@ def compress_bwd(
     dv = dvc.new_empty(B, T, Hkv, D)
     da = xm.new_empty(2, n_rows, Hkv * D)
     cos, sin = _tables(Tc, stride, rotary_dim, float(theta), dkc.device)
-    cfg = CONFIG
     launch(
-        _compress_bwd, (triton.cdiv(n_rows, cfg["BLOCK_J"]), 2, 1), dkc, dvc, wk, wv, dk, dv, da, cos, sin, T, Tc,
-        n_rows, HKV=Hkv, D=D, STRIDE=stride, R=rotary_dim, **cfg,
+        _compress_bwd, (triton.cdiv(n_rows, CONFIG["BLOCK_J"]), 2, 1), dkc, dvc, wk, wv, dk, dv, da, cos, sin,
+        T, Tc, n_rows, HKV=Hkv, D=D, HDP=triton.next_power_of_2(Hkv * D), STRIDE=stride, R=rotary_dim, **CONFIG,
     )
     dwk, dwv = torch.bmm(da.transpose(1, 2), xm).unbind(0)  # dW = da^T x, both paths in one product
     return dk, dv, dwk.to(wk.dtype), dwv.to(wv.dtype)
@@ -209,9 +221,12 @@ def compress_kv_triton(
     v and the weights are used in k's dtype for the products (fp32 accumulation); the weight gradients
     come back in the weights' dtype.
     """
-    if k.shape[-1] not in (16, 32, 64, 128) or not {k.dtype, v.dtype, weight_k.dtype, weight_v.dtype} <= _DTYPES:
+    dtypes = {k.dtype, v.dtype, weight_k.dtype, weight_v.dtype}
+    if k.shape[-1] not in (16, 32, 64, 128) or not dtypes <= _DTYPES:
         check_inputs(k, v, weight_k, weight_v)  # raises the precise ValueError
-    k, v = k.contiguous(), v.to(k.dtype).contiguous()
+    if v.dtype != k.dtype:
+        v = v.to(k.dtype)
+    k, v = k.contiguous(), v.contiguous()
     weight_k, weight_v = weight_k.contiguous(), weight_v.contiguous()
     save = torch.is_grad_enabled() and (
         k.requires_grad or v.requires_grad or weight_k.requires_grad or weight_v.requires_grad
