@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.common import launch
 from kernels.gdn.triton_fwd import (
     BT,
     CONFIG,
@@ -67,7 +68,7 @@ def _bwd_state_kernel(
         dSd = dS.to(dt)
         P = tl.load(Pm + _tile_offsets(bh, n, NT, BT))
         kd = (kb.to(tl.float32) * tl.exp(G_end - Gb)[:, None]).to(dt)
-        dw = scale * tl.dot(tl.trans(P), dob, input_precision=PREC)  # (7)
+        dw = tl.dot(tl.trans(P), dob, input_precision=PREC)  # (7); P holds the scale
         dw = tl.dot(kd, dSd, dw, input_precision=PREC).to(dt)
         _store_buf(dW, dw, bh, t0, Tp, V, BT, BV, v0)
         qd = (scale * qb.to(tl.float32) * tl.exp(Gb)[:, None]).to(dt)
@@ -193,7 +194,7 @@ def _bwd_wy_kernel(
 
 
 def pick_bv_chunk(V: int) -> int:
-    """V block of `_bwd_chunk_kernel`'s loop over V."""
+    """V block of the loops over V in `_bwd_out_kernel` and `_bwd_wy_kernel`."""
     return min(CONFIG["chunk_bv"], max(16, triton.next_power_of_2(V)))
 
 
@@ -224,12 +225,13 @@ def chunk_bwd(
     dev, prec = q.device, _prec(q)
     f32 = torch.float32
 
-    BV = pick_bv(V, BH)
+    BV = pick_bv(V)
     dhs = torch.empty_like(hs)
     dW = torch.empty(BH, Tp, V, device=dev, dtype=q.dtype)
     dh0 = torch.empty(B, H, K, V, device=dev, dtype=f32) if need_dh0 else G.new_empty(0)
-    _bwd_state_kernel[(triton.cdiv(V, BV), BH)](
-        q, k, G, Pm, Wk, do, dht if dht is not None else G.new_empty(0), dhs, dW, dh0, scale, T,
+    launch(
+        _bwd_state_kernel, (triton.cdiv(V, BV), BH), q, k, G, Pm, Wk, do,
+        dht if dht is not None else G.new_empty(0), dhs, dW, dh0, scale, T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_DHT=dht is not None, STORE_DH0=need_dh0, PREC=prec,
         num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
     )  # fmt: skip
@@ -241,6 +243,6 @@ def chunk_bwd(
     dk_o, dG_o = torch.empty(BH, Tp, K, device=dev, dtype=f32), torch.empty(NK, BH, Tp, device=dev, dtype=f32)
     opts = dict(H=H, K=K, V=V, BT=BT, BKH=BKH, BV=pick_bv_chunk(V), PREC=prec, num_warps=CONFIG["chunk_warps"],
                 num_stages=CONFIG["chunk_stages"])  # fmt: skip
-    _bwd_out_kernel[(NT, BH, NK)](q, k, G, hs, dhs, W, do, dq, dk_o, dG_o, scale, T, **opts)
-    _bwd_wy_kernel[(NT, BH)](k, v, beta, G, Tinv, hs, dW, dk_o, dG_o, dk, dv, dg, dbeta, T, BK=BK, **opts)
+    launch(_bwd_out_kernel, (NT, BH, NK), q, k, G, hs, dhs, W, do, dq, dk_o, dG_o, scale, T, **opts)
+    launch(_bwd_wy_kernel, (NT, BH), k, v, beta, G, Tinv, hs, dW, dk_o, dG_o, dk, dv, dg, dbeta, T, BK=BK, **opts)
     return dq, dk, dv, dg, dbeta, dh0

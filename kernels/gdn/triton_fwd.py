@@ -20,11 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.common import launch
+
 BT = 64  # chunk length
 BS = 16  # diagonal block of the triangular solve
-# Launch configuration (H100, K = V = 112 / 128): warps, software-pipeline stages, and V blocks of the
-# sequential kernels ("state_bv": None picks by head count) and of the backward's per-chunk loop.
-CONFIG = dict(prep_warps=4, state_bv=None, state_warps=4, state_stages=2, chunk_bv=32, chunk_warps=4, chunk_stages=2)
+# Launch configuration (H100, K = V = 112 / 128, from interleaved sweeps): warps, software-pipeline stages and
+# V block of the sequential kernels (forward and backward), of the prep kernel and of the backward's chunk
+# kernels. The sequential kernels need their loads pipelined (stages 2): with Triton 3.6, single-stage builds
+# gave wrong gradients (V block 16) or an illegal address (another operand order) on the H100.
+CONFIG = dict(prep_warps=4, state_bv=64, state_warps=4, state_stages=2, chunk_bv=32, chunk_warps=4, chunk_stages=2)
 
 
 @triton.jit
@@ -175,7 +179,7 @@ def _unit_lower_inverse(A, k, b, Gc, BS: tl.constexpr, PREC: tl.constexpr):
 
 @triton.jit
 def _prep_kernel(
-    q, k, v, g, beta, G, Tinv, Pm, Wk, U, T,
+    q, k, v, g, beta, G, Tinv, Pm, Wk, U, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -195,9 +199,10 @@ def _prep_kernel(
     Tm = _unit_lower_inverse(A, kb, b, Gc, BS, PREC)
     p_tile = _tile_offsets(bh, n, NT, BT)
     tl.store(Tinv + p_tile, Tm)
-    # P = Q K^T * Gamma of (4), used by both sequential kernels and the backward
+    # P = scale (Q K^T * Gamma) of (4), used by both sequential kernels
     qb = _load_io(q, bh, t0, T, H, K, BT, BK)
-    tl.store(Pm + p_tile, (tl.dot(qb, tl.trans(kb), input_precision=PREC) * _decay(Gc, True)).to(Pm.dtype.element_ty))
+    P = tl.dot(qb, tl.trans(kb), input_precision=PREC) * (scale * _decay(Gc, True))
+    tl.store(Pm + p_tile, P.to(Pm.dtype.element_ty))
 
     # WY factors: U = T diag(beta) V, W_k = T diag(beta e^G) K
     vb = _load_io(v, bh, t0, T, H, V, BT, BV)
@@ -236,9 +241,9 @@ def _state_out_kernel(
             _store_buf(Wb, w, bh, t0, Tp, V, BT, BV, v0)
         # (4): O = scale (diag(e^G) Q S + (Q K^T * Gamma) W)
         P = tl.load(Pm + _tile_offsets(bh, n, NT, BT))
-        ob = tl.dot(qb, Sd, input_precision=PREC) * tl.exp(Gb)[:, None]
-        ob = tl.dot(P, w, ob, input_precision=PREC)
-        _store_io(o, (scale * ob).to(o.dtype.element_ty), bh, t0, T, H, V, BT, BV, v0)
+        ob = tl.dot(qb, Sd, input_precision=PREC) * (scale * tl.exp(Gb))[:, None]
+        ob = tl.dot(P, w, ob, input_precision=PREC)  # P holds the scale
+        _store_io(o, ob.to(o.dtype.element_ty), bh, t0, T, H, V, BT, BV, v0)
         # (5): S <- e^{G_C} S + (e^{G_C - G} K)^T W
         kd = (kb.to(tl.float32) * tl.exp(G_end - Gb)[:, None]).to(dt)
         S = tl.dot(tl.trans(kd), w, S * tl.exp(G_end), input_precision=PREC)
@@ -251,10 +256,9 @@ def _prec(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-def pick_bv(V: int, BH: int) -> int:
-    """V block of the sequential kernels: narrower blocks when few heads would leave SMs idle."""
-    BVf = max(16, triton.next_power_of_2(V))
-    return min(BVf, CONFIG["state_bv"] or (32 if BH < 256 else 64))
+def pick_bv(V: int) -> int:
+    """V block of the sequential kernels."""
+    return min(CONFIG["state_bv"], max(16, triton.next_power_of_2(V)))
 
 
 def chunk_fwd(
@@ -283,39 +287,18 @@ def chunk_fwd(
     Pm = torch.empty(BH, NT, BT, BT, device=dev, dtype=dt)
     Wk = torch.empty(BH, Tp, K, device=dev, dtype=dt)
     U = torch.empty(BH, Tp, V, device=dev, dtype=dt)
-    _prep_kernel[(NT, BH)](
-        q,
-        k,
-        v,
-        g,
-        beta,
-        G,
-        Tinv,
-        Pm,
-        Wk,
-        U,
-        T,
-        H=H,
-        K=K,
-        V=V,
-        BT=BT,
-        BS=BS,
-        BK=BK,
-        BV=BVf,
-        PREC=prec,
-        num_warps=CONFIG["prep_warps"],
-        num_stages=1,
-    )
+    launch(_prep_kernel, (NT, BH), q, k, v, g, beta, G, Tinv, Pm, Wk, U, scale, T, H=H, K=K, V=V, BT=BT, BS=BS,
+           BK=BK, BV=BVf, PREC=prec, num_warps=CONFIG["prep_warps"], num_stages=1)  # fmt: skip
 
-    BV = pick_bv(V, BH)
+    BV = pick_bv(V)
     o = torch.empty_like(v)
     ht = torch.empty(B, H, K, V, device=dev, dtype=f32) if output_final_state else G.new_empty(0)
     hs = torch.empty(BH, NT, K, V, device=dev, dtype=dt) if save else Wk.new_empty(0)
     W = torch.empty(BH, Tp, V, device=dev, dtype=dt) if save else Wk.new_empty(0)
     h0 = initial_state if initial_state is not None else G.new_empty(0)
-    _state_out_kernel[(triton.cdiv(V, BV), BH)](
-        q, k, G, Pm, Wk, U, h0, o, ht, hs, W, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        USE_H0=initial_state is not None, STORE_HT=output_final_state, SAVE=save, PREC=prec,
-        num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
+    launch(
+        _state_out_kernel, (triton.cdiv(V, BV), BH), q, k, G, Pm, Wk, U, h0, o, ht, hs, W, scale, T,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_H0=initial_state is not None, STORE_HT=output_final_state,
+        SAVE=save, PREC=prec, num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
     )  # fmt: skip
     return o, ht, G, Tinv, Pm, Wk, hs, W
