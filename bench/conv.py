@@ -69,11 +69,14 @@ def relerrs(fn, x, w, dy):
 
 
 def sweep(reps):
-    """Candidate (rows, channels, warps) per kernel at the larger shape, interleaved over 3 rounds."""
+    """Candidate configurations per kernel at the larger shape, interleaved over 3 rounds."""
     sets = make_sets(*SHAPES[-1])
-    cands = [(8, 128, 4), (16, 64, 4), (16, 128, 4), (32, 128, 8), (8, 256, 8), (4, 256, 4)]
+    cands = {
+        "fwd": [(8, 128, 4), (16, 128, 4), (32, 128, 8), (8, 256, 8)],  # (rows, channels, warps)
+        "bwd": [(32, 128, 1), (64, 128, 1), (128, 128, 1), (64, 64, 1), (64, 256, 2)],  # (segment, channels, warps)
+    }
     keep = dict(triton_conv.CONFIG)
-    times = {(k, c): [] for k in ("fwd", "bwd") for c in cands}
+    times = {(k, c): [] for k, cs in cands.items() for c in cs}
     for _ in range(3):
         for kind, cand in times:
             triton_conv.CONFIG.update(keep, **{kind: cand})

@@ -1,8 +1,8 @@
 """Causal depthwise conv + SiLU (Gated DeltaNet's short convolution): one public function,
 `causal_conv1d_silu`, dispatching to a backend.
 
-Backends, in "auto" order: "triton" (CUDA tensors, fp16/bf16/fp32 x, no `past`: `triton_conv.py`, one
-launch forward, one launch plus a partial-sum reduction backward, as torch.library ops) and "reference"
+Backends, in "auto" order: "triton" (CUDA tensors, fp16/bf16/fp32 x, width 4, no `past`: `triton_conv.py`,
+one launch forward, one launch plus a partial-sum reduction backward, as torch.library ops) and "reference"
 (`reference.py`, any device, differentiable by autograd; also the decoding path with a cached `past`).
 """
 
@@ -14,7 +14,7 @@ from kernels.common import check, check_same_device, check_tensor, pick_backend
 from kernels.conv.reference import causal_conv1d_silu as reference_causal_conv1d_silu
 
 try:  # triton is a Linux-only dependency
-    from kernels.conv.triton_conv import SUPPORTED_DTYPES, triton_causal_conv1d_silu
+    from kernels.conv.triton_conv import SUPPORTED_DTYPES, TRITON_WIDTH, triton_causal_conv1d_silu
 except ImportError:
     triton_causal_conv1d_silu = None
 
@@ -58,6 +58,8 @@ def causal_conv1d_silu(
     name = pick_backend(backend, device, BACKENDS)
     if name == "triton":
         reason = None if past is None else "no past context (decoding runs the reference)"
+        if W != TRITON_WIDTH:
+            reason = f"width {TRITON_WIDTH}, got {W}"
         if x.dtype not in SUPPORTED_DTYPES:
             reason = f"x in {SUPPORTED_DTYPES}, got {x.dtype}"
         check(reason is None or backend == "auto", f"backend 'triton' needs {reason}")
