@@ -41,7 +41,7 @@ def grads_vs_reference(fn, x, w):
     """Our output and (dx, dw), and the float64 reference's, for one random output gradient."""
     y = fn(x, w)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
-    ours = (y, *torch.autograd.grad(y, (x, w), dy))
+    ours = tuple(t.cpu() for t in (y, *torch.autograd.grad(y, (x, w), dy)))
     x64, w64 = (t.detach().cpu().double().requires_grad_() for t in (x, w))
     y64 = reference.causal_conv1d_silu(x64, w64)
     return ours, (y64, *torch.autograd.grad(y64, (x64, w64), dy.cpu().double()))
