@@ -1,0 +1,90 @@
+"""A/B of two pieces of the 95m training step at batch 32 x 1024, on one GPU, in one run: the model as it
+is (Triton causal conv + SiLU from `kernels.conv`, chunked linear cross-entropy from `model/loss.py`)
+against the plain PyTorch forms they replaced (grouped `F.conv1d` + SiLU on the transposed layout; the
+full [B T, vocab] logits and `F.cross_entropy`), each piece alone and both, eager and under torch.compile.
+
+    PYTHONPATH=. python3 bench/train_step_ab.py --out profiles/train_step_ab.json
+
+Step = bf16 autocast forward + backward, grad clip, Muon + AdamW (as bench/train_step.py); median of 8
+CUDA-event-timed steps after 3 warm-up steps; peak = torch.cuda.max_memory_allocated over warm-up and timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+import model.model as model_module
+from bench.train_step import median, timed
+from model import Hyla, get_config
+from train.optim import build_optimizers
+
+CURRENT = (model_module.GatedDeltaNet.causal_conv_silu, model_module.linear_cross_entropy)
+
+
+def grouped_conv1d_silu(self, x, cache):
+    """The replaced form: zero left context, F.conv1d(groups=C) over [B, C, T], SiLU."""
+    B, T, C = x.shape
+    xp = torch.cat([x.new_zeros(B, self.conv_width - 1, C), x], 1)
+    return F.silu(F.conv1d(xp.transpose(1, 2), self.conv1d.weight, groups=C).transpose(1, 2))
+
+
+def full_logits_cross_entropy(x, weight, targets, ignore_index=-1):
+    return F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=ignore_index)
+
+
+VARIANTS = {
+    "plain": (grouped_conv1d_silu, full_logits_cross_entropy),
+    "chunked_loss": (grouped_conv1d_silu, CURRENT[1]),
+    "triton_conv": (CURRENT[0], full_logits_cross_entropy),
+    "current": CURRENT,
+}
+
+
+def bench(variant: str, compile_: bool, batch: int, reps: int) -> dict:
+    model_module.GatedDeltaNet.causal_conv_silu, model_module.linear_cross_entropy = VARIANTS[variant]
+    torch.manual_seed(0)
+    cfg = get_config("95m")
+    model = Hyla(cfg).cuda()
+    opts = build_optimizers(model)
+    fwd = torch.compile(model) if compile_ else model
+    data = torch.randint(0, cfg.vocab_size, (batch, cfg.max_seq_len + 1), device="cuda")
+    x, y = data[:, :-1], data[:, 1:]
+
+    def step():
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = fwd(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for o in opts:
+            o.step()
+            o.zero_grad(set_to_none=True)
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    ms = median(timed(step, 3, reps))
+    return {"variant": variant, "compile": compile_, "ms": ms, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="profiles/train_step_ab.json")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=8)
+    args = ap.parse_args()
+    rows = []
+    for compile_ in (False, True):
+        for variant in VARIANTS if compile_ else ("plain", "current"):
+            rows.append(bench(variant, compile_, args.batch, args.reps))
+            print(json.dumps(rows[-1]), flush=True)
+    model_module.GatedDeltaNet.causal_conv_silu, model_module.linear_cross_entropy = CURRENT
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch, "rows": rows}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
