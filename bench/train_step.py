@@ -54,8 +54,9 @@ def roofline() -> dict:
     return {"copy_GBps": 2 * n / copy_ms / 1e6, "bf16_matmul_TFLOPs": 2 * 8192**3 / mm_ms / 1e9}
 
 
-def bench_step(batch: int, seq: int, backend: str, compile_: bool, reps: int, trace: str | None = None) -> dict:
-    os.environ["HYLA_BACKEND"] = backend
+def make_step(batch: int, seq: int, compile_: bool):
+    """One training step of a fresh 95m model on random tokens: bf16 autocast forward + backward, grad
+    clip, Muon + AdamW, grads cleared."""
     torch.manual_seed(0)
     cfg = get_config("95m")
     model = Hyla(cfg).cuda()
@@ -73,6 +74,13 @@ def bench_step(batch: int, seq: int, backend: str, compile_: bool, reps: int, tr
             o.step()
             o.zero_grad(set_to_none=True)
 
+    return step
+
+
+def bench_step(batch: int, seq: int, backend: str, compile_: bool, reps: int, trace: str | None = None) -> dict:
+    os.environ["HYLA_BACKEND"] = backend
+    cfg = get_config("95m")
+    step = make_step(batch, seq, compile_)
     torch.cuda.reset_peak_memory_stats()
     times = timed(step, 3, reps)
     if trace:  # one more step under the profiler: kernels, nvtx ranges, launch gaps

@@ -5,7 +5,7 @@ full [B T, vocab] logits and `F.cross_entropy`), each piece alone and both, eage
 
     PYTHONPATH=. python3 bench/train_step_ab.py --out profiles/train_step_ab.json
 
-Step = bf16 autocast forward + backward, grad clip, Muon + AdamW (as bench/train_step.py); median of 8
+Step = `bench.train_step.make_step` (bf16 autocast forward + backward, grad clip, Muon + AdamW); median of 8
 CUDA-event-timed steps after 3 warm-up steps; peak = torch.cuda.max_memory_allocated over warm-up and timing.
 """
 
@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import model.model as model_module
-from bench.train_step import median, timed
-from model import Hyla, get_config
-from train.optim import build_optimizers
+from bench.train_step import make_step, median, timed
+from model import get_config
 
 CURRENT = (model_module.GatedDeltaNet.causal_conv_silu, model_module.linear_cross_entropy)
 
@@ -46,23 +45,7 @@ VARIANTS = {
 
 def bench(variant: str, compile_: bool, batch: int, reps: int) -> dict:
     model_module.GatedDeltaNet.causal_conv_silu, model_module.linear_cross_entropy = VARIANTS[variant]
-    torch.manual_seed(0)
-    cfg = get_config("95m")
-    model = Hyla(cfg).cuda()
-    opts = build_optimizers(model)
-    fwd = torch.compile(model) if compile_ else model
-    data = torch.randint(0, cfg.vocab_size, (batch, cfg.max_seq_len + 1), device="cuda")
-    x, y = data[:, :-1], data[:, 1:]
-
-    def step():
-        with torch.autocast("cuda", torch.bfloat16):
-            loss = fwd(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        for o in opts:
-            o.step()
-            o.zero_grad(set_to_none=True)
-
+    step = make_step(batch, get_config("95m").max_seq_len, compile_)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     ms = median(timed(step, 3, reps))

@@ -20,3 +20,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def poison_empty():
+    """torch.empty returns NaN-filled memory while deterministic algorithms are on, so an output element a
+    kernel does not write fails the comparison. warn_only: cuBLAS in the references needs no workspace
+    setting (the kernels' own determinism has explicit tests)."""
+    old, old_fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(old)
+    torch.utils.deterministic.fill_uninitialized_memory = old_fill

@@ -20,13 +20,7 @@ from tests.helpers import compile_for_hopper, relerr
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def poison_empty():
-    old = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(old)
+pytestmark = pytest.mark.usefixtures("poison_empty")  # tests/conftest.py
 
 
 def make_inputs(B, T, C, W, device=DEVICE, dtype=torch.float32, seed=0):

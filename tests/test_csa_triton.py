@@ -24,14 +24,7 @@ GRAD_NAMES = ("dq", "dk", "dv", "dkc", "dvc", "dblend")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def poison_empty():
-    """torch.empty returns NaN-filled memory while deterministic algorithms are on."""
-    old = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(old)
+pytestmark = pytest.mark.usefixtures("poison_empty")  # tests/conftest.py
 
 
 def make_inputs(B, T, H, Hkv, D, device="cpu", dtype=torch.float32, strided=False, seed=0):

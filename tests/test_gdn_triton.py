@@ -27,15 +27,7 @@ interpreter_only = pytest.mark.skipif(torch.cuda.is_available(), reason="fp32 in
 OP_DEV, OP_DTYPE, OP_D = ("cuda", torch.bfloat16, 64) if torch.cuda.is_available() else ("cpu", torch.float32, 16)
 
 
-@pytest.fixture(autouse=True)
-def poison_empty():
-    """torch.empty returns NaN-filled memory while deterministic algorithms are on: unwritten outputs fail."""
-    old, old_fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)  # cuBLAS in the reference needs no workspace setting
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(old)
-    torch.utils.deterministic.fill_uninitialized_memory = old_fill
+pytestmark = pytest.mark.usefixtures("poison_empty")  # tests/conftest.py
 
 
 def make_inputs(B, T, H, K, V, with_h0, device="cpu", dtype=torch.float32):
