@@ -37,6 +37,18 @@ def _rope_parts(offs_d, R: tl.constexpr):
 
 
 @triton.jit
+def _rope_factors(COS, SIN, j, in_r, offs_d, R: tl.constexpr):
+    """Partner columns, cos and sign-folded sin [rows, D] of compressed rows j (the tables hold position
+    stride j + stride // 2): rotate_half(x) * sin = x[:, partner] * sin; cos 1 and sin 0 past R."""
+    partner, sign = _rope_parts(offs_d, R)
+    cs_offs = j[:, None] * R + offs_d[None, :]
+    in_rot = in_r[:, None] & (offs_d[None, :] < R)
+    cos = tl.load(COS + cs_offs, mask=in_rot, other=1.0)
+    sin = tl.load(SIN + cs_offs, mask=in_rot, other=0.0) * sign[None, :]
+    return partner, cos, sin
+
+
+@triton.jit
 def _compress_rows(
     X, W, Y, XM, COS, SIN, pid, T, Tc, n_rows,
     ROPE: tl.constexpr, SAVE: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HDP: tl.constexpr,
@@ -62,11 +74,7 @@ def _compress_rows(
         tl.store(XM + rows[:, None] * (HKV * D) + cols[None, :], xm, mask=in_r[:, None] & in_c[None, :])
     offs_d = tl.arange(0, D)
     if ROPE:
-        partner, sign = _rope_parts(offs_d, R)
-        cs_offs = j[:, None] * R + offs_d[None, :]
-        in_rot = in_r[:, None] & (offs_d[None, :] < R)
-        cos = tl.load(COS + cs_offs, mask=in_rot, other=1.0)
-        sin = tl.load(SIN + cs_offs, mask=in_rot, other=0.0) * sign[None, :]
+        partner, cos, sin = _rope_factors(COS, SIN, j, in_r, offs_d, R)
     for ho in tl.static_range(HKV):
         w = tl.load(W + (ho * D + offs_d[:, None]) * (HKV * D) + cols[None, :], mask=in_c[None, :], other=0.0)
         acc = tl.dot(xm, tl.trans(w.to(xm.dtype)))
@@ -109,11 +117,7 @@ def _compress_bwd_rows(
     cols = tl.arange(0, HDP)
     in_c = cols < HKV * D
     if ROPE:
-        partner, sign = _rope_parts(offs_d, R)
-        cs_offs = j[:, None] * R + offs_d[None, :]
-        in_rot = in_r[:, None] & (offs_d[None, :] < R)
-        cos = tl.load(COS + cs_offs, mask=in_rot, other=1.0)
-        sin = tl.load(SIN + cs_offs, mask=in_rot, other=0.0) * sign[None, :]
+        partner, cos, sin = _rope_factors(COS, SIN, j, in_r, offs_d, R)
     dx = tl.zeros([BLOCK_J, HDP], dtype=tl.float32)
     for ho in tl.static_range(HKV):
         g_rows = G + rows[:, None] * (HKV * D) + ho * D
