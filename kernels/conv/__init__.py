@@ -60,6 +60,8 @@ def causal_conv1d_silu(
         reason = None if past is None else "no past context (decoding runs the reference)"
         if W != TRITON_WIDTH:
             reason = f"width {TRITON_WIDTH}, got {W}"
+        if T * C >= 2**31:  # the kernels index one sequence in int32
+            reason = f"T * C < 2^31, got {T} * {C}"
         if x.dtype not in SUPPORTED_DTYPES:
             reason = f"x in {SUPPORTED_DTYPES}, got {x.dtype}"
         check(reason is None or backend == "auto", f"backend 'triton' needs {reason}")
