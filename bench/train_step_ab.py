@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import model.model as model_module
+from bench.conv import cudnn_conv_silu
 from bench.train_step import make_step, median, timed
 from model import get_config
 
@@ -25,10 +26,8 @@ CURRENT = (model_module.GatedDeltaNet.causal_conv_silu, model_module.linear_cros
 
 
 def grouped_conv1d_silu(self, x, cache):
-    """The replaced form: zero left context, F.conv1d(groups=C) over [B, C, T], SiLU."""
-    B, T, C = x.shape
-    xp = torch.cat([x.new_zeros(B, self.conv_width - 1, C), x], 1)
-    return F.silu(F.conv1d(xp.transpose(1, 2), self.conv1d.weight, groups=C).transpose(1, 2))
+    """The replaced form (`bench.conv.cudnn_conv_silu`) in place of the model's method."""
+    return cudnn_conv_silu(x, self.conv1d.weight[:, 0])
 
 
 def full_logits_cross_entropy(x, weight, targets, ignore_index=-1):
