@@ -44,6 +44,16 @@ def test_autocast_bf16_matches_plain_head():
         torch.testing.assert_close(o, r, rtol=2e-2, atol=1e-3)
 
 
+def test_compiled_fullgraph_matches_eager():
+    """The loss is one opaque custom op: torch.compile(fullgraph=True) traces through it, same values."""
+    x, w, y = _inputs(dtype=torch.float32)
+    fn = lambda a, b, c: linear_cross_entropy(a, b, c, chunk_rows=16)  # noqa: E731
+    eager = _loss_and_grads(fn, x, w, y)
+    compiled = _loss_and_grads(torch.compile(fn, fullgraph=True), x, w, y)
+    for o, r in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(o, r, rtol=1e-6, atol=1e-6)
+
+
 def test_no_grad_path_and_all_ignored():
     x, w, y = _inputs()
     with torch.no_grad():
