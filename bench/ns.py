@@ -18,7 +18,7 @@ plus the bf16 matmul rate and copy bandwidth of the same GPU, for the roofline f
 `--sweep` adds a tile-config sweep at the end (stage 3, the symmetric stages, the fp32 tiny set; per-stage
 times).
 
-Usage: python bench/ns.py --out DIR [--sweep | --sweep-only]   (writes DIR/ns.json and DIR/ns.md)
+Usage: python bench/ns.py --out DIR [--sweep]   (writes DIR/ns.json and DIR/ns.md)
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 import triton
 from triton.testing import do_bench
@@ -132,21 +131,17 @@ def kernel_times(fn, calls: int = 3) -> list[tuple[str, float, int]]:
 
 
 def stage_sums(seq: list[tuple[str, float, int]]) -> dict:
-    """Our launches per stream (a set per stream, the larger first): with `Config.fused` one launch per
-    set (every phase), else 1 + 3 * STEPS launches summed per stage: prep (+ Muon's momentum), A, B, X'
-    (+ the finish in the last X'); and the total of all kernels (sets on two streams overlap, so this
-    exceeds the call's time)."""
+    """Our launches (1 + 3 * STEPS per set; a set per stream, or in order on one stream) summed per stage:
+    prep (+ Muon's momentum), A, B, X' (+ the finish in the last X'), per set, the larger set first; and
+    the total of all kernels (sets on two streams overlap, so this exceeds the call's time)."""
     per_set = 1 + 3 * STEPS
     by_stream: dict[int, list[float]] = {}
     for name, us, stream in seq:
-        if name.startswith("_ns_kernel"):
+        if name.startswith("_ns_stage"):
             by_stream.setdefault(stream, []).append(us)
+    sets = [x[i : i + per_set] for x in by_stream.values() for i in range(0, len(x) - per_set + 1, per_set)]
     out = {"kernels_total_us": round(sum(us for _, us, _ in seq), 1)}
-    for k, x in enumerate(sorted(by_stream.values(), key=sum, reverse=True)):
-        if len(x) % per_set:
-            out[f"set{k}"] = {"launches": len(x), "total": round(sum(x), 1)}
-            continue
-        x = x[:per_set]
+    for k, x in enumerate(sorted(sets, key=sum, reverse=True)):
         out[f"set{k}"] = {
             "prep": x[0],
             "A=XX^T": round(sum(x[1::3]), 1),
@@ -225,36 +220,21 @@ def optimizer_step(records: dict) -> dict:
 
 
 # (set, field overrides) in the order tried: "main" overrides Config for the sides > TINY, "tiny" TINY_CONFIG.
-# Runs 5-6 of 2026-11-24 (H100, main set 2.61-2.68 ms with the default Config): 128 x 256 stage-3 tiles, 4 warps,
-# 4 stages, 64-wide tiles, K step 128: all within ~1% or slower. Session 3 (run 7, main set 2.559 ms): programmatic
-# dependent launches 2.577, TMA operand loads through device-side descriptors 2.755 (+PDL 2.786, + 128 x 256
-# 2.851), persistent stage 3 (one flattened loop over its tiles, TMA) 3.051, PDL + 128 x 256 2.563 ms. Run 8
-# (an earlier version of the fused kernel, per-step division by s, meta loads after the wait): one launch
-# 2.668, a launch per phase of that generic kernel 2.818, uncapped registers 3.49 / 3.63 ms.
+# Run 5 of 2026-11-24 (H100, main set 2.68 ms with the default Config): stage 3 as 128 x 256 2.62, 128 x 128
+# with 4 warps 2.67, with 4 stages 2.89, 64 x 128 2.87, 64 x 256 2.99, 128 x 64 3.00; symmetric stages with
+# 4 warps 2.66, 4 stages 2.81, 64-wide 2.83 / 3.00 (K step 128), K step 128 3.12 ms. The tiny set with FMA
+# ("ieee") products took 0.43-0.70 ms whatever the K step (64..512). Run 6 timed the close calls again:
+# 2.58-2.63 ms against 2.61 ms for the default, i.e. within the spread; the default stays.
+# Sessions 3-4 (profiles/ns.md, runs 7-9): PDL, device-side TMA, a persistent stage 3, and one
+# dependency-scheduled launch for every phase (run 9: 2.873 ms against 2.621 for this code's launch per phase,
+# Muon 3.348 against 3.031 ms) all lost; none is kept.
 SWEEP = [
-    ("main", dict(fused=True)),
-    ("main", dict(fused=True, maxnreg=None)),
+    ("tiny", dict(fp32_dot="ieee")),
+    ("tiny", dict(bk=256)),
+    ("main", dict(bm=128, bn=256, bk3=64, warps3=8, stages3=3)),
+    ("main", dict(bm=128, bn=128, bk3=64, warps3=4, stages3=3)),
+    ("main", dict(bs=128, bk=64, warps=4, stages=3)),
 ]
-
-
-def muon_sweep(rec: dict) -> None:
-    """`muon_update_triton` on the 95m model's Muon matrices whose rows it can address in place (all but
-    the [3024, 4] conv weight; fp32 parameters, gradients, buffers) with the default Config and the SWEEP's
-    main-set variants."""
-    shapes = [s for s in muon_shapes() if s[1] % triton_ns.ALIGN_N == 0]  # (the fused path's alignment)
-    ts = [[torch.randn(s, device="cuda") for s in shapes] for _ in range(3)]
-    addresses = tuple(triton_ns.muon_addresses(t) for t in ts)
-    hyper = np.array([[0.95, 1.0, 1 - 1e-4, 0.02]] * len(shapes), dtype=np.float32)
-    out = rec.setdefault("muon_sweep", {})
-    for o in [{}] + [o for which, o in SWEEP if which == "main"]:
-        cfg = dataclasses.replace(triton_ns.Config(), **o)
-
-        def step(cfg=cfg):
-            triton_ns.muon_update_triton(ts[0], (addresses[1], addresses[2], addresses[0]),
-                                         (torch.float32,) * 3, hyper, [NS_COEFFS] * STEPS, config=cfg)  # fmt: skip
-
-        out[json.dumps(o)] = median_ms(step)
-        print(f"muon {json.dumps(o):60s} {out[json.dumps(o)]:.3f} ms", flush=True)
 
 
 def sweep(stacks, refs, sched, rec: dict, deadline: float, save_fn) -> None:
@@ -269,15 +249,12 @@ def sweep(stacks, refs, sched, rec: dict, deadline: float, save_fn) -> None:
     def one(name, idx, cfg):
         Ss = [stacks[i] for i in idx]
         try:
-            triton_ns.newton_schulz_triton(Ss, sched, config=cfg)  # captures the graph
             outs = triton_ns.newton_schulz_triton(Ss, sched, config=cfg)
-            eager = triton_ns.newton_schulz_triton(Ss, sched, config=cfg, graphs=False)
-            same = all(torch.equal(a, b) for a, b in zip(outs, eager, strict=True))
             err = max(relerr(o, refs[i]) for o, i in zip(outs, idx, strict=True))
             ms = median_ms(lambda: triton_ns.newton_schulz_triton(Ss, sched, config=cfg))
             st = stage_sums(kernel_times(lambda: triton_ns.newton_schulz_triton(Ss, sched, config=cfg, graphs=False)))
-            out[name] = {"ms": ms, "relerr": err, "graph_equals_eager": same, "stages_us": st}
-            print(f"sweep {name:72s} {ms:7.3f} ms relerr {err:.2e} graph==eager {same} {st.get('set0')}", flush=True)
+            out[name] = {"ms": ms, "relerr": err, "stages_us": st}
+            print(f"sweep {name:72s} {ms:7.3f} ms relerr {err:.2e} {st.get('set0')}", flush=True)
         except Exception as e:  # a config that does not compile (shared memory, registers) is recorded
             out[name] = {"error": repr(e)[:300]}
             print(f"sweep {name}: {e!r}"[:300], flush=True)
@@ -304,7 +281,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("profiles"))
     ap.add_argument("--sweep", action="store_true", help="add the tile-config sweep (SWEEP) at the end")
     ap.add_argument("--sweep-seconds", type=float, default=400.0, help="start no sweep config after this")
-    ap.add_argument("--sweep-only", action="store_true", help="only the ceilings and the sweep")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -321,13 +297,6 @@ def main() -> None:
     }
     rec["ceilings"] = ceilings()
     print(rec, flush=True)
-    if args.sweep_only:
-        stacks = [torch.randn(c, m, n, device="cuda") for (m, n), c in Counter(muon_shapes()).items()]
-        refs = [ns_reference(S.double()) for S in stacks]
-        sweep(stacks, refs, [NS_COEFFS] * STEPS, rec, t_start + args.sweep_seconds, lambda: save(rec, args.out))
-        muon_sweep(rec)
-        save(rec, args.out)
-        return
 
     shapes = muon_shapes()
     exact = Counter(shapes)
@@ -370,13 +339,6 @@ def main() -> None:
         return triton_ns.newton_schulz_triton(stacks, sched, config=cfg)
 
     run(ours, ours_fn)
-    other_cfg = dataclasses.replace(cfg, fused=not cfg.fused)
-    other = "triton grouped, " + ("one dependency-scheduled launch" if other_cfg.fused else "a launch per phase")
-
-    def other_fn():
-        return triton_ns.newton_schulz_triton(stacks, sched, config=other_cfg)
-
-    run(other, other_fn)
     run(
         "triton grouped, eager launches (no graph)",
         lambda: triton_ns.newton_schulz_triton(stacks, sched, config=cfg, graphs=False),
@@ -390,9 +352,6 @@ def main() -> None:
     seq = kernel_times(lambda: triton_ns.newton_schulz_triton(stacks, sched, config=cfg, graphs=False))
     rec["kernel_sequence_us"] = {"triton grouped, eager": seq}
     rec["stage_sums_us"] = stage_sums(seq)
-    rec["stage_sums_us_other_mode"] = stage_sums(
-        kernel_times(lambda: triton_ns.newton_schulz_triton(stacks, sched, config=other_cfg, graphs=False))
-    )
     print("stage sums (us):", rec["stage_sums_us"], flush=True)
     pe = list(polar_express(STEPS))
     pe_out = newton_schulz_many(stacks, STEPS, pe, check_finite=False)
@@ -453,10 +412,9 @@ def main() -> None:
     variants[ours]["host_ms"] = host_ms(ours_fn)
     variants[ours]["kernels_total_us"] = rec["stage_sums_us"]["kernels_total_us"]
     # rounds interleaved with ours: the spread within one run
-    rounds = {k: [] for k in (ours, other, *baselines)}
+    rounds = {k: [] for k in (ours, *baselines)}
     for _ in range(5):
         rounds[ours].append(median_ms(ours_fn))
-        rounds[other].append(median_ms(other_fn))
         for name, fn in baselines.items():
             rounds[name].append(median_ms(fn))
     rec["rounds_ms"] = rounds
@@ -487,7 +445,6 @@ def main() -> None:
 
     opt = optimizer_step(rec)
     print("optimizer step:", opt, flush=True)
-    muon_sweep(rec)
 
     def finish():
         rec["summary"] = summarize(rec)
@@ -508,7 +465,7 @@ def summarize(rec: dict) -> dict:
     train/optim.py as it runs on CUDA (Muon fused + fused AdamW)."""
     rounds, variants, opt = rec["rounds_ms"], rec["variants"], rec.get("optimizer", {})
     med = {k: statistics.median(v) for k, v in rounds.items()}
-    ours, other = (k for k in rounds if k.startswith("triton"))
+    ours = next(k for k in rounds if k.startswith("triton"))
     comp = min((v, k) for k, v in med.items() if k.startswith("compiled"))
     modded = next(k for k in med if "modded" in k)
     loop = variants["fp32 per-matrix loop"]["ms"]
@@ -517,8 +474,6 @@ def summarize(rec: dict) -> dict:
         "device": rec["device"],
         "ours": ours,
         "ours_ms": med[ours],
-        "other_launch_mode": other,
-        "other_launch_mode_ms": med[other],
         "compiled_bf16_ms": comp[0],
         "compiled_bf16_variant": comp[1],
         "fp32_loop_ms": loop,
@@ -557,8 +512,7 @@ def markdown(rec: dict) -> str:
     for k, v in rec["rounds_ms"].items():
         r = ", ".join(f"{x:.3f}" for x in v)
         lines.append(f"| {k} | {r} | {statistics.median(v):.3f} | {min(v):.3f} | {max(v):.3f} |")
-    lines += ["", f"Stage sums of our eager launches (us): `{json.dumps(rec['stage_sums_us'])}`; the other launch "
-              f"mode: `{json.dumps(rec['stage_sums_us_other_mode'])}`"]
+    lines += ["", f"Stage sums of our eager launches (us): `{json.dumps(rec['stage_sums_us'])}`"]
     if "per_wide_shape" in rec:
         lines += ["", "Per wide shape, one stack alone (ms):", ""]
         lines += ["| shape | count | triton | cuda | faster |", "|---|---|---|---|---|"]
@@ -574,10 +528,7 @@ def markdown(rec: dict) -> str:
                 lines.append(f"- {k}: " + (f"{v['ms']:.3f} ms, stage sums (us) {st}" if "ms" in v else v["error"]))
             else:
                 lines.append(f"- {k}: {v}")
-    lines += ["", f"Optimizer step: {json.dumps(rec.get('optimizer'))}", ""]
-    muon = json.dumps(rec.get("muon_sweep"))
-    lines += [f"Muon update alone (`muon_update_triton`, Config overrides: ms): {muon}", ""]
-    lines += ["Summary: " + json.dumps(s), ""]
+    lines += ["", f"Optimizer step: {json.dumps(rec.get('optimizer'))}", "", "Summary: " + json.dumps(s), ""]
     return "\n".join(lines)
 
 

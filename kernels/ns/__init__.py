@@ -5,8 +5,7 @@ Backends (the iteration is documented in `reference.py` and kept by every backen
 - "triton" (`triton_ns.py`, CUDA): bf16 operands, fp32 accumulation, 3 launches a step for any number
   of matrices of any shapes plus a prep launch, the whole call replayed as one CUDA graph (the
   normalization fused into the prep and step 0, the output written by the last launch; stacks with a
-  side <= 8 use fp32 operands on a side stream, see `triton_ns.newton_schulz_triton`; or, with
-  `triton_ns.Config(fused=True)`, all of it in one dependency-scheduled launch).
+  side <= 8 use fp32 operands on a side stream, see `triton_ns.newton_schulz_triton`).
 - "cuda" (`cuda.py` + `csrc/ns/ns.cu`, CUDA with CuPy installed): the same three stages as CUDA C++
   mma.sync kernels compiled by NVRTC, one launch a stage per stack (stacks with a side <= 8, whose
   bf16 error would exceed 2e-2, take the fp32 reference instead: their cost is negligible).

@@ -1,20 +1,15 @@
-"""Triton Newton-Schulz: the quintic iteration of `reference.py` for many matrices, one tile table.
+"""Triton Newton-Schulz: the quintic iteration of `reference.py` for many matrices in 1 + 3 * steps launches.
 
 Every matrix is handled in its wide orientation X [m, n] (m <= n) in a packed workspace; a tall input G
-is read as G^T by indexing, never copied. The work of a call is a table of tiles over every matrix of
-every shape group, in phases (phase 0 the prep, then three per step):
+is read as G^T by indexing, never copied. Each launch runs over a tile table that spans every matrix of
+every shape group, so a whole optimizer's set of matrices (any mix of shapes) costs 1 + 3 * steps
+launches:
 
     stage 0:  X_0 = G                         prep: G (any float dtype, either orientation) -> workspace
     stage 1:  A = X X^T                       tiles of A [m, m], K = n
     stage 2:  B = b A + c A A^T               tiles of B [m, m], K = m    (A is symmetric: A^2 = A A^T)
     stage 3:  X' = a X + B X                  tiles of X' [m, n], K = m; the last step writes X' in G's
                                               layout and dtype straight to the output
-
-By default `_ns_kernel` is launched once per phase over that phase's rows (1 + 3 * steps launches, each
-specialized to its stage). With `Config.fused` one launch runs the whole table: programs take rows in
-table order and a tile waits only for the previous phase of its own matrix (per-matrix counters,
-acquire/release), so phases overlap across matrices with no launch boundary, tail or global barrier
-between them; both modes compute the same bits.
 
 Operands are in the work dtype (bf16; fp32 for tests, with exact fp32 products, and for matrices with a
 side <= TINY, with 3-pass tf32 products, see `newton_schulz_triton`), accumulation in fp32. A and B are
@@ -29,10 +24,10 @@ Muon's update fuses into the same two ends (`muon_update_triton`): stage 0 reads
 momentum buffer, writes the new buffer M = mu M + G and puts U = G + mu M (Nesterov) or M into the
 workspace; the last stage 3 applies W = decay W - alpha NS(U) to the parameter in place.
 
-Per-call addresses (inputs, output or parameters, momentum buffers) reach the kernel as element offsets
-from fixed per-runner anchor tensors, in a small device table refreshed before each call; so on CUDA a
-call (counter reset and launch) is captured once per set of shapes into a CUDA graph and replayed (the
-workspaces are static per shape set; calls on one stream are ordered, so reuse is safe).
+Per-call addresses (inputs, output or parameters, momentum buffers) reach the kernels as element offsets
+from fixed per-runner anchor tensors, in a small device table refreshed before each call; so on CUDA all
+launches of a call, both ends included, are captured once per set of shapes into a CUDA graph and
+replayed (the workspaces are static per shape set; calls on one stream are ordered, so reuse is safe).
 """
 
 from __future__ import annotations
@@ -65,22 +60,19 @@ ALIGN = tl.constexpr(ALIGN_N)
 @dataclass(frozen=True)
 class Config:
     """Tile shapes: `bs` x `bs` tiles (K step `bk`) for the symmetric stages 1-2, `bm` x `bn` (K step
-    `bk3`) for stage 3 (and the prep's tiles); warps and pipeline depth; the products' precision when
-    the work dtype is fp32 (tl.dot input_precision: "ieee" = FMA, or "tf32x3" on tensor cores); `fused`:
-    every phase in one launch (see `_ns_kernel`), else a launch per phase; `maxnreg`: the fused kernel's
-    register cap per thread (128 at 8 warps: two programs per SM; it holds every phase's code, so uncapped
-    it takes ~180)."""
+    `bk3`) for stage 3 (and stage 0's tiles); warps and pipeline depth per stage; the products' precision
+    when the work dtype is fp32 (tl.dot input_precision: "ieee" = FMA, or "tf32x3" on tensor cores)."""
 
     bs: int = 128
     bk: int = 64
+    warps: int = 8
+    stages: int = 3
     bm: int = 128
     bn: int = 128
     bk3: int = 64
-    warps: int = 8
-    stages: int = 3
+    warps3: int = 8
+    stages3: int = 3
     fp32_dot: str = "ieee"
-    fused: bool = False
-    maxnreg: int | None = 128
 
 
 @triton.jit
@@ -120,191 +112,121 @@ def _io(io, k, col):
 
 
 @triton.jit
-def _prep_tile(g, mbuf, io, hyper, sumsq, x0, k, i, j, m, n, ldx, ldg, tall, MUON: tl.constexpr, NPART: tl.constexpr,
-               BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
-    """Prep tile (i, j): X_0 = G into the workspace `x0`, or for Muon M = mu M + G, X_0 = G + mu M
-    (Nesterov) or M; and the tile's sum of squares of X_0."""
-    rows = i * BM + tl.arange(0, BM)
-    cols = j * BN + tl.arange(0, BN)
-    v = _g_load(g + _io(io, k, IO_SRC), rows, cols, m, n, ldg, tall)
-    if MUON:
-        mu = tl.load(hyper + k * H_COLS + H_MU)
-        mp = mbuf + _io(io, k, IO_BUF)
-        v = v.to(tl.float32)
-        mom = mu * _g_load(mp, rows, cols, m, n, ldg, tall).to(tl.float32) + v
-        _g_store(mp, mom.to(mbuf.dtype.element_ty), rows, cols, m, n, ldg, tall)
-        v = tl.where(tl.load(hyper + k * H_COLS + H_NEST) != 0, v + mu * mom, mom)
-    v2 = v.to(tl.float32) * v.to(tl.float32)
-    tl.store(sumsq + k * NPART + i * tl.cdiv(n, BN) + j, tl.sum(tl.sum(v2, axis=1), axis=0))
-    p, mask = _w_ptrs(x0, rows, cols, m, ldx)
-    tl.store(p, v.to(x0.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _sym_tile(src, ld, dst, i, j, m, lda, stage, inv_s, coef_b, coef_c, SYM: tl.constexpr, BS: tl.constexpr,
-              BK: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
-    """Tile (i, j) of a symmetric [m, m] product into `dst` (row stride lda): A = X X^T / s^2 (stage 1,
-    src = X [m, ld], K = n; 1 / s = `inv_s`, s = ||G||_F + eps at step 0, else 1) or B = b A + c A A^T
-    (stage 2, src = A, K = m). With SYM only tiles j >= i are computed, each also stored mirrored."""
-    rows = i * BS + tl.arange(0, BS)
-    cols = j * BS + tl.arange(0, BS)
-    kk = tl.arange(0, BK)
-    acc = tl.zeros((BS, BS), dtype=tl.float32)
-    for k0 in range(0, ld, BK):
-        lt = _w_tile(src, rows, k0 + kk, m, ld)
-        rt = _w_tile(src, cols, k0 + kk, m, ld)
-        acc = tl.dot(lt, tl.trans(rt), acc, input_precision=DOT_PREC)
-    if stage == 1:
-        acc = acc * (inv_s * inv_s)
-    else:
-        acc = coef_c * acc + coef_b * _w_tile(src, rows, cols, m, lda).to(tl.float32)
-    y = acc.to(dst.dtype.element_ty)
-    p, mask = _w_ptrs(dst, rows, cols, m, lda)
-    tl.store(p, y, mask=mask)
-    if SYM:  # the mirror tile (j, i); the padding columns of row block j are covered as well
-        mask = (cols[None, :] < m) & (rows[:, None] < lda) & (i != j)
-        tl.store(dst + cols[None, :] * lda + rows[:, None], y, mask=mask)
-
-
-@triton.jit
-def _update_tile(b, x_in, x_out, out, io, hyper, k, i, j, m, n, ldx, lda, ldg, tall, last, inv_s, coef_a,
-                 MUON: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Tile (i, j) of X' = (a X + B X) / s (s as in `_sym_tile`) into `x_out`; the last step's into the
-    output in G's layout and dtype, or for Muon W = decay W - alpha X' into the parameter."""  # fmt: skip
-    rows = i * BM + tl.arange(0, BM)
-    cols = j * BN + tl.arange(0, BN)
-    kk = tl.arange(0, BK)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, lda, BK):
-        acc = tl.dot(_w_tile(b, rows, k0 + kk, m, lda), _w_tile(x_in, k0 + kk, cols, m, ldx), acc,
-                     input_precision=DOT_PREC)  # fmt: skip
-    acc += coef_a * _w_tile(x_in, rows, cols, m, ldx).to(tl.float32)
-    y = (acc * inv_s).to(x_out.dtype.element_ty)
-    if last:  # the result, rounded to the work dtype like every X, in G's layout
-        dst = out + _io(io, k, IO_DST)
-        if MUON:
-            decay = tl.load(hyper + k * H_COLS + H_DECAY)
-            alpha = tl.load(hyper + k * H_COLS + H_ALPHA)
-            w = decay * _g_load(dst, rows, cols, m, n, ldg, tall).to(tl.float32) - alpha * y.to(tl.float32)
-            _g_store(dst, w.to(out.dtype.element_ty), rows, cols, m, n, ldg, tall)
-        else:
-            _g_store(dst, y.to(out.dtype.element_ty), rows, cols, m, n, ldg, tall)
-    else:
-        p, mask = _w_ptrs(x_out, rows, cols, m, ldx)
-        tl.store(p, y, mask=mask)
-
-
-@triton.jit
-def _ns_kernel(
-    table,  # int32 [T, 4]: (phase, matrix, tile row, tile col), phase-major
-    t0,  # the first row of this launch
-    tickets,  # int32 [phases]: tiles taken per launch (zeroed per call); `ticket` is this launch's (FUSED)
-    ticket,
-    need,  # int32 [phases, K]: tiles per (phase, matrix) (FUSED)
-    done,  # int32 [phases, K]: finished tiles per (phase, matrix), zeroed per call (FUSED)
-    nmat,  # K
-    last_phase,
-    step_arg,  # the step of this launch (not FUSED)
+def _ns_stage_kernel(
+    tiles,  # int32 [T, 3]: (matrix, tile row, tile col)
     meta,  # int64 [K, META_COLS]
-    io,  # int64 [K, IO_COLS]: per-call offsets (prep and the last stage 3)
+    io,  # int64 [K, IO_COLS]: per-call offsets (stage 0 and the last stage 3)
     hyper,  # fp32 [K, H_COLS]: Muon's per-matrix scalars (MUON only)
-    coefs,  # fp32 [steps, 3]: (a, b, c) per step
-    g,  # anchor of the inputs (prep): G, or Muon's gradients
-    mbuf,  # anchor of Muon's momentum buffers (prep, MUON only)
+    g,  # anchor of the inputs (stage 0): G, or Muon's gradients
+    mbuf,  # anchor of Muon's momentum buffers (stage 0, MUON only)
     out,  # anchor of the outputs (last stage 3): in G's (padded) layout, or Muon's parameters
-    xs,  # workspace: X of even steps, then X of odd steps (wide, row-major, packed)
-    x_size,
+    x_in,  # workspace X of the current step, wide, row-major, packed
+    x_out,  # workspace X of the next step
     a_buf,  # workspace A
     b_buf,  # workspace B
     sumsq,  # fp32 [K, NPART]: sums of squares of G over the prep's tiles (||G||_F^2 is their sum)
+    coef_a,
+    coef_b,
+    coef_c,
     eps,
-    FUSED: tl.constexpr,
     STAGE: tl.constexpr,
     FIRST: tl.constexpr,
     LAST: tl.constexpr,
     MUON: tl.constexpr,
     SYM: tl.constexpr,
     NPART: tl.constexpr,
-    BS: tl.constexpr,
-    BKS: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """One tile per program. Not FUSED: the launch covers one phase (STAGE of step `step_arg`, FIRST = step
-    0, LAST = the last stage 3), rows t0 + program id, and launches are ordered by the stream.
-
-    FUSED: one launch covers every phase. A program takes the next row of the table (a ticket, so rows
-    start in table order whatever order the hardware starts programs in), waits until every tile of the
-    same matrix in the previous phase is done (acquire), computes its tile and counts it done (release).
-    A matrix's next phase starts as soon as its own previous phase is finished, with no launch boundary,
-    tail or global barrier in between; every wait is on rows taken earlier, by running programs."""
-    if FUSED:
-        t = t0 + tl.atomic_add(tickets + ticket, 1, sem="relaxed")
-    else:
-        t = t0 + tl.program_id(0)
-    phase = tl.load(table + 4 * t)
-    k = tl.load(table + 4 * t + 1)
-    i = tl.load(table + 4 * t + 2)
-    j = tl.load(table + 4 * t + 3)
-    row = meta + k * META_COLS  # (static: read before the wait)
+    t = tl.program_id(0)
+    k = tl.load(tiles + 3 * t)
+    i = tl.load(tiles + 3 * t + 1)
+    j = tl.load(tiles + 3 * t + 2)
+    row = meta + k * META_COLS
     m = tl.load(row + M_M).to(tl.int32)
     n = tl.load(row + M_N).to(tl.int32)
     ldx = tl.multiple_of(tl.load(row + M_LDX).to(tl.int32), ALIGN)
     lda = tl.multiple_of(tl.load(row + M_LDA).to(tl.int32), ALIGN)
     x_off = tl.multiple_of(tl.load(row + M_XOFF), ALIGN)
     a_off = tl.multiple_of(tl.load(row + M_AOFF), ALIGN)
-    ldg = tl.multiple_of(tl.load(row + M_LDG).to(tl.int32), ALIGN)  # G's layout: [mo, ldg], X = G^T when tall
-    tall = tl.load(row + M_TALL) != 0
-    d = tl.arange(0, NPART)
-    parts = d < tl.load(row + M_NPART)
-    if FUSED:
-        q = tl.maximum(phase - 1, 0)
-        step = q // 3
-        stage = tl.where(phase == 0, 0, q % 3 + 1)
-        last = phase == last_phase
-        if phase > 0:
-            target = tl.load(need + (phase - 1) * nmat + k)
-            while tl.atomic_add(done + (phase - 1) * nmat + k, 0, sem="acquire", scope="gpu") < target:
-                pass
-        # 1 / s, s = ||G||_F + eps from the prep's partial sums, at step 0; exactly 1 later
-        s = tl.sqrt(tl.sum(tl.load(sumsq + k * NPART + d, mask=parts & (step == 0), other=0.0))) + eps
-        inv_s = tl.where(step == 0, 1.0 / s, 1.0)
-    else:
-        step = step_arg
-        stage = STAGE
-        last = LAST
-        if FIRST and (STAGE == 1 or STAGE == 3):
-            inv_s = 1.0 / (tl.sqrt(tl.sum(tl.load(sumsq + k * NPART + d, mask=parts, other=0.0))) + eps)
+    wdt = x_out.dtype.element_ty
+    rows = i * BM + tl.arange(0, BM)
+    cols = j * BN + tl.arange(0, BN)
+    kk = tl.arange(0, BK)
+    if FIRST and (STAGE == 1 or STAGE == 3):  # s = ||G||_F + eps from the prep's partial sums
+        d = tl.arange(0, NPART)
+        s = tl.sqrt(tl.sum(tl.load(sumsq + k * NPART + d, mask=d < tl.load(row + M_NPART), other=0.0))) + eps
+    if STAGE == 0 or (STAGE == 3 and LAST):  # G's layout: [mo, ldg] row-major, read as X = G^T when tall
+        ldg = tl.multiple_of(tl.load(row + M_LDG).to(tl.int32), ALIGN)
+        tall = tl.load(row + M_TALL) != 0
+
+    if STAGE == 0:  # prep: X_0 = G, or for Muon M = mu M + G, X_0 = G + mu M (Nesterov) or M
+        v = _g_load(g + _io(io, k, IO_SRC), rows, cols, m, n, ldg, tall)
+        if MUON:
+            mu = tl.load(hyper + k * H_COLS + H_MU)
+            mp = mbuf + _io(io, k, IO_BUF)
+            v = v.to(tl.float32)
+            mom = mu * _g_load(mp, rows, cols, m, n, ldg, tall).to(tl.float32) + v
+            _g_store(mp, mom.to(mbuf.dtype.element_ty), rows, cols, m, n, ldg, tall)
+            v = tl.where(tl.load(hyper + k * H_COLS + H_NEST) != 0, v + mu * mom, mom)
+        v2 = v.to(tl.float32) * v.to(tl.float32)
+        tl.store(sumsq + k * NPART + i * tl.cdiv(n, BN) + j, tl.sum(tl.sum(v2, axis=1), axis=0))
+        p, mask = _w_ptrs(x_out + x_off, rows, cols, m, ldx)
+        tl.store(p, v.to(wdt), mask=mask)
+    elif STAGE == 3:  # X' = a X + B X
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        bp = b_buf + a_off
+        xp = x_in + x_off
+        for k0 in range(0, lda, BK):
+            acc = tl.dot(_w_tile(bp, rows, k0 + kk, m, lda), _w_tile(xp, k0 + kk, cols, m, ldx), acc,
+                         input_precision=DOT_PREC)  # fmt: skip
+        acc += coef_a * _w_tile(xp, rows, cols, m, ldx).to(tl.float32)
+        if FIRST:  # X_1 = (a G + B_0 G) / s
+            acc = acc / s
+        y = acc.to(wdt)
+        if LAST:  # the result, rounded to the work dtype like every X, in G's layout
+            dst = out + _io(io, k, IO_DST)
+            if MUON:  # W = decay W - alpha X
+                decay = tl.load(hyper + k * H_COLS + H_DECAY)
+                alpha = tl.load(hyper + k * H_COLS + H_ALPHA)
+                w = decay * _g_load(dst, rows, cols, m, n, ldg, tall).to(tl.float32) - alpha * y.to(tl.float32)
+                _g_store(dst, w.to(out.dtype.element_ty), rows, cols, m, n, ldg, tall)
+            else:
+                _g_store(dst, y.to(out.dtype.element_ty), rows, cols, m, n, ldg, tall)
         else:
-            inv_s = 1.0
-    x_in = xs + (step % 2) * x_size + x_off  # X_step (the prep writes X_0 at xs)
-    x_out = xs + ((step + 1) % 2) * x_size + x_off
-    coef_a = tl.load(coefs + 3 * step)
-    coef_b = tl.load(coefs + 3 * step + 1)
-    coef_c = tl.load(coefs + 3 * step + 2)
-    if stage == 0:
-        _prep_tile(g, mbuf, io, hyper, sumsq, xs + x_off, k, i, j, m, n, ldx, ldg, tall, MUON, NPART, BM, BN)
-    elif stage < 3:
-        src = tl.where(stage == 1, x_in, a_buf + a_off)
-        dst = tl.where(stage == 1, a_buf, b_buf) + a_off
-        _sym_tile(src, tl.where(stage == 1, ldx, lda), dst, i, j, m, lda, stage, inv_s, coef_b, coef_c, SYM, BS,
-                  BKS, DOT_PREC)  # fmt: skip
-    else:
-        _update_tile(b_buf + a_off, x_in, x_out, out, io, hyper, k, i, j, m, n, ldx, lda, ldg, tall, last, inv_s,
-                     coef_a, MUON, BM, BN, BK, DOT_PREC)  # fmt: skip
-    if FUSED:
-        tl.debug_barrier()  # every thread's stores, then one release
-        tl.atomic_add(done + phase * nmat + k, 1, sem="release", scope="gpu")
+            p, mask = _w_ptrs(x_out + x_off, rows, cols, m, ldx)
+            tl.store(p, y, mask=mask)
+    else:  # symmetric [m, m] products: A = X X^T (K = n) or B = b A + c A A^T (K = m)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if STAGE == 1:
+            src, ld = x_in + x_off, ldx
+        else:
+            src, ld = a_buf + a_off, lda
+        for k0 in range(0, ld, BK):
+            lt = _w_tile(src, rows, k0 + kk, m, ld)
+            rt = _w_tile(src, cols, k0 + kk, m, ld)
+            acc = tl.dot(lt, tl.trans(rt), acc, input_precision=DOT_PREC)
+        if STAGE == 1:
+            if FIRST:  # A_0 = G G^T / s^2
+                acc = acc / (s * s)
+            dst = a_buf + a_off
+        else:
+            acc = coef_c * acc + coef_b * _w_tile(src, rows, cols, m, lda).to(tl.float32)
+            dst = b_buf + a_off
+        p, mask = _w_ptrs(dst, rows, cols, m, lda)
+        tl.store(p, acc.to(wdt), mask=mask)
+        if SYM:  # the mirror tile (j, i); the padding columns of row block j are covered as well
+            mask = (cols[None, :] < m) & (rows[:, None] < lda) & (i != j)
+            tl.store(dst + cols[None, :] * lda + rows[:, None], acc.to(wdt), mask=mask)
 
 
 @dataclass(frozen=True)
 class _Plan:
     meta: torch.Tensor  # int64 [K, META_COLS]
-    table: torch.Tensor  # int32 [T, 4]: (phase, matrix, tile row, tile col)
-    need: torch.Tensor  # int32 [phases, K]
-    starts: tuple[int, ...]  # first row of each phase, and T
+    tiles_sym: torch.Tensor  # int32 [T12, 3], tiles of the [m, m] stages
+    tiles_x: torch.Tensor  # int32 [T3, 3], tiles of the [m, n] stages
     out_offsets: torch.Tensor  # int64 [K] (CPU): matrix k's start in a packed output [sum of mo * ldg]
     x_size: int
     a_size: int
@@ -317,12 +239,11 @@ def _round(x: int, to: int = ALIGN_N) -> int:
 
 
 @lru_cache(maxsize=64)
-def _plan(shapes: tuple[tuple[int, int], ...], steps: int, cfg: Config, sym: bool, device: torch.device) -> _Plan:
-    """Meta rows and the tile table for a list of matrix shapes [mo, no] (one entry per matrix).
+def _plan(shapes: tuple[tuple[int, int], ...], cfg: Config, sym: bool, device: torch.device) -> _Plan:
+    """Meta rows and tile tables for a list of matrix shapes [mo, no] (one entry per matrix).
 
     G and the output are seen as [mo, ldg] row-major (ldg = no rounded up to ALIGN, zero columns past
     no); the wide view is X = G ([mo, ldg]) or X = G^T ([ldg, mo], zero rows past no) when mo > no.
-    Phases: 0 the prep, then per step s the stages 1, 2, 3 as phases 1 + 3 s, 2 + 3 s, 3 + 3 s.
     """
     rows, x_off, a_off, o_off, out_size = [], 0, 0, [], 0
     for mo, no in shapes:
@@ -334,29 +255,22 @@ def _plan(shapes: tuple[tuple[int, int], ...], steps: int, cfg: Config, sym: boo
         o_off.append(out_size)
         x_off, a_off, out_size = x_off + m * ldx, a_off + m * lda, out_size + mo * ldg
     npart = max(16, triton.next_power_of_2(max(r[M_NPART] for r in rows)))  # one compiled variant for most
-    # longest K of stage 1 (n) first, in every phase: a matrix's tiles together (L2 reuse), and a matrix
-    # early in one phase is early in the next, so its waits are short
-    order = sorted(range(len(rows)), key=lambda k: -rows[k][M_N])
-    nd = [r[M_NDIAG] for r in rows]
-    t_sym = [(k, i, j) for k in order for i in range(nd[k]) for j in range(i if sym else 0, nd[k])]
+    # longest K first (stage 1: K = n; stages 2-3: K = m), the tiles of one matrix together for L2 reuse
+    by_n = sorted(range(len(rows)), key=lambda k: -rows[k][M_N])
+    by_m = sorted(range(len(rows)), key=lambda k: -rows[k][M_M])
+    t_sym = [(k, i, j) for k in by_n for i in range(rows[k][M_NDIAG]) for j in range(i if sym else 0, rows[k][M_NDIAG])]
     t_x = [
         (k, i, j)
-        for k in order
+        for k in by_m
         for i in range(triton.cdiv(rows[k][M_M], cfg.bm))
         for j in range(triton.cdiv(rows[k][M_N], cfg.bn))
     ]
-    phases = [t_x] + [t for _ in range(steps) for t in (t_sym, t_sym, t_x)]
-    table = [(p, *t) for p, ts in enumerate(phases) for t in ts]
-    need = np.zeros((len(phases), len(rows)), dtype=np.int32)
-    for p, k, _, _ in table:
-        need[p, k] += 1
-    starts = tuple(np.cumsum([0] + [len(ts) for ts in phases]).tolist())
 
     def dev(v, dt):
         return torch.tensor(v, dtype=dt).to(device)
 
     return _Plan(
-        dev(rows, torch.int64), dev(table, torch.int32), torch.from_numpy(need).to(device), starts,
+        dev(rows, torch.int64), dev(t_sym, torch.int32), dev(t_x, torch.int32),
         torch.tensor(o_off, dtype=torch.int64), x_off, a_off, out_size, npart,
     )  # fmt: skip
 
@@ -368,7 +282,7 @@ TINY = 8  # matrices with a side <= TINY run with fp32 operands (see newton_schu
 # products on tensor cores ("tf32x3", ~fp32 accuracy: 3e-6 relative error) take 42 us a step at K step 64
 # (but 680 us at 256); and the set runs on a side stream alongside the main set (see _each_set), where
 # its 0.24 ms of launches hide completely (H100 measurements, profiles/ns.md)
-TINY_CONFIG = Config(bs=16, bk=64, bm=16, bn=128, bk3=16, warps=4, stages=2, fp32_dot="tf32x3", maxnreg=None)
+TINY_CONFIG = Config(bs=16, bk=64, warps=4, stages=2, bm=16, bn=128, bk3=16, warps3=4, stages3=2, fp32_dot="tf32x3")
 
 
 def _anchor(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -386,7 +300,7 @@ class _Runner:
 
     def __init__(self, plan: _Plan, schedule, eps, work_dtype, cfg, sym, muon, dtypes, device):
         self.plan, self.schedule, self.eps, self.cfg, self.sym, self.muon = plan, schedule, eps, cfg, sym, muon
-        self.xs = torch.zeros(2 * plan.x_size, dtype=work_dtype, device=device)
+        self.xs = [torch.zeros(plan.x_size, dtype=work_dtype, device=device) for _ in range(2)]
         self.a_buf = torch.zeros(plan.a_size, dtype=work_dtype, device=device)
         self.b_buf = torch.zeros_like(self.a_buf)
         k = plan.meta.shape[0]
@@ -394,11 +308,7 @@ class _Runner:
         self.io = torch.zeros(k, int(IO_COLS), dtype=torch.int64, device=device)
         self.hyper = torch.zeros(k, int(H_COLS), dtype=torch.float32, device=device)
         self.anchors = [_anchor(dt, device) for dt in dtypes]  # g, mbuf, out
-        self.coefs = torch.tensor(schedule, dtype=torch.float32).to(device)
-        phases = len(plan.starts) - 1
-        self.sync = torch.zeros(phases * (1 + k), dtype=torch.int32, device=device)  # tickets, done counts
         self.prec = cfg.fp32_dot if work_dtype == torch.float32 else "tf32"  # (bf16: ignored)
-        self.options = {"maxnreg": cfg.maxnreg} if cfg.fused and cfg.maxnreg and device.type == "cuda" else {}
         self.graph = None
 
     def offsets(self, ptrs: np.ndarray, which: int) -> np.ndarray:
@@ -406,28 +316,27 @@ class _Runner:
         anchor = self.anchors[which]
         return (ptrs - anchor.data_ptr()) // anchor.element_size()
 
-    def launches(self):
-        """Every launch of a call (the per-call addresses and scalars are read from self.io / self.hyper):
-        one over the whole table, or one per phase."""
+    def launch(self, stage, step=-1, coeffs=(0.0, 0.0, 0.0), first=False, last=False):
+        """Stage `stage` of step `step` (stage 0: step -1), reading X_step and writing X_{step+1}."""
         cfg, plan = self.cfg, self.plan
-        phases, k = len(plan.starts) - 1, plan.meta.shape[0]
-        if cfg.fused:
-            self.sync.zero_()
-            launches = [(0, plan.starts[-1], 0, 0, False, False)]
-        else:  # phase p: the prep (p = 0) or stage (p - 1) % 3 + 1 of step (p - 1) // 3
-            launches = [
-                (t0, t1, p, (p - 1) // 3 if p else 0, p in (1, 3), p == phases - 1)
-                for p, (t0, t1) in enumerate(zip(plan.starts[:-1], plan.starts[1:], strict=True))
-            ]
-        tickets, done = self.sync[:phases], self.sync[phases:]
-        for t0, t1, p, step, first, last in launches:
-            _ns_kernel[(t1 - t0,)](
-                plan.table, t0, tickets, 0, plan.need, done, k, phases - 1, step, plan.meta, self.io, self.hyper,
-                self.coefs, *self.anchors, self.xs, plan.x_size, self.a_buf, self.b_buf, self.sumsq, self.eps,
-                FUSED=cfg.fused, STAGE=(p - 1) % 3 + 1 if p else 0, FIRST=first, LAST=last, MUON=self.muon,
-                SYM=self.sym, NPART=plan.npart, BS=cfg.bs, BKS=cfg.bk, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk3,
-                DOT_PREC=self.prec, num_warps=cfg.warps, num_stages=cfg.stages, **self.options,
-            )  # fmt: skip
+        if stage in (1, 2):
+            tiles, bm, bn, bk, warps, nst = plan.tiles_sym, cfg.bs, cfg.bs, cfg.bk, cfg.warps, cfg.stages
+        else:
+            tiles, bm, bn, bk, warps, nst = plan.tiles_x, cfg.bm, cfg.bn, cfg.bk3, cfg.warps3, cfg.stages3
+        x_in, x_out = self.xs[step % 2], self.xs[(step + 1) % 2]
+        _ns_stage_kernel[(tiles.shape[0],)](
+            tiles, plan.meta, self.io, self.hyper, *self.anchors, x_in, x_out, self.a_buf, self.b_buf, self.sumsq,
+            *coeffs, self.eps, STAGE=stage, FIRST=first, LAST=last, MUON=self.muon, SYM=self.sym,
+            NPART=plan.npart, BM=bm, BN=bn, BK=bk, DOT_PREC=self.prec, num_warps=warps, num_stages=nst,
+        )  # fmt: skip
+
+    def launches(self):
+        """Every launch of a call; the per-call addresses and scalars are read from self.io / self.hyper."""
+        self.launch(0)
+        steps = len(self.schedule)
+        for step, coeffs in enumerate(self.schedule):
+            for stage in (1, 2, 3):
+                self.launch(stage, step, coeffs, first=step == 0, last=step == steps - 1 and stage == 3)
 
     def __call__(self, io: np.ndarray, hyper: np.ndarray | None, graphs: bool) -> None:
         """One call: io int64 [K, IO_COLS], hyper fp32 [K, H_COLS] (Muon) or None."""
@@ -456,7 +365,7 @@ def _runner(shapes, schedule, eps, work_dtype, cfg, sym, muon, dtypes, device) -
     if key not in _RUNNERS:
         if len(_RUNNERS) >= MAX_RUNNERS:
             _RUNNERS.pop(next(iter(_RUNNERS)))
-        plan = _plan(shapes, len(schedule), cfg, sym, device)
+        plan = _plan(shapes, cfg, sym, device)
         _RUNNERS[key] = _Runner(plan, schedule, eps, work_dtype, cfg, sym, muon, dtypes, device)
     return _RUNNERS[key]
 
