@@ -11,8 +11,9 @@ Variants, all bf16, layout [B, T, H, D] unless said otherwise:
 Forward and forward+backward medians (CUDA events, warm-up, >= 20 reps, inputs rotated over two sets),
 tokens/s and the fraction of a roofline (useful FLOPs over the measured bf16 matmul rate, ideal bytes
 over the measured copy bandwidth, whichever is larger). Also: a tile-config sweep at B 16 and 64 (the
-best is kept for the rest of the run; --no-sweep keeps kernels/csa's defaults), GPU-only times from CUDA
-graphs, host microseconds per call of each piece of the eager step, and the whole CSA layer (projections
+best is kept for the rest of the run; --no-sweep keeps kernels/csa's defaults), the T 1024 rows again with
+every thread of the process on one CPU (`one_cpu`), GPU-only times from CUDA graphs, host microseconds per
+call of each piece of the eager step, and the whole CSA layer (projections
 included): ours (fused attention and compressor) vs ours with the PyTorch compressor vs the reference, eager
 and torch.compile'd, and the compressor alone: fused vs PyTorch eager vs PyTorch compiled.
 
@@ -23,8 +24,10 @@ and torch.compile'd, and the compressor alone: fused vs PyTorch eager vs PyTorch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -219,14 +222,11 @@ def sweep_configs(shapes=((16, 1024), (64, 1024)), options: dict | None = None) 
         c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_MR=bmr, BLOCK_NR=bnr, RECOMPUTE_DX=recompute, HEAVY_FIRST=heavy_first)
         return {**c, "num_warps": w, "num_stages": 3, **({} if maxnreg is None else {"maxnreg": maxnreg})}
 
-    options = options or {  # run 2 of this version swept more (profiles/csa.md); these are its best and register caps
-        "fwd": [cfg(64, 32, 64, 4, 3), cfg(64, 32, 64, 4, 3, 168), cfg(64, 32, 64, 4, 3, 128)],
-        "bwd_dq": [cfg(64, 32, 64, 4, 3), cfg(64, 32, 64, 4, 3, 168), cfg(64, 32, 128, 4, 3)],
-        "bwd_dkv": [
-            dkv(32, 64, 32, 64, False, True, 4),
-            dkv(32, 64, 32, 64, False, True, 4, 168),
-            dkv(32, 64, 32, 64, False, False, 4),
-        ],
+    options = options or {  # the defaults (earlier sweeps: profiles/csa.md) against 128-row query blocks on 8
+        # warps (the window band of 128 rows spans 3 key tiles of 64 where two 64-row blocks take 4)
+        "fwd": [cfg(64, 32, 64, 4, 3, 168), cfg(128, 32, 64, 8, 3), cfg(128, 32, 64, 8, 3, 128)],
+        "bwd_dq": [cfg(64, 32, 64, 4, 3), cfg(128, 32, 64, 8, 3), cfg(128, 32, 64, 8, 3, 128)],
+        "bwd_dkv": [dkv(32, 64, 32, 64, False, True, 4, 168)],
     }
     sets = {}
     for B, T in shapes:
@@ -361,9 +361,32 @@ class _Passthrough(torch.autograd.Function):
         return do, None, None, None, None, None
 
 
-def graph_rows(B: int, flex_fn, sdpa) -> list[dict]:
-    """GPU-only times (CUDA graphs) of ours, flex and SDPA at T 1024, and host microseconds per call of
-    the pieces of each eager fwd+bwd step."""
+@contextlib.contextmanager
+def one_cpu():
+    """Every thread of this process, and those it starts inside, on one CPU (the last of its affinity set);
+    the previous affinities are restored after. On the GPU machines' virtual CPUs this halves the host
+    cost of an eager step for every variant (profiles/csa.md)."""
+    tids = [int(t) for t in os.listdir("/proc/self/task")]
+    before = {}
+    for t in tids:
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            before[t] = os.sched_getaffinity(t)
+    cpu = max(os.sched_getaffinity(0))
+    for t in before:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(t, {cpu})
+    try:
+        yield cpu
+    finally:
+        for t in [int(t) for t in os.listdir("/proc/self/task")]:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(t, before.get(t, before[tids[0]]))
+
+
+def graph_rows(B: int, flex_fn, sdpa: dict) -> list[dict]:
+    """GPU-only times (CUDA graphs) of ours, flex and SDPA (default dispatch and cuDNN) at T 1024, and host
+    microseconds per call of the pieces of each eager fwd+bwd step, with the threads free to move and on
+    one CPU (interleaved rounds)."""
     rows = []
     xs = inputs(B, 1024, seed=1)
     xf = to_bhtd(xs)
@@ -377,21 +400,32 @@ def graph_rows(B: int, flex_fn, sdpa) -> list[dict]:
     host["ours_fwd_launcher"] = cpu_issue_us(lambda: triton_csa.csa_fwd(*x0, WINDOW, STRIDE, SCALE, True))
     host["ours_bwd_launcher"] = cpu_issue_us(lambda: triton_csa.csa_bwd(do, *x0, *saved, WINDOW, STRIDE, SCALE))
     host["ours_fwd_with_grad"] = cpu_issue_us(lambda: csa.csa_attention(*xs))
-    host["ours_step"] = cpu_issue_us(step)
     common.FAST_LAUNCH = False
     try:
         host["ours_step_triton_jit_launch"] = cpu_issue_us(step)
     finally:
         common.FAST_LAUNCH = True
-    host["passthrough_function_step"] = cpu_issue_us(lambda: torch.autograd.grad(_Passthrough.apply(*xs), xs, do,
-                                                                                 allow_unused=True))
-    host["flex_step"] = cpu_issue_us(lambda: torch.autograd.grad(flex_fn(*xf), xf, dof))
-    host["sdpa_step"] = cpu_issue_us(lambda: torch.autograd.grad(sdpa(*xf[:3]), xf[:3], dof))
+    steps = {
+        "ours_step": step,
+        "passthrough_function_step": lambda: torch.autograd.grad(_Passthrough.apply(*xs), xs, do, allow_unused=True),
+        "flex_step": lambda: torch.autograd.grad(flex_fn(*xf), xf, dof),
+        "sdpa_step": lambda: torch.autograd.grad(sdpa["default"](*xf[:3]), xf[:3], dof),
+        "sdpa_cudnn_step": lambda: torch.autograd.grad(sdpa["cudnn"](*xf[:3]), xf[:3], dof),
+    }
+    rounds = {}
+    for _ in range(3):  # alternate free and one-CPU rounds: the host's state drifts
+        for name, fn in steps.items():
+            rounds.setdefault(name, []).append(cpu_issue_us(fn))
+        with one_cpu():
+            for name, fn in steps.items():
+                rounds.setdefault(f"{name}_one_cpu", []).append(cpu_issue_us(fn))
+    host.update({name: statistics.median(v) for name, v in rounds.items()})
     print({k: round(v, 1) if isinstance(v, float) else v for k, v in host.items()}, flush=True)
     variants = {
         "ours": (lambda: csa.csa_attention(*xs, backend="triton"), xs, do),
         "flex": (lambda: flex_fn(*xf), xf, dof),
-        "sdpa_full_default": (lambda: sdpa(*xf[:3]), xf[:3], dof),
+        "sdpa_full_default": (lambda: sdpa["default"](*xf[:3]), xf[:3], dof),
+        "sdpa_full_cudnn": (lambda: sdpa["cudnn"](*xf[:3]), xf[:3], dof),
     }
     for name, (fwd, leaves, g) in variants.items():
         row = {"variant": name, "B": B, "T": 1024}
@@ -407,7 +441,7 @@ def graph_rows(B: int, flex_fn, sdpa) -> list[dict]:
 
 
 def graph_mode(out_dir: Path, meta: dict) -> None:
-    flex_fn, sdpa = make_flex(1024), sdpa_variants()["default"]
+    flex_fn, sdpa = make_flex(1024), sdpa_variants()
     rows = [r for B in (16, 64) for r in graph_rows(B, flex_fn, sdpa)]
     (out_dir / "csa_graphs.json").write_text(json.dumps({**meta, "graph_rows": rows}, indent=1, default=str))
 
@@ -570,13 +604,16 @@ def main() -> None:
                 fwd_roofline_frac=floor_f / t_f,
                 fwdbwd_roofline_frac=floor_fb / t_fb,
             )
+            if T == 1024 and name != "reference":  # the same timings with the process on one CPU, right after
+                with one_cpu():
+                    row["one_cpu"] = time_variant(fn, s, g, calls=10)
             rows.append(row)
             print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
             (out_dir / "csa_rows.json").write_text(json.dumps(rows, indent=1))  # partial results, if cut off
         del sets, flex_sets
         torch.cuda.empty_cache()
 
-    graph = [r for B in (16, 64) for r in graph_rows(B, flex_fns[1024], sdpa["default"])]
+    graph = [r for B in (16, 64) for r in graph_rows(B, flex_fns[1024], sdpa)]
     (out_dir / "csa_rows.json").write_text(json.dumps(rows + graph, indent=1))
     layer = {}
     for B in (16, 64):
@@ -591,12 +628,14 @@ def main() -> None:
         layer["B64_T1024_compiled"] = {"error": repr(e)[:300]}
     print("layer compiled", layer["B64_T1024_compiled"], flush=True)
 
-    def ms(variant, B, T=1024, key="fwdbwd_ms"):
-        r = [r for r in rows if r["variant"] == variant and r["B"] == B and r["T"] == T and key in r]
-        return r[0][key] if r else float("nan")
+    def ms(variant, B, T=1024, key="fwdbwd_ms", one_cpu=False):
+        r = [r.get("one_cpu", {}) if one_cpu else r for r in rows if r["variant"] == variant and r["B"] == B
+             and r["T"] == T]
+        return r[0][key] if r and key in r[0] else float("nan")
 
-    sdpa_best = lambda B, T=1024: min(
-        ms(f"sdpa_full_{n}", B, T) for n in sdpa if not math.isnan(ms(f"sdpa_full_{n}", B, T))
+    sdpa_best = lambda B, T=1024, one_cpu=False: min(
+        ms(f"sdpa_full_{n}", B, T, one_cpu=one_cpu) for n in sdpa
+        if not math.isnan(ms(f"sdpa_full_{n}", B, T, one_cpu=one_cpu))
     )
     summary = {
         "speedup_fwdbwd_vs_flex_B16": ms("flex", 16) / ms("ours", 16),
@@ -607,6 +646,10 @@ def main() -> None:
         "speedup_fwdbwd_vs_reference_B16": ms("reference", 16) / ms("ours", 16),
         "speedup_fwdbwd_vs_flex_B16_T4096": ms("flex", 16, 4096) / ms("ours", 16, 4096),
         "speedup_fwdbwd_vs_sdpa_full_B16_T4096": sdpa_best(16, 4096) / ms("ours", 16, 4096),
+        "one_cpu_speedup_fwdbwd_vs_flex_B16": ms("flex", 16, one_cpu=True) / ms("ours", 16, one_cpu=True),
+        "one_cpu_speedup_fwdbwd_vs_flex_B64": ms("flex", 64, one_cpu=True) / ms("ours", 64, one_cpu=True),
+        "one_cpu_speedup_fwdbwd_vs_sdpa_full_B16": sdpa_best(16, one_cpu=True) / ms("ours", 16, one_cpu=True),
+        "one_cpu_speedup_fwdbwd_vs_sdpa_full_B64": sdpa_best(64, one_cpu=True) / ms("ours", 64, one_cpu=True),
         "max_relerr_fwd": max(a["ours"]["fwd"] for a in accuracy.values()),
         "max_relerr_bwd": max(a["ours"]["bwd"] for a in accuracy.values()),
     }
@@ -623,9 +666,10 @@ def main() -> None:
     gms = lambda variant, B, key="fwdbwd_graph_ms": next(
         (r[key] for r in graph if r["variant"] == variant and r["B"] == B and key in r), float("nan")
     )
-    for B in (16, 64):
+    for B in (16, 64):  # against the faster of SDPA's default dispatch and cuDNN, as the eager keys
         summary[f"graph_speedup_fwdbwd_vs_flex_B{B}"] = gms("flex", B) / gms("ours", B)
-        summary[f"graph_speedup_fwdbwd_vs_sdpa_full_B{B}"] = gms("sdpa_full_default", B) / gms("ours", B)
+        sdpa_graph = min(gms("sdpa_full_default", B), gms("sdpa_full_cudnn", B))
+        summary[f"graph_speedup_fwdbwd_vs_sdpa_full_B{B}"] = sdpa_graph / gms("ours", B)
     result = {
         **meta,
         "rows": rows,
@@ -668,6 +712,22 @@ def markdown(r: dict) -> str:
             f"{row['fwdbwd_tokens_per_s']:.3g} | {row['fwd_TFLOPs']:.0f} | {row['fwd_roofline_frac']:.2f} | "
             f"{row['fwdbwd_roofline_frac']:.2f} |"
         )
+    lines += [
+        "",
+        "The same variants at T 1024, timed right after each row above with every thread of the process on one",
+        "CPU (`one_cpu()`: on these virtual CPUs an eager step's host cost halves when its threads stay on one",
+        "core; the GPU work is the same):",
+        "",
+        "| variant | B | fwd ms | fwd+bwd ms | fwd lat. ms | fwd+bwd lat. ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        if "one_cpu" in row:
+            o = row["one_cpu"]
+            lines.append(
+                f"| {row['variant']} | {row['B']} | {o['fwd_ms']:.3f} | {o['fwdbwd_ms']:.3f} | "
+                f"{o['fwd_latency_ms']:.3f} | {o['fwdbwd_latency_ms']:.3f} |"
+            )
     lines += ["", "Accuracy vs float64 reference (relative error; bwd = worst of the six gradients):", ""]
     for k, v in r["accuracy"].items():
         lines.append(f"- {k}: " + ", ".join(f"{n} fwd {e['fwd']:.2e} bwd {e['bwd']:.2e}" for n, e in v.items()))
@@ -688,7 +748,12 @@ def markdown(r: dict) -> str:
         if "fwdbwd_graph_ms" in row:
             cells = [row["variant"], row["B"], row["T"], f"{row['fwd_graph_ms']:.3f}", f"{row['fwdbwd_graph_ms']:.3f}"]
             lines.append("| " + " | ".join(map(str, cells)) + " |")
-    lines += ["", "Host microseconds per call, issued back to back with one sync at the end:", ""]
+    lines += [
+        "",
+        "Host microseconds per call, issued back to back with one sync at the end (`_one_cpu`: all threads on",
+        "one CPU; the step rows alternate free and one-CPU rounds, medians of 3):",
+        "",
+    ]
     for row in r["graph_rows"]:
         if row["variant"] == "host_us":
             items = ", ".join(f"{k} {v:.0f}" for k, v in row.items() if isinstance(v, float))

@@ -78,20 +78,23 @@ def launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
     launch options: num_warps, ...), runtime arguments positionally. Triton specializes a compiled kernel
     on the dtypes and 16-byte alignment of pointer arguments and on integers being 1 or multiples of 16;
     keyed on the same facts, the compiled kernel of a first launch is reused by calling its C launcher
-    directly on the current stream (the host cost of a launch is most of a small op's time). Launch hooks
-    (Triton's launch_enter/exit_hook, used by profilers such as proton) are not called on that path: set
-    FAST_LAUNCH = False for them. The interpreter (CPU tensors) and kernels of another form take the
-    plain path.
+    directly on the current stream (the host cost of a launch is most of a small op's time). Tensors reach
+    the C launcher as their device addresses (ints): given a tensor it would call data_ptr() and check the
+    address with the driver (cuPointerGetAttribute) once per pointer argument on every launch; callers
+    validate devices before launching. Launch hooks (Triton's launch_enter/exit_hook, used by profilers
+    such as proton) are not called on that path: set FAST_LAUNCH = False for them. The interpreter (CPU
+    tensors) and kernels of another form take the plain path.
     """
     if not (FAST_LAUNCH and args[0].is_cuda):
         kernel[grid](*args, **meta)
         return
     device = torch.cuda.current_device()
-    key = (kernel, device, *meta.items(), *[
-        (a.dtype, a.data_ptr() & 15 == 0) if isinstance(a, torch.Tensor)
+    ptrs = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
+    key = (id(kernel), device, *meta.items(), *[  # (a JITFunction hashes through a lock: id is cheaper)
+        (a.dtype, p & 15 == 0) if isinstance(a, torch.Tensor)
         else (a == 1, a & 15 == 0, a.bit_length() > 31) if type(a) is int  # bools are not ints here
         else None  # floats and bools are not specialized
-        for a in args
+        for a, p in zip(args, ptrs, strict=True)
     ])
     entry = _COMPILED.get(key)
     if entry is None:
@@ -107,7 +110,7 @@ def launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
     run, function, metadata, constexprs = entry
     gx, gy, gz = (*grid, 1, 1)[:3]
     # the launcher's arguments: grid, stream, kernel, its metadata, launch metadata and hooks, every parameter
-    run(gx, gy, gz, _current_stream(device), function, metadata, None, None, None, *args, *constexprs)
+    run(gx, gy, gz, _current_stream(device), function, metadata, None, None, None, *ptrs, *constexprs)
 
 
 _current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what Triton's own launch uses

@@ -326,7 +326,7 @@ def csa_fwd(
     o = torch.empty_like(q)
     if save:
         dcl = torch.empty_like(q)
-        lse = torch.empty((B, H, 2, T), device=q.device, dtype=torch.float32)
+        lse = q.new_empty((B, H, 2, T), dtype=torch.float32)
     else:
         dcl, lse = q.new_empty(0), q.new_empty(0, dtype=torch.float32)
     cfg = CONFIG["fwd"]
@@ -351,7 +351,7 @@ def csa_bwd(
     store_dx = not cfg_dkv["RECOMPUTE_DX"]
     dq, dblend = torch.empty_like(q), torch.empty_like(blend)
     # dC = blend dO, dL = dO - dC for the key-block launch, unless it recomputes them from dO and blend
-    dx = torch.empty((B, T, H, 2, D), device=q.device, dtype=q.dtype) if store_dx else q.new_empty(0)
+    dx = q.new_empty((B, T, H, 2, D) if store_dx else 0)
     delta = torch.empty_like(lse)
     launch(
         _csa_bwd_dq, (B * H, triton.cdiv(T, cfg_dq["BLOCK_M"]), 1), q, k, v, kc, vc, blend, o, dcl, do, lse,
@@ -471,8 +471,17 @@ def csa_attention_triton(
     if torch.compiler.is_compiling():  # opaque ops in the graph
         return _csa_fwd_op(q, k, v, kc, vc, blend, window, stride, scale, save)[0]
     if save:
-        return _CSAFunction.apply(q, k, v, kc, vc, blend, window, stride, scale)
+        apply = _CSAFunction.apply if torch._C._are_functorch_transforms_active() else _C_APPLY
+        return apply(q, k, v, kc, vc, blend, window, stride, scale)
     return csa_fwd(q, k, v, kc, vc, blend, window, stride, scale, False)[0]
 
 
 _DTYPES = set(SUPPORTED_DTYPES)
+# autograd.Function.apply's C implementation bound to _CSAFunction. Outside functorch transforms the Python
+# `Function.apply` only adds a pytree pass over the arguments (unwrapping dead functorch wrappers, which
+# plain tensors are not) before calling it: about 10 us per call on the H100 hosts (profiles/csa.md).
+_C_APPLY = (
+    torch._C._FunctionBase.__dict__["apply"].__get__(None, _CSAFunction)
+    if "apply" in getattr(torch._C, "_FunctionBase", object).__dict__
+    else _CSAFunction.apply
+)
