@@ -16,6 +16,9 @@ buffers are head-major and padded to whole chunks, [B*H, NT*BT, D], so their til
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -256,6 +259,30 @@ def _prec(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
+def carve(dev: torch.device, dtype: torch.dtype, *shapes: tuple[int, ...]) -> list[torch.Tensor]:
+    """Contiguous tensors of `shapes` carved from one allocation: one allocator call for a launcher's scratch
+    buffers (host time is a large part of a call at the model's batch sizes), which must not be returned
+    from a custom op (its outputs may not alias). Each starts on a 16-byte boundary, the pointer alignment
+    Triton specializes on."""
+    step = 16 // dtype.itemsize
+    sizes = [math.prod(shape) for shape in shapes]
+    starts = list(itertools.accumulate((-(-n // step) * step for n in sizes), initial=0))
+    flat = torch.empty(starts[-1], device=dev, dtype=dtype)
+    return [flat[i : i + n].view(shape) for i, n, shape in zip(starts, sizes, shapes, strict=False)]
+
+
+def placeholder(dev: torch.device) -> torch.Tensor:
+    """An empty fp32 tensor for a pointer argument that the kernel does not touch (no initial state, ...);
+    one per device, reused: never returned to callers."""
+    t = _PLACEHOLDERS.get(dev)
+    if t is None:
+        t = _PLACEHOLDERS[dev] = torch.empty(0, device=dev)
+    return t
+
+
+_PLACEHOLDERS: dict[torch.device, torch.Tensor] = {}
+
+
 def pick_bv(V: int) -> int:
     """V block of the sequential kernels."""
     return min(CONFIG["state_bv"], max(16, triton.next_power_of_2(V)))
@@ -293,9 +320,9 @@ def chunk_fwd(
     BV = pick_bv(V)
     o = torch.empty_like(v)
     ht = torch.empty(B, H, K, V, device=dev, dtype=f32) if output_final_state else G.new_empty(0)
-    hs = torch.empty(BH, NT, K, V, device=dev, dtype=dt) if save else Wk.new_empty(0)
-    W = torch.empty(BH, Tp, V, device=dev, dtype=dt) if save else Wk.new_empty(0)
-    h0 = initial_state if initial_state is not None else G.new_empty(0)
+    hs = torch.empty(BH, NT, K, V, device=dev, dtype=dt) if save else placeholder(dev)
+    W = torch.empty(BH, Tp, V, device=dev, dtype=dt) if save else placeholder(dev)
+    h0 = initial_state if initial_state is not None else placeholder(dev)
     launch(
         _state_out_kernel, (triton.cdiv(V, BV), BH), q, k, G, Pm, Wk, U, h0, o, ht, hs, W, scale, T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_H0=initial_state is not None, STORE_HT=output_final_state,

@@ -28,7 +28,7 @@ def _grads(saved: tuple[Tensor, ...], scale: float, has_h0: bool, do: Tensor, dh
     q, k, v, g, beta, h0, G, Tinv, Pm, Wk, hs, W = saved
     dht = dht.contiguous() if dht is not None else None  # the gradient of S_T.sum() is a stride-0 expand
     dq, dk, dv, dg, dbeta, dh0 = chunk_bwd(q, k, v, g, beta, scale, G, Tinv, Pm, Wk, hs, W, do.contiguous(),
-                                           dht, has_h0)  # fmt: skip
+                                           h0 if has_h0 else None, dht)  # fmt: skip
     return dq, dk, dv, dg, dbeta, (dh0.to(h0.dtype) if has_h0 else None)
 
 
@@ -41,8 +41,7 @@ class GatedDeltaRuleFunction(torch.autograd.Function):
         outs = chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, save)
         o, ht, G, Tinv, Pm, Wk, hs, W = outs
         if save:
-            h0 = initial_state if initial_state is not None else G.new_empty(0)
-            ctx.save_for_backward(q, k, v, g, beta, h0, G, Tinv, Pm, Wk, hs, W)
+            ctx.save_for_backward(q, k, v, g, beta, initial_state, G, Tinv, Pm, Wk, hs, W)
         ctx.scale, ctx.has_h0 = scale, initial_state is not None
         return o, (ht if output_final_state else None)
 
