@@ -21,6 +21,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,23 @@ def median_ms(fn, sets, reps, warmup=5):
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def host_us(fn, n=30, rounds=5):
+    """Host microseconds per fwd+bwd call at a tiny shape (1 x 64 tokens, one head), issued back to back with
+    one sync per round (median round): the launch path's cost, which bounds the synced time at small batches."""
+    x = (*make_inputs(1, 64, 1, 112, 112), torch.randn(1, 64, 1, 112, device="cuda", dtype=torch.bfloat16))
+    step = forward_backward(fn)
+    step(*x)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(n):
+            step(*x)
+        times.append((time.perf_counter() - t) / n * 1e6)
+        torch.cuda.synchronize()
     return statistics.median(times)
 
 
@@ -266,6 +284,7 @@ def main():
         copy_bandwidth_bytes_per_s=bw,
         bf16_matmul_flop_per_s=mm,
         rows=rows,
+        host_us_per_fwdbwd={name: host_us(fn) for name, fn in methods.items() if name != "reference"},
         launch_config=dict(triton_fwd.CONFIG),
         kernels=resource_report(),
         summary=summary,
@@ -313,7 +332,15 @@ def markdown(res):
             f"{r['fwdbwd_roofline']:.3f} | {r.get('relerr_fwd', float('nan')):.1e} | "
             f"{r.get('relerr_bwd', float('nan')):.1e} |"
         )
-    lines += ["", "Summary: " + ", ".join(f"{k} = {v:.4g}" if v is not None else f"{k} = n/a" for k, v in s.items())]
+    fmt = [f"{k} = {v:.4g}" if v is not None else f"{k} = n/a" for k, v in s.items()]
+    lines += ["", "Summary: " + ", ".join(fmt)]
+    host = res.get("host_us_per_fwdbwd")
+    if host:
+        lines += [
+            "",
+            "Host time per fwd+bwd call (1 x 64 tokens, issued back to back): "
+            + ", ".join(f"{k} {v:.0f} us" for k, v in host.items()),
+        ]
     if res["fla_hopper_guard_lifted"]:
         lines += [
             "",

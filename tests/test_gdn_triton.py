@@ -187,7 +187,7 @@ def compile_all_for_hopper(D: int) -> list[str]:
         (triton_fwd._prep_kernel, dict(base, BS=BS, BV=triton.next_power_of_2(D))),
         (triton_fwd._state_out_kernel, dict(base, BV=pick_bv(D), USE_H0=True, STORE_HT=True, SAVE=True)),
         (triton_bwd._bwd_state_kernel, dict(base, BV=pick_bv(D), USE_DHT=True, STORE_DH0=True)),
-        (triton_bwd._bwd_out_kernel, dict(base, BKH=64, BV=triton_bwd.pick_bv_chunk(D), USE_H0=True, USE_DHT=True)),
+        (triton_bwd._bwd_out_kernel, dict(base, BKH=64, BV=triton_bwd.pick_bv_chunk(D))),
         (triton_bwd._bwd_wy_kernel, dict(base, BKH=64, BV=triton_bwd.pick_bv_chunk(D))),
     ]
     built = []
@@ -222,10 +222,11 @@ def test_compiles_for_hopper():
 
 # ---- GPU: bf16 through the public dispatch ----
 
-# T = 1 on 2 x 4 sequences: with one sequence, dg and dbeta are single scalars, each a sum of terms ~100 that
-# can cancel to a few units, so their relative error is noise (H100, 12 seeds: abs errors 0.05-0.5, 3 seeds
-# over 1e-2). B = 1 and H = 1 are covered at T = 63 and up.
-GPU_CASES = [(2, 1, 4, 112, 112)] + [(1, T, 1, 112, 112) for T in (63, 65, 1000, 4096)]
+# T = 1 on 4 x 8 sequences: with one sequence, dg and dbeta are single scalars, sums of terms ~100 (the
+# initial state against the final state's gradient, both random here) that can cancel to a few units, so
+# their relative error is noise (H100, 12 seeds of B = H = 1: absolute errors 0.05-0.5, three seeds over
+# 1e-2 on dg or dbeta). B = 1 and H = 1 are covered at T = 63 and up.
+GPU_CASES = [(4, 1, 8, 112, 112)] + [(1, T, 1, 112, 112) for T in (63, 65, 1000, 4096)]
 GPU_CASES += [(2, 1000, 3, 64, 128), (1, 300, 2, 128, 64)]
 
 
@@ -243,7 +244,7 @@ def test_bf16_gpu(case):
     errs = {"o": relerr(o, ro), "ht": relerr(ht, rht)}
     errs.update((name, relerr(a, r)) for name, a, r in zip(GRAD_NAMES, grads, rgrads, strict=True))
     bounds = {name: 5e-3 if name in ("o", "ht") else 1e-2 for name in errs}
-    assert all(errs[n] < bounds[n] for n in errs), {n: f"{e:.2e}" for n, e in errs.items()}
+    assert all(errs[n] < bounds[n] for n in errs), " ".join(f"{n} {e:.2e}" for n, e in errs.items())
 
 
 @pytest.mark.gpu

@@ -35,14 +35,17 @@ from kernels.gdn.triton_fwd import (
     _prec,
     _rows,
     _state_or_zeros,
-    _state_ptrs,
     _store_buf,
     _store_io,
     _store_state,
     _tile_offsets,
-    carve,
+    cdiv,
+    packed_empty,
     pick_bv,
     placeholder,
+    pow2,
+    saved_shapes,
+    views,
 )
 
 
@@ -82,29 +85,14 @@ def _bwd_state_kernel(
 
 
 @triton.jit
-def _given_state(x, ptr, idx, here, GIVEN: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                 BV: tl.constexpr, v0, k0):  # fmt: skip
-    """x, a [BK, BV] tile of a state stored in the input dtype, as fp32; where `here` and GIVEN, the same tile
-    of the fp32 state the caller gave instead (the initial state or the final state's gradient)."""
-    xf = x.to(tl.float32)
-    if GIVEN:
-        p, m = _state_ptrs(ptr, idx, K, V, BK, BV, v0, k0)
-        xf = tl.where(here, tl.load(p, mask=m & here, other=0.0), xf)
-    return xf
-
-
-@triton.jit
 def _bwd_out_kernel(
-    q, k, G, hs, dhs, Wb, do, h0, dht, dq, dk_o, dG_o, scale, T,
+    q, k, G, hs, dhs, Wb, do, dq, dk_o, dG_o, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKH: tl.constexpr, BV: tl.constexpr,
-    USE_H0: tl.constexpr, USE_DHT: tl.constexpr, PREC: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
     """Gradients through the output (4) and the state update (5) of chunk n, for key columns k0..k0+BKH:
     those columns of dq (final) and of the part of dk, and this slice's part of dG (dG_C folded into the
-    last row), all of which are sums over K; `_bwd_wy_kernel` completes dk and dG.
-    dG_C = e^{G_C} sum(S * dS') takes S = h0 in the first chunk and dS' = dht in the last in fp32 as given:
-    their bf16 copies in hs / dhs put a rounding error of that sum into every dg of the chunk (the sum of
-    ~K V products of a large state cancels to a small dg), which dominates dg for T <= 64."""
+    last row), all of which are sums over K; `_bwd_wy_kernel` completes dk and dG."""
     n, bh, ik = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NT = tl.cdiv(T, BT)
     Tp = NT * BT
@@ -128,9 +116,7 @@ def _bwd_out_kernel(
         dQs = tl.dot(dob, tl.trans(S), dQs, input_precision=PREC)
         dOW = tl.dot(dob, tl.trans(wb), dOW, input_precision=PREC)
         dKd = tl.dot(wb, tl.trans(dSn), dKd, input_precision=PREC)
-        Sf = _given_state(S, h0, bh, n == 0, USE_H0, K, V, BKH, BV, v0, k0)
-        dSf = _given_state(dSn, dht, bh, n == NT - 1, USE_DHT, K, V, BKH, BV, v0, k0)
-        dGs += tl.sum(Sf * dSf, 1)
+        dGs += tl.sum(S.to(tl.float32) * dSn.to(tl.float32), 1)
 
     # output (4): O = scale (diag(e^G) Q S + (Q K^T * Gamma) W)
     eG = tl.exp(Gb)
@@ -215,7 +201,7 @@ def _bwd_wy_kernel(
 
 def pick_bv_chunk(V: int) -> int:
     """V block of the loops over V in `_bwd_out_kernel` and `_bwd_wy_kernel`."""
-    return min(CONFIG["chunk_bv"], max(16, triton.next_power_of_2(V)))
+    return min(CONFIG["chunk_bv"], pow2(V))
 
 
 def chunk_bwd(
@@ -225,46 +211,44 @@ def chunk_bwd(
     g: torch.Tensor,
     beta: torch.Tensor,
     scale: float,
-    G: torch.Tensor,
-    Tinv: torch.Tensor,
-    Pm: torch.Tensor,
-    Wk: torch.Tensor,
-    hs: torch.Tensor,
-    W: torch.Tensor,
+    buf32: torch.Tensor,
+    buf_lowp: torch.Tensor,
     do: torch.Tensor,
-    h0: torch.Tensor | None,
     dht: torch.Tensor | None,
+    need_dh0: bool,
 ) -> tuple[torch.Tensor, ...]:
-    """Backward launches on the forward's saved (G, T, W_k, states, W), the initial state h0 (None if there was
-    none) and the final state's gradient dht (None if none). Returns (dq, dk, dv, dg, dbeta, dh0); dh0 is an
-    empty tensor unless h0 is given."""
+    """Backward launches on the forward's saved buffers (G, T in `buf32`; P, W_k, states, W in `buf_lowp`, as
+    `saved_shapes` lays them out). Returns (dq, dk, dv, dg, dbeta, dh0); dh0 is an empty tensor unless
+    `need_dh0`."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    NT = triton.cdiv(T, BT)
+    NT = cdiv(T, BT)
     Tp, BH = NT * BT, B * H
-    BK = max(16, triton.next_power_of_2(K))
+    BK = pow2(K)
     dev, prec = q.device, _prec(q)
-    f32 = torch.float32
-    use_h0, use_dht = h0 is not None, dht is not None
-    h0, dht = (x if x is not None else placeholder(dev) for x in (h0, dht))
+    shapes32, shapes_lowp = saved_shapes(B, T, H, K, V)
+    G, Tinv = views(buf32, shapes32)
+    Pm, Wk, hs, W = views(buf_lowp, shapes_lowp)
 
+    # the sequential kernel first: at small batches the host reaches this launch after the GPU ran dry
     BV = pick_bv(V)
-    BKH = min(BK, 64)  # key columns per `_bwd_out_kernel` program
-    NK = triton.cdiv(K, BKH)
-    dhs, dW = carve(dev, q.dtype, hs.shape, (BH, Tp, V))
-    dk_o, dG_o = carve(dev, f32, (BH, Tp, K), (NK, BH, Tp))
-    dh0 = torch.empty(B, H, K, V, device=dev, dtype=f32) if use_h0 else placeholder(dev)
+    state_shapes = [hs.shape, (BH, Tp, V)]
+    dhs, dW = views(packed_empty(state_shapes, q.dtype, dev), state_shapes)
+    dh0 = torch.empty(B, H, K, V, device=dev, dtype=torch.float32) if need_dh0 else placeholder(dev)
     launch(
-        _bwd_state_kernel, (triton.cdiv(V, BV), BH), q, k, G, Pm, Wk, do, dht, dhs, dW, dh0, scale, T,
-        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_DHT=use_dht, STORE_DH0=use_h0, PREC=prec,
-        num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
+        _bwd_state_kernel, (cdiv(V, BV), BH), q, k, G, Pm, Wk, do, dht if dht is not None else placeholder(dev),
+        dhs, dW, dh0, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_DHT=dht is not None, STORE_DH0=need_dh0,
+        PREC=prec, num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
     )  # fmt: skip
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dg, dbeta = torch.empty_like(g), torch.empty_like(beta)
+    BKH = min(BK, 64)  # key columns per `_bwd_out_kernel` program
+    NK = cdiv(K, BKH)
+    part_shapes = [(BH, Tp, K), (NK, BH, Tp)]
+    dk_o, dG_o = views(packed_empty(part_shapes, torch.float32, dev), part_shapes)
     opts = dict(H=H, K=K, V=V, BT=BT, BKH=BKH, BV=pick_bv_chunk(V), PREC=prec, num_warps=CONFIG["chunk_warps"],
                 num_stages=CONFIG["chunk_stages"])  # fmt: skip
-    launch(_bwd_out_kernel, (NT, BH, NK), q, k, G, hs, dhs, W, do, h0, dht, dq, dk_o, dG_o, scale, T,
-           USE_H0=use_h0, USE_DHT=use_dht, **opts)  # fmt: skip
+    launch(_bwd_out_kernel, (NT, BH, NK), q, k, G, hs, dhs, W, do, dq, dk_o, dG_o, scale, T, **opts)
     launch(_bwd_wy_kernel, (NT, BH), k, v, beta, G, Tinv, hs, dW, dk_o, dG_o, dk, dv, dg, dbeta, T, BK=BK, **opts)
     return dq, dk, dv, dg, dbeta, dh0
