@@ -40,12 +40,9 @@ from kernels.gdn.triton_fwd import (
     _store_state,
     _tile_offsets,
     cdiv,
-    packed_empty,
     pick_bv,
     placeholder,
     pow2,
-    saved_shapes,
-    views,
 )
 
 
@@ -211,30 +208,31 @@ def chunk_bwd(
     g: torch.Tensor,
     beta: torch.Tensor,
     scale: float,
-    buf32: torch.Tensor,
-    buf_lowp: torch.Tensor,
+    G: torch.Tensor,
+    Tinv: torch.Tensor,
+    Pm: torch.Tensor,
+    Wk: torch.Tensor,
+    hs: torch.Tensor,
+    W: torch.Tensor,
     do: torch.Tensor,
     dht: torch.Tensor | None,
     need_dh0: bool,
 ) -> tuple[torch.Tensor, ...]:
-    """Backward launches on the forward's saved buffers (G, T in `buf32`; P, W_k, states, W in `buf_lowp`, as
-    `saved_shapes` lays them out). Returns (dq, dk, dv, dg, dbeta, dh0); dh0 is an empty tensor unless
-    `need_dh0`."""
+    """Backward launches on the forward's saved (G, T, P, W_k, states, W). Returns (dq, dk, dv, dg, dbeta, dh0);
+    dh0 is a placeholder unless `need_dh0`."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     NT = cdiv(T, BT)
     Tp, BH = NT * BT, B * H
     BK = pow2(K)
     dev, prec = q.device, _prec(q)
-    shapes32, shapes_lowp = saved_shapes(B, T, H, K, V)
-    G, Tinv = views(buf32, shapes32)
-    Pm, Wk, hs, W = views(buf_lowp, shapes_lowp)
+    f32 = torch.float32
 
-    # the sequential kernel first: at small batches the host reaches this launch after the GPU ran dry
+    # the sequential kernel first: at small batches the GPU waits for this launch
     BV = pick_bv(V)
-    state_shapes = [hs.shape, (BH, Tp, V)]
-    dhs, dW = views(packed_empty(state_shapes, q.dtype, dev), state_shapes)
-    dh0 = torch.empty(B, H, K, V, device=dev, dtype=torch.float32) if need_dh0 else placeholder(dev)
+    dhs = torch.empty_like(hs)
+    dW = torch.empty(BH, Tp, V, device=dev, dtype=q.dtype)
+    dh0 = torch.empty(B, H, K, V, device=dev, dtype=f32) if need_dh0 else placeholder(dev)
     launch(
         _bwd_state_kernel, (cdiv(V, BV), BH), q, k, G, Pm, Wk, do, dht if dht is not None else placeholder(dev),
         dhs, dW, dh0, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_DHT=dht is not None, STORE_DH0=need_dh0,
@@ -245,8 +243,7 @@ def chunk_bwd(
     dg, dbeta = torch.empty_like(g), torch.empty_like(beta)
     BKH = min(BK, 64)  # key columns per `_bwd_out_kernel` program
     NK = cdiv(K, BKH)
-    part_shapes = [(BH, Tp, K), (NK, BH, Tp)]
-    dk_o, dG_o = views(packed_empty(part_shapes, torch.float32, dev), part_shapes)
+    dk_o, dG_o = torch.empty(BH, Tp, K, device=dev, dtype=f32), torch.empty(NK, BH, Tp, device=dev, dtype=f32)
     opts = dict(H=H, K=K, V=V, BT=BT, BKH=BKH, BV=pick_bv_chunk(V), PREC=prec, num_warps=CONFIG["chunk_warps"],
                 num_stages=CONFIG["chunk_stages"])  # fmt: skip
     launch(_bwd_out_kernel, (NT, BH, NK), q, k, G, hs, dhs, W, do, dq, dk_o, dG_o, scale, T, **opts)

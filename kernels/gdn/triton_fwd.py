@@ -16,9 +16,6 @@ buffers are head-major and padded to whole chunks, [B*H, NT*BT, D], so their til
 
 from __future__ import annotations
 
-import itertools
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -259,48 +256,20 @@ def _prec(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
+# Host-side integer helpers: triton.cdiv and triton.next_power_of_2 are constexpr functions that cost a few
+# microseconds per call on the host, on the path to each launch.
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
 def pow2(x: int) -> int:
-    """The smallest power of two >= x, at least 16 (the smallest tile side). Host helpers in plain integers:
-    triton.cdiv / next_power_of_2 are constexpr functions, a few microseconds per call on the host."""
+    """The smallest power of two >= x, at least 16 (the smallest tile side)."""
     return max(16, 1 << (x - 1).bit_length())
 
 
 def pick_bv(V: int) -> int:
     """V block of the sequential kernels."""
     return min(CONFIG["state_bv"], pow2(V))
-
-
-def saved_shapes(B: int, T: int, H: int, K: int, V: int, save: bool = True) -> tuple[list, list]:
-    """Shapes of the forward's buffers in its two allocations: fp32 (G, T) and the inputs' dtype (P, W_k, and
-    with `save` the states S per chunk and W), all but U, which only the forward uses. The backward keeps the
-    two allocations and views them with `views`."""
-    NT = cdiv(T, BT)
-    Tp, BH = NT * BT, B * H
-    lowp = [(BH, NT, BT, BT), (BH, Tp, K)] + ([(BH, NT, K, V), (BH, Tp, V)] if save else [])
-    return [(BH, Tp), (BH, NT, BT, BT)], lowp
-
-
-def _starts(shapes: list, dtype: torch.dtype) -> list[int]:
-    """Element offsets of `shapes` packed in one buffer, each on a 16-byte boundary (the pointer alignment
-    Triton specializes on), and the total as the last entry."""
-    step = 16 // dtype.itemsize
-    return list(itertools.accumulate((cdiv(math.prod(shape), step) * step for shape in shapes), initial=0))
-
-
-def packed_empty(shapes: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """One uninitialized 1-D buffer to hold tensors of `shapes` (see `views`): one allocator call instead of
-    one per tensor, which is host time on the path to the first launch."""
-    return torch.empty(_starts(shapes, dtype)[-1], device=device, dtype=dtype)
-
-
-def views(buf: torch.Tensor, shapes: list) -> list[torch.Tensor]:
-    """The contiguous tensors of `shapes` inside a `packed_empty` buffer."""
-    starts = _starts(shapes, buf.dtype)
-    return [buf[i : i + math.prod(shape)].view(shape) for i, shape in zip(starts, shapes, strict=False)]
 
 
 def placeholder(device: torch.device) -> torch.Tensor:
@@ -325,32 +294,34 @@ def chunk_fwd(
     initial_state: torch.Tensor | None,
     output_final_state: bool,
     save: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward launches. Returns (o, final state, the fp32 and the low-precision buffers of `saved_shapes`);
-    the final state is an empty tensor unless `output_final_state`."""
+) -> tuple[torch.Tensor, ...]:
+    """Forward launches. Returns (o, final state, G, T, P, W_k, states, W); the last two only when `save`
+    (placeholders otherwise); the final state is an empty tensor unless `output_final_state`."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     NT = cdiv(T, BT)
-    BH = B * H
-    dev, dt, prec = q.device, q.dtype, _prec(q)
+    Tp, BH = NT * BT, B * H
     BK = pow2(K)
+    dev, dt, prec = q.device, q.dtype, _prec(q)
+    f32 = torch.float32
 
-    shapes32, shapes_lowp = saved_shapes(B, T, H, K, V, save)
-    buf32, buf_lowp = packed_empty(shapes32, torch.float32, dev), packed_empty(shapes_lowp, dt, dev)
-    G, Tinv = views(buf32, shapes32)
-    Pm, Wk, *states = views(buf_lowp, shapes_lowp)
-    hs, W = states if save else (placeholder(dev),) * 2
-    U = torch.empty(BH, NT * BT, V, device=dev, dtype=dt)
+    G = torch.empty(BH, Tp, device=dev, dtype=f32)
+    Tinv = torch.empty(BH, NT, BT, BT, device=dev, dtype=f32)
+    Pm = torch.empty(BH, NT, BT, BT, device=dev, dtype=dt)
+    Wk = torch.empty(BH, Tp, K, device=dev, dtype=dt)
+    U = torch.empty(BH, Tp, V, device=dev, dtype=dt)
     launch(_prep_kernel, (NT, BH), q, k, v, g, beta, G, Tinv, Pm, Wk, U, scale, T, H=H, K=K, V=V, BT=BT, BS=BS,
            BK=BK, BV=pow2(V), PREC=prec, num_warps=CONFIG["prep_warps"], num_stages=1)  # fmt: skip
 
     BV = pick_bv(V)
     o = torch.empty_like(v)
-    ht = torch.empty(B, H, K, V, device=dev, dtype=torch.float32) if output_final_state else G.new_empty(0)
+    ht = torch.empty(B, H, K, V, device=dev, dtype=f32) if output_final_state else G.new_empty(0)
+    hs = torch.empty(BH, NT, K, V, device=dev, dtype=dt) if save else placeholder(dev)
+    W = torch.empty(BH, Tp, V, device=dev, dtype=dt) if save else placeholder(dev)
     h0 = initial_state if initial_state is not None else placeholder(dev)
     launch(
         _state_out_kernel, (cdiv(V, BV), BH), q, k, G, Pm, Wk, U, h0, o, ht, hs, W, scale, T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_H0=initial_state is not None, STORE_HT=output_final_state,
         SAVE=save, PREC=prec, num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
     )  # fmt: skip
-    return o, ht, buf32, buf_lowp
+    return o, ht, G, Tinv, Pm, Wk, hs, W

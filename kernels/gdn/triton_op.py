@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from kernels.gdn.triton_bwd import chunk_bwd
-from kernels.gdn.triton_fwd import chunk_fwd, packed_empty, saved_shapes
+from kernels.gdn.triton_fwd import BT, cdiv, chunk_fwd
 
 Tensor = torch.Tensor
 # bf16 and fp32 (exact "ieee" products, slow to compile) q/k/v; both checked on an H100 with Triton 3.6.
@@ -24,9 +24,10 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor) -> str | None:
 
 
 def _grads(saved: tuple[Tensor, ...], scale: float, has_h0: bool, do: Tensor, dht: Tensor | None):
-    q, k, v, g, beta, h0, buf32, buf_lowp = saved
+    q, k, v, g, beta, h0, G, Tinv, Pm, Wk, hs, W = saved
     dht = dht.contiguous() if dht is not None else None  # the gradient of S_T.sum() is a stride-0 expand
-    dq, dk, dv, dg, dbeta, dh0 = chunk_bwd(q, k, v, g, beta, scale, buf32, buf_lowp, do.contiguous(), dht, has_h0)
+    dq, dk, dv, dg, dbeta, dh0 = chunk_bwd(q, k, v, g, beta, scale, G, Tinv, Pm, Wk, hs, W, do.contiguous(),
+                                           dht, has_h0)  # fmt: skip
     return dq, dk, dv, dg, dbeta, (dh0.to(h0.dtype) if has_h0 else None)
 
 
@@ -36,9 +37,10 @@ class GatedDeltaRuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state):
         save = any(ctx.needs_input_grad)
-        o, ht, buf32, buf_lowp = chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, save)
+        outs = chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, save)
+        o, ht, G, Tinv, Pm, Wk, hs, W = outs
         if save:
-            ctx.save_for_backward(q, k, v, g, beta, initial_state, buf32, buf_lowp)
+            ctx.save_for_backward(q, k, v, g, beta, initial_state, G, Tinv, Pm, Wk, hs, W)
         ctx.scale, ctx.has_h0 = scale, initial_state is not None
         return o, (ht if output_final_state else None)
 
@@ -52,7 +54,7 @@ class GatedDeltaRuleFunction(torch.autograd.Function):
 def _fwd_op(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float,
     initial_state: Tensor | None, output_final_state: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     return chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, True)
 
 
@@ -60,23 +62,29 @@ def _fwd_op(
 def _(q, k, v, g, beta, scale, initial_state, output_final_state):
     B, T, H, K = q.shape
     V = v.shape[-1]
+    NT = cdiv(T, BT)
     f32 = torch.float32
     ht = q.new_empty(B, H, K, V, dtype=f32) if output_final_state else q.new_empty(0, dtype=f32)
-    shapes32, shapes_lowp = saved_shapes(B, T, H, K, V)
-    return torch.empty_like(v), ht, packed_empty(shapes32, f32, q.device), packed_empty(shapes_lowp, q.dtype, q.device)
+    return (
+        torch.empty_like(v), ht,
+        q.new_empty(B * H, NT * BT, dtype=f32), q.new_empty(B * H, NT, BT, BT, dtype=f32),
+        q.new_empty(B * H, NT, BT, BT), q.new_empty(B * H, NT * BT, K),
+        q.new_empty(B * H, NT, K, V), q.new_empty(B * H, NT * BT, V),
+    )  # fmt: skip
 
 
 @torch.library.custom_op("hyla::gdn_chunk_bwd", mutates_args=())
 def _bwd_op(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, h0: Tensor, buf32: Tensor, buf_lowp: Tensor,
-    do: Tensor, dht: Tensor | None, scale: float, has_h0: bool,
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, h0: Tensor, G: Tensor, Tinv: Tensor, Pm: Tensor,
+    Wk: Tensor,
+    hs: Tensor, W: Tensor, do: Tensor, dht: Tensor | None, scale: float, has_h0: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    dq, dk, dv, dg, dbeta, dh0 = _grads((q, k, v, g, beta, h0, buf32, buf_lowp), scale, has_h0, do, dht)
+    dq, dk, dv, dg, dbeta, dh0 = _grads((q, k, v, g, beta, h0, G, Tinv, Pm, Wk, hs, W), scale, has_h0, do, dht)
     return dq, dk, dv, dg, dbeta, (dh0 if has_h0 else h0.new_empty(0))
 
 
 @_bwd_op.register_fake
-def _(q, k, v, g, beta, h0, buf32, buf_lowp, do, dht, scale, has_h0):
+def _(q, k, v, g, beta, h0, G, Tinv, Pm, Wk, hs, W, do, dht, scale, has_h0):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
             torch.empty_like(beta), torch.empty_like(h0) if has_h0 else h0.new_empty(0))  # fmt: skip
 
