@@ -364,8 +364,8 @@ class _Passthrough(torch.autograd.Function):
 @contextlib.contextmanager
 def one_cpu():
     """Every thread of this process, and those it starts inside, on one CPU (the last of its affinity set);
-    the previous affinities are restored after. On the GPU machines' virtual CPUs this halves the host
-    cost of an eager step for every variant (profiles/csa.md)."""
+    the previous affinities are restored after. On the GPU machines' virtual CPUs this cut the host cost
+    of an eager step by 30-50% for every variant in the runs of profiles/csa.md."""
     tids = [int(t) for t in os.listdir("/proc/self/task")]
     before = {}
     for t in tids:
@@ -715,8 +715,8 @@ def markdown(r: dict) -> str:
     lines += [
         "",
         "The same variants at T 1024, timed right after each row above with every thread of the process on one",
-        "CPU (`one_cpu()`: on these virtual CPUs an eager step's host cost halves when its threads stay on one",
-        "core; the GPU work is the same):",
+        "CPU (`one_cpu()`: on these virtual CPUs an eager step's host cost falls by 30-50% when its threads stay",
+        "on one core; the GPU work is the same):",
         "",
         "| variant | B | fwd ms | fwd+bwd ms | fwd lat. ms | fwd+bwd lat. ms |",
         "|---|---|---|---|---|---|",
