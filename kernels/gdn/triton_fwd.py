@@ -274,7 +274,7 @@ def pick_bv(V: int) -> int:
 
 def placeholder(device: torch.device) -> torch.Tensor:
     """An empty fp32 tensor for a pointer argument that a kernel does not touch (no initial state, ...): one
-    per device, reused, never returned."""
+    per device, reused; the launchers may return it in place of a buffer nobody asked for, the op never does."""
     t = _PLACEHOLDERS.get(device)
     if t is None:
         t = _PLACEHOLDERS[device] = torch.empty(0, device=device)
