@@ -1,5 +1,5 @@
 """A/B of two pieces of the 95m training step at batch 32 x 1024, on one GPU, in one run: the model as it
-is (Triton causal conv + SiLU from `kernels.conv`, chunked linear cross-entropy from `model/loss.py`)
+is (Triton causal conv + SiLU from `kernels.conv`, chunked linear cross-entropy from `kernels/ce`)
 against the plain PyTorch forms they replaced (grouped `F.conv1d` + SiLU on the transposed layout; the
 full [B T, vocab] logits and `F.cross_entropy`), each piece alone and both, eager and under torch.compile.
 

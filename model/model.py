@@ -20,13 +20,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.ce import linear_cross_entropy
 from kernels.common import compute_dtype
 from kernels.conv import causal_conv1d_silu
 from kernels.csa import CSADecodeState, compress_kv, csa_attention
 from kernels.gdn import gated_delta_rule
 from kernels.rope import apply_rope, rope_tables
 from model.config import HylaConfig
-from model.loss import linear_cross_entropy
 
 Tensor = torch.Tensor
 
