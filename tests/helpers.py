@@ -26,3 +26,21 @@ def compile_for_hopper(kernel, signature: dict[str, str], constexprs: dict[str, 
     fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32))
+
+
+def run_without_interpreter(code: str, timeout: float = 300) -> str:
+    """Run `code` in a fresh Python process without TRITON_INTERPRET and return its stdout; fails the test
+    on a non-zero exit. Compile-only checks need it: under the interpreter, triton.language's own @jit
+    helpers (tl.sum, tl.cdiv, ...) and ours are interpreter objects that the compiler cannot lower."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout

@@ -1,16 +1,12 @@
 """Chunked linear cross-entropy (kernels/ce) against F.cross_entropy on materialized logits."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kernels.ce import linear_cross_entropy, reference, triton_ce
 from model import Hyla, get_config
-from tests.helpers import compile_for_hopper, relerr
+from tests.helpers import compile_for_hopper, relerr, run_without_interpreter
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -126,11 +122,8 @@ def compile_for_hopper_all() -> int:
 
 def test_triton_kernel_compiles_for_hopper():
     """In a fresh process without TRITON_INTERPRET (the interpreter's kernels cannot be lowered)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "from tests.test_ce import compile_for_hopper_all as f; print(f())"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split()[-1] == "4", proc.stdout
+    out = run_without_interpreter("from tests.test_ce import compile_for_hopper_all as f; print(f())")
+    assert out.split()[-1] == "4", out
 
 
 @pytest.mark.gpu

@@ -6,16 +6,12 @@ compile-only check for sm_90; on a GPU in bf16 at the model's shape. Outputs com
 deterministic mode (NaN-filled), so an element the kernels do not write fails the comparison.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kernels.conv import causal_conv1d_silu, reference, triton_conv
-from tests.helpers import compile_for_hopper, relerr
+from tests.helpers import compile_for_hopper, relerr, run_without_interpreter
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -100,11 +96,8 @@ def compile_all_for_hopper() -> int:
 
 def test_kernels_compile_for_hopper():
     """In a fresh process without TRITON_INTERPRET (the interpreter's nested @jit helpers cannot be lowered)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "from tests.test_conv import compile_all_for_hopper as f; print(f())"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split()[-1] == "2", proc.stdout
+    out = run_without_interpreter("from tests.test_conv import compile_all_for_hopper as f; print(f())")
+    assert out.split()[-1] == "2", out
 
 
 @pytest.mark.gpu

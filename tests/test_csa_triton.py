@@ -7,16 +7,13 @@ an element the kernels do not write fails the comparison.
 """
 
 import inspect
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import kernels.csa as csa
 from kernels.csa import reference, triton_compress, triton_csa
-from tests.helpers import compile_for_hopper, relerr
+from tests.helpers import compile_for_hopper, relerr, run_without_interpreter
 
 GRAD_NAMES = ("dq", "dk", "dv", "dkc", "dvc", "dblend")
 # Tests below that take no `device` run their kernels where they can: the GPU if there is one, else the
@@ -206,12 +203,9 @@ def compile_all_for_hopper() -> list[str]:
 def test_compiles_for_hopper():
     """In a fresh interpreter-free process: under TRITON_INTERPRET=1, triton.language's own @jit helpers
     (tl.sum, tl.cdiv, ...) are interpreter objects that the compiler cannot lower."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "from tests.test_csa_triton import compile_all_for_hopper as f; print(*f())"
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    out = run_without_interpreter("from tests.test_csa_triton import compile_all_for_hopper as f; print(*f())")
     names = ["_compress_fwd", "_compress_bwd", "_csa_fwd", "_csa_bwd_dq", "_csa_bwd_dkv"]
-    assert res.stdout.split() == names, res.stdout
+    assert out.split() == names, out
 
 
 def compress_both(xs, fn, stride=4, rotary_dim=8, theta=100.0):
