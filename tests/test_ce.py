@@ -83,6 +83,8 @@ def test_model_loss_equals_logits_loss():
         (torch.randn(4, 8), torch.randn(10, 8), torch.zeros(5, dtype=torch.long), "targets"),
         (torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4), "targets"),
         (torch.randn(2, 4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long), "x"),
+        (torch.randn(4, 8), torch.randn(10, 8), torch.tensor([0, 10, 1, 2]), r"targets must be in \[0, 10\)"),
+        (torch.randn(4, 8), torch.randn(10, 8), torch.tensor([0, -5, 1, 2]), r"targets must be in \[0, 10\)"),
     ],
 )
 def test_bad_input(x, w, y, match):
@@ -108,7 +110,7 @@ def test_triton_rows_match_reference(n, vocab, with_grad):
         assert torch.equal(ours, logits)
 
 
-def compile_for_hopper_all() -> int:
+def compile_all_for_hopper() -> int:
     """The row kernel for bf16 and fp32 logits, with and without the gradient pass; returns how many built."""
     built = 0
     for dt in ("*bf16", "*fp32"):
@@ -122,7 +124,7 @@ def compile_for_hopper_all() -> int:
 
 def test_triton_kernel_compiles_for_hopper():
     """In a fresh process without TRITON_INTERPRET (the interpreter's kernels cannot be lowered)."""
-    out = run_without_interpreter("from tests.test_ce import compile_for_hopper_all as f; print(f())")
+    out = run_without_interpreter("from tests.test_ce import compile_all_for_hopper as f; print(f())")
     assert out.split()[-1] == "4", out
 
 

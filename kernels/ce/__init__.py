@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from kernels.ce import reference
-from kernels.common import check, pick_backend
+from kernels.common import check, check_same_device, check_tensor, pick_backend
 
 try:  # triton is a Linux-only dependency
     from kernels.ce import triton_ce
@@ -118,13 +118,14 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, ignore_inde
         >>> torch.allclose(linear_cross_entropy(x, w, y), torch.nn.functional.cross_entropy(x @ w.T, y))
         True
     """
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"need x [N, dim] and weight [vocab, dim], got {tuple(x.shape)} and {tuple(weight.shape)}")
-    if targets.shape != x.shape[:1] or targets.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"targets must be int64/int32 [{x.shape[0]}], got {targets.dtype} {tuple(targets.shape)}")
+    check_tensor("x", x, (None, None))
+    check_tensor("weight", weight, (None, x.shape[1]))
+    check_tensor("targets", targets, (x.shape[0],), dtypes=(torch.int64, torch.int32))
     check(chunk_rows >= 1, f"chunk_rows must be >= 1, got {chunk_rows}")
-    check(x.device == weight.device == targets.device, f"inputs on one device, got {x.device}, {weight.device}, "
-          f"{targets.device}")  # fmt: skip
+    check_same_device(x=x, weight=weight, targets=targets)
+    if not torch.compiler.is_compiling():  # one sync, as the model's input check; a bad id would be read out of bounds
+        vocab, bad = weight.shape[0], (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
+        check(not bad.any(), f"targets must be in [0, {vocab}) or equal ignore_index ({ignore_index})")
     targets, dtype = targets.long(), _matmul_dtype(x)
     name = pick_backend(backend, x.device, BACKENDS)
     if name == "triton" and dtype not in triton_ce.SUPPORTED_DTYPES:

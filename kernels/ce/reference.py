@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from kernels.common import compute_dtype
+
 
 def xent_rows_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, scale: torch.Tensor,
                with_grad: bool) -> torch.Tensor:  # fmt: skip
     """Per-row loss lse(z) - z[target] (0 for ignored rows) of logits z [n, vocab], accumulated in fp32
     (fp64 for fp64 logits). with_grad: overwrite the logits in place with their gradient
         dL/dz = (softmax(z) - onehot(target)) * scale        (0 for ignored rows; scale: 0-dim tensor)."""
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(logits)
     z = logits.to(acc)
     lse = torch.logsumexp(z, -1)
     valid = targets != ignore_index
