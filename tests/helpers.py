@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 
@@ -32,11 +37,6 @@ def run_without_interpreter(code: str, timeout: float = 300) -> str:
     """Run `code` in a fresh Python process without TRITON_INTERPRET and return its stdout; fails the test
     on a non-zero exit. Compile-only checks need it: under the interpreter, triton.language's own @jit
     helpers (tl.sum, tl.cdiv, ...) and ours are interpreter objects that the compiler cannot lower."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
