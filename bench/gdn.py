@@ -1,5 +1,7 @@
 """Benchmark of the gated delta rule on one GPU: ours (Triton) vs flash-linear-attention vs the PyTorch
-chunked reference, forward and forward+backward, bf16 inputs, g fp32.
+chunked reference, forward and forward+backward, bf16 inputs, g fp32; and, at the K = 112 shapes, the
+same with q/k L2-normalized by the op (ours inside its kernels, fla's use_qk_l2norm_in_kernel, and ours
+behind PyTorch's `l2norm` as the unfused comparison), reported as extra rows and `summary_l2norm`.
 
     PYTHONPATH=. python3 bench/gdn.py --out profiles   # writes gdn.json and gdn.md there
 
@@ -29,6 +31,8 @@ import torch.nn.functional as F
 from kernels.gdn import gated_delta_rule, l2norm, reference, triton_bwd, triton_fwd
 
 SHAPES = [(16, 1024, 9, 112), (64, 1024, 9, 112), (8, 4096, 16, 128)]
+L2NORM_SHAPES = SHAPES[:2]
+L2NORM_METHODS = ("ours_l2norm", "fla_l2norm", "ours_l2norm_torch")  # inputs: raw q, k
 C = 64
 
 
@@ -110,8 +114,12 @@ def counts(B, T, H, K, V):
     return fwd, fwd + bwd, io, io + tok * ((4 * K + 4 * V) * 2 + 12)
 
 
-def make_inputs(B, T, H, K, V, requires_grad=True):
-    q, k = (l2norm(torch.randn(B, T, H, K, device="cuda")).to(torch.bfloat16) for _ in range(2))
+def make_inputs(B, T, H, K, V, requires_grad=True, raw_qk=False):
+    """Unit q, k rows (as after the L2 norm), or with `raw_qk` rows of norms 0.1-5 for the L2-norm methods."""
+    q, k = (l2norm(torch.randn(B, T, H, K, device="cuda")) for _ in range(2))
+    if raw_qk:
+        q, k = (x * (0.1 + 4.9 * torch.rand(B, T, H, 1, device="cuda")) for x in (q, k))
+    q, k = q.to(torch.bfloat16), k.to(torch.bfloat16)
     v = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
     g = F.logsigmoid(torch.randn(B, T, H, device="cuda") + 3)
     beta = torch.rand(B, T, H, device="cuda", dtype=torch.bfloat16)
@@ -123,18 +131,37 @@ def relerr(a, b):
     return float("inf") if not torch.isfinite(a).all() else ((a - b).norm() / b.norm()).item()
 
 
-def accuracy(fn, B, T, H, K, V):
-    """Forward and max-gradient relative error of fn against the float64 chunked reference."""
-    xs = make_inputs(B, T, H, K, V)
+def accuracy_case(B, T, H, K, V, norm):
+    """Inputs, an output gradient, and the float64 chunked reference's output and input gradients (with
+    `norm`, on raw q, k that `l2norm` normalizes in float64 first)."""
+    xs = make_inputs(B, T, H, K, V, raw_qk=norm)
     do = torch.randn(B, T, H, V, device="cuda")
     ref_xs = [x.detach().double().requires_grad_() for x in xs]
-    ro = reference.chunk_gated_delta_rule(*ref_xs)[0]
+    q, k = (l2norm(ref_xs[0]), l2norm(ref_xs[1])) if norm else ref_xs[:2]
+    ro = reference.chunk_gated_delta_rule(q, k, *ref_xs[2:])[0]
     ro.backward(do.double())
+    return xs, do, ro.detach(), [x.grad for x in ref_xs]
+
+
+def accuracy(fn, case):
+    """Forward and per-gradient relative error of fn against the reference of `accuracy_case`."""
+    xs, do, ro, rgrads = case
+    xs = [x.detach().requires_grad_() for x in xs]
     o = fn(*xs)
     o.float().backward(do)
     fwd = relerr(o, ro)
-    bwd = {n: relerr(x.grad, r.grad) for n, x, r in zip(("dq", "dk", "dv", "dg", "dbeta"), xs, ref_xs, strict=True)}
+    bwd = {n: relerr(x.grad, r) for n, x, r in zip(("dq", "dk", "dv", "dg", "dbeta"), xs, rgrads, strict=True)}
     return fwd, bwd
+
+
+def live_mb(fn, x):
+    """MiB that a training forward leaves allocated (its output and what it saves for the backward)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    o = fn(*x[:5])
+    held = torch.cuda.memory_allocated() - before
+    del o
+    return held / 2**20
 
 
 def resource_report():
@@ -221,49 +248,69 @@ def main():
     bw, mm = ceilings()
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
 
-    methods = {"ours": lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, backend="triton")[0]}
+    def ours(l2norm_in_op):
+        return lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, use_qk_l2norm=l2norm_in_op, backend="triton")[0]
+
+    methods = {"ours": ours(False)}
     if fla_fn is not None:
         methods["fla"] = lambda q, k, v, g, b: fla_fn(q, k, v, g, b, scale=q.shape[-1] ** -0.5)[0]
     if not args.no_reference:
         methods["reference"] = lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, backend="reference")[0]
+    methods["ours_l2norm"] = ours(True)
+    if fla_fn is not None:
+        methods["fla_l2norm"] = lambda q, k, v, g, b: fla_fn(
+            q, k, v, g, b, scale=q.shape[-1] ** -0.5, use_qk_l2norm_in_kernel=True
+        )[0]
+    methods["ours_l2norm_torch"] = lambda q, k, v, g, b: ours(False)(l2norm(q), l2norm(k), v, g, b)
 
-    rows, acc, host = [], {}, {}
+    rows, acc, cases, host = [], {}, {}, {}
     for B, T, H, K in SHAPES:
         V = K
         fl_f, fl_fb, by_f, by_fb = counts(B, T, H, K, V)
         floor_f, floor_fb = max(fl_f / mm, by_f / bw), max(fl_fb / mm, by_fb / bw)
         do = [torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
         sets = [(*make_inputs(B, T, H, K, V), do[i]) for i in range(3)]
+        raw_sets = (
+            [(*make_inputs(B, T, H, K, V, raw_qk=True), do[i]) for i in range(3)]
+            if ((B, T, H, K) in L2NORM_SHAPES)
+            else None
+        )
         for name, fn in methods.items():
-            if name == "reference" and B * T * H > 2e5:
-                continue  # minutes per call at this size
-            if name != "reference":
-                acc[(name, K)] = acc.get((name, K)) or accuracy(fn, min(B, 2), T, H, K, V)
+            norm = name in L2NORM_METHODS
+            if (name == "reference" and B * T * H > 2e5) or (norm and (B, T, H, K) not in L2NORM_SHAPES):
+                continue  # the reference: minutes per call at this size
+            if name != "reference" and (name, K) not in acc:
+                if (K, norm) not in cases:
+                    cases[(K, norm)] = accuracy_case(min(B, 2), T, H, K, V, norm)
+                acc[(name, K)] = accuracy(fn, cases[(K, norm)])
+            x = raw_sets if norm else sets
             try:
-                t_f = median_ms(forward(fn), sets, args.reps)
-                t_fb = median_ms(forward_backward(fn), sets, args.reps)
+                t_f = median_ms(forward(fn), x, args.reps)
+                t_fb = median_ms(forward_backward(fn), x, args.reps)
             except RuntimeError as e:  # e.g. out of memory in the reference
                 print(f"{name} {B, T, H, K}: {e}")
                 continue
             row = dict(method=name, B=B, T=T, H=H, K=K, V=V, fwd_ms=t_f, fwdbwd_ms=t_fb,
                        fwd_tokens_per_s=B * T / (t_f * 1e-3), fwdbwd_tokens_per_s=B * T / (t_fb * 1e-3),
-                       fwd_roofline=floor_f / (t_f * 1e-3), fwdbwd_roofline=floor_fb / (t_fb * 1e-3))  # fmt: skip
+                       fwd_roofline=floor_f / (t_f * 1e-3), fwdbwd_roofline=floor_fb / (t_fb * 1e-3),
+                       fwd_live_mib=live_mb(fn, x[0]))  # fmt: skip
             if (name, K) in acc:
                 row["relerr_fwd"], row["relerr_bwd"] = acc[(name, K)][0], max(acc[(name, K)][1].values())
                 row["relerr_grads"] = acc[(name, K)][1]
             rows.append(row)
             if name != "reference" and (B, T, H, K) == SHAPES[0]:
-                host[name] = host_us(fn, sets[0])
+                host[name] = host_us(fn, x[0])
             print(f"{name:9s} B{B:3d} T{T} H{H} K{K}: fwd {t_f:8.3f} ms  fwd+bwd {t_fb:8.3f} ms  "
                   f"roofline {row['fwd_roofline']:.3f} / {row['fwdbwd_roofline']:.3f}  "
                   f"err {row.get('relerr_fwd', float('nan')):.1e} / {row.get('relerr_bwd', float('nan')):.1e}",
                   flush=True)  # fmt: skip
-        del sets, do
+        del sets, raw_sets, do
+        cases.clear()  # every method has its errors at this K now
         torch.cuda.empty_cache()
 
-    def speedup(B):
+    def speedup(B, base="fla", new="ours"):
         t = {r["method"]: r["fwdbwd_ms"] for r in rows if r["B"] == B and r["K"] == 112}
-        return t["fla"] / t["ours"] if "fla" in t and "ours" in t else None
+        return t[base] / t[new] if base in t and new in t else None
 
     ours = [r for r in rows if r["method"] == "ours"]
     summary = dict(
@@ -276,6 +323,15 @@ def main():
     if fla_rows:
         summary["fla_max_relerr_fwd"] = max(r["relerr_fwd"] for r in fla_rows)
         summary["fla_max_relerr_bwd"] = max(r["relerr_bwd"] for r in fla_rows)
+    normed = [r for r in rows if r["method"] == "ours_l2norm"]
+    summary_l2norm = dict(
+        speedup_fwdbwd_vs_fla_l2norm_B16=speedup(16, "fla_l2norm", "ours_l2norm"),
+        speedup_fwdbwd_vs_fla_l2norm_B64=speedup(64, "fla_l2norm", "ours_l2norm"),
+        speedup_fwdbwd_fused_vs_torch_l2norm_B16=speedup(16, "ours_l2norm_torch", "ours_l2norm"),
+        speedup_fwdbwd_fused_vs_torch_l2norm_B64=speedup(64, "ours_l2norm_torch", "ours_l2norm"),
+        max_relerr_fwd=max(r["relerr_fwd"] for r in normed),
+        max_relerr_bwd=max(r["relerr_bwd"] for r in normed),
+    )
     result = dict(
         device=torch.cuda.get_device_name(),
         versions=dict(
@@ -290,6 +346,7 @@ def main():
         launch_config=dict(triton_fwd.CONFIG),
         kernels=resource_report(),
         summary=summary,
+        summary_l2norm=summary_l2norm,
     )
     write(result, args.out)
     print(markdown(result))
@@ -321,21 +378,28 @@ def markdown(res):
         "",
         "bf16 q/k/v/beta, fp32 g, K = V, no initial state. Medians of CUDA-event timings; fwd is a training "
         "forward (inputs require grad). Roofline = max(FLOPs / matmul rate, fewest bytes / copy bandwidth) "
-        "/ measured. Errors: relative to the float64 chunked reference (bwd = worst of dq, dk, dv, dg, dbeta).",
+        "/ measured (FLOPs and bytes without the L2 norm). Errors: relative to the float64 chunked reference "
+        "(bwd = worst of dq, dk, dv, dg, dbeta). Live MiB: what a training forward leaves allocated (output "
+        "and saved tensors). *_l2norm rows: q, k of row norms 0.1-5, normalized by the op (ours in its "
+        "kernels, fla by use_qk_l2norm_in_kernel, ours_l2norm_torch by PyTorch `l2norm` in front of ours); "
+        "their reference normalizes in float64.",
         "",
         "| method | B | T | H | K | fwd ms | fwd+bwd ms | fwd+bwd tok/s | roofline fwd | roofline fwd+bwd "
-        "| relerr fwd | relerr bwd |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| relerr fwd | relerr bwd | live MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in res["rows"]:
         lines.append(
             f"| {r['method']} | {r['B']} | {r['T']} | {r['H']} | {r['K']} | {r['fwd_ms']:.3f} | "
             f"{r['fwdbwd_ms']:.3f} | {r['fwdbwd_tokens_per_s']:.3g} | {r['fwd_roofline']:.3f} | "
             f"{r['fwdbwd_roofline']:.3f} | {r.get('relerr_fwd', float('nan')):.1e} | "
-            f"{r.get('relerr_bwd', float('nan')):.1e} |"
+            f"{r.get('relerr_bwd', float('nan')):.1e} | {r.get('fwd_live_mib', float('nan')):.0f} |"
         )
     fmt = [f"{k} = {v:.4g}" if v is not None else f"{k} = n/a" for k, v in s.items()]
     lines += ["", "Summary: " + ", ".join(fmt)]
+    if res.get("summary_l2norm"):
+        fmt = [f"{k} = {v:.4g}" if v is not None else f"{k} = n/a" for k, v in res["summary_l2norm"].items()]
+        lines += ["", "With the q/k L2 norm (summary_l2norm): " + ", ".join(fmt)]
     host = res.get("host_us_per_fwdbwd")
     if host:
         lines += [

@@ -30,9 +30,13 @@ OP_DEV, OP_DTYPE, OP_D = ("cuda", torch.bfloat16, 64) if torch.cuda.is_available
 pytestmark = pytest.mark.usefixtures("poison_empty")  # tests/conftest.py
 
 
-def make_inputs(B, T, H, K, V, with_h0, device="cpu", dtype=torch.float32):
-    """Fresh random inputs in the model's ranges: unit q, k (as after the L2 norm), g <= 0, beta in (0, 1)."""
-    q, k = (gdn.l2norm(torch.randn(B, T, H, K, device=device)).to(dtype) for _ in range(2))
+def make_inputs(B, T, H, K, V, with_h0, device="cpu", dtype=torch.float32, raw_qk=False):
+    """Fresh random inputs in the model's ranges: unit q, k (as after the L2 norm; with `raw_qk` rows of
+    norms 0.1-5, for the kernels' own L2 norm), g <= 0, beta in (0, 1)."""
+    q, k = (gdn.l2norm(torch.randn(B, T, H, K, device=device)) for _ in range(2))
+    if raw_qk:
+        q, k = (x * (0.1 + 4.9 * torch.rand(B, T, H, 1, device=device)) for x in (q, k))
+    q, k = q.to(dtype), k.to(dtype)
     v = torch.randn(B, T, H, V, device=device, dtype=dtype)
     g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, device=device) + 3)  # fp32, as the model keeps it
     beta = torch.rand(B, T, H, device=device, dtype=dtype)
@@ -54,25 +58,32 @@ def run_both(xs, fn, ref_fn):
     return results
 
 
-CPU_CASES = [  # (B, T, H, K, V, with_h0)
-    (1, 1, 1, 16, 16, False),
-    (2, 63, 2, 32, 16, True),
-    (1, 65, 1, 16, 32, False),
-    (1, 130, 2, 32, 32, True),
-    (1, 70, 1, 112, 48, True),
+CPU_CASES = [  # (B, T, H, K, V, with_h0, in-kernel q/k L2 norm)
+    (1, 1, 1, 16, 16, False, False),
+    (2, 63, 2, 32, 16, True, False),
+    (1, 65, 1, 16, 32, False, False),
+    (1, 130, 2, 32, 32, True, False),
+    (1, 70, 1, 112, 48, True, False),
+    # the fused norm: K = 112 in two 64-column slices in `_bwd_out_kernel`, K = 48 in one, T = 1
+    (1, 70, 1, 112, 48, True, True),
+    (2, 130, 1, 48, 32, False, True),
+    (1, 1, 2, 16, 32, True, True),
 ]
 
 
 @interpreter_only
-@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "B{}-T{}-H{}-K{}-V{}-h0{}".format(*c))
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "B{}-T{}-H{}-K{}-V{}-h0{}-l2norm{}".format(*c))
 def test_fp32_matches_float64_reference(case):
-    B, T, H, K, V, with_h0 = case
-    xs = make_inputs(B, T, H, K, V, with_h0)
+    """Forward, final state and every gradient; with the L2 norm, the reference gets q, k normalized by
+    `l2norm` in float64 (differentiated by autograd) and the kernels the raw ones."""
+    B, T, H, K, V, with_h0, l2norm = case
+    xs = make_inputs(B, T, H, K, V, with_h0, raw_qk=l2norm)
     ref_fn = reference.recurrent_gated_delta_rule if T <= 65 else reference.chunk_gated_delta_rule
+    norm = gdn.l2norm if l2norm else (lambda x: x)
     (o, ht, grads), (ro, rht, rgrads) = run_both(
         xs,
-        lambda q, k, v, g, b, h0: triton_gated_delta_rule(q, k, v, g, b, K**-0.5, h0, True),
-        lambda q, k, v, g, b, h0: ref_fn(q, k, v, g, b, None, h0, True),
+        lambda q, k, v, g, b, h0: triton_gated_delta_rule(q, k, v, g, b, K**-0.5, h0, True, l2norm),
+        lambda q, k, v, g, b, h0: ref_fn(norm(q), norm(k), v, g, b, None, h0, True),
     )
     assert relerr(o, ro) < 1e-5
     assert relerr(ht, rht) < 1e-5
@@ -113,24 +124,26 @@ def test_stride0_output_gradients():
         assert relerr(a, r) < 1e-5, name
 
 
-def test_custom_op_schema_and_fake():
-    q, k, v, g, beta, h0 = make_inputs(1, 20, 1, OP_D, OP_D, True, OP_DEV, OP_DTYPE)
+@pytest.mark.parametrize("l2norm", [False, True], ids=["plain", "l2norm"])
+def test_custom_op_schema_and_fake(l2norm):
+    q, k, v, g, beta, h0 = make_inputs(1, 20, 1, OP_D, OP_D, True, OP_DEV, OP_DTYPE, raw_qk=l2norm)
     torch.library.opcheck(
         torch.ops.hyla.gdn_chunk_fwd.default,
-        (q, k, v, g, beta, 0.25, h0, True),
+        (q, k, v, g, beta, 0.25, h0, True, l2norm),
         test_utils=("test_schema", "test_faketensor"),
     )
 
 
-def test_custom_op_autograd_matches_function():
+@pytest.mark.parametrize("l2norm", [False, True], ids=["plain", "l2norm"])
+def test_custom_op_autograd_matches_function(l2norm):
     """The path torch.compile takes (custom ops + registered autograd) gives the eager Function's gradients."""
-    xs = make_inputs(1, 70, 2, OP_D, 2 * OP_D, True, OP_DEV, OP_DTYPE)
+    xs = make_inputs(1, 70, 2, OP_D, 2 * OP_D, True, OP_DEV, OP_DTYPE, raw_qk=l2norm)
     leaves = [x.detach().requires_grad_() for x in xs]
-    co, cht, *_ = torch.ops.hyla.gdn_chunk_fwd(*leaves[:5], 0.2, leaves[5], True)
+    co, cht, *_ = torch.ops.hyla.gdn_chunk_fwd(*leaves[:5], 0.2, leaves[5], True, l2norm)
     do, dht = torch.randn_like(co), torch.randn_like(cht)
     (co * do).sum().add((cht * dht).sum()).backward()
     eager = [x.detach().requires_grad_() for x in xs]
-    eo, eht = triton_gated_delta_rule(*eager[:5], 0.2, eager[5], True)
+    eo, eht = triton_gated_delta_rule(*eager[:5], 0.2, eager[5], True, l2norm)
     (eo * do).sum().add((eht * dht).sum()).backward()
     assert torch.equal(co, eo) and torch.equal(cht, eht)
     for name, a, b in zip(GRAD_NAMES, leaves, eager, strict=True):
@@ -159,7 +172,7 @@ def test_unsupported_dtypes():
 
 # ---- compile-only check for sm_90: the launchers' constexprs for K = V = 112 and 128 ----
 
-F32_ARGS = {"g", "G", "Tinv", "ht", "dht", "dh0", "dg", "h0", "dk_o", "dG_o"}
+F32_ARGS = {"g", "G", "Tinv", "ht", "dht", "dh0", "dg", "h0", "dk_o", "dG_o", "Rn"}
 
 
 def _signature(kernel, dtype, constexprs):
@@ -168,21 +181,22 @@ def _signature(kernel, dtype, constexprs):
             return "constexpr"
         if name == "T":
             return "i32"
-        if name == "scale":
+        if name in ("scale", "eps"):
             return "fp32"
         return "*fp32" if name in F32_ARGS else f"*{dtype}"
 
     return {name: kind(name) for name in kernel.arg_names}
 
 
-def compile_all_for_hopper(D: int) -> list[str]:
-    """Compile every kernel with the launchers' constexprs for K = V = D (bf16, 9 heads of a batch of 16)."""
+def compile_all_for_hopper(D: int, l2norm: bool) -> list[str]:
+    """Compile every kernel with the launchers' constexprs for K = V = D (bf16, 9 heads of a batch of 16),
+    with or without the in-kernel q/k L2 norm."""
     import triton
 
     from kernels.gdn import triton_bwd, triton_fwd
     from kernels.gdn.triton_fwd import BS, BT, pick_bv
 
-    base = dict(H=9, K=D, V=D, BT=BT, BK=triton.next_power_of_2(D), PREC="tf32")
+    base = dict(H=9, K=D, V=D, BT=BT, BK=triton.next_power_of_2(D), L2NORM=l2norm, PREC="tf32")
     specs = [
         (triton_fwd._prep_kernel, dict(base, BS=BS, BV=triton.next_power_of_2(D))),
         (triton_fwd._state_out_kernel, dict(base, BV=pick_bv(D), USE_H0=True, STORE_HT=True, SAVE=True)),
@@ -201,18 +215,23 @@ def compile_all_for_hopper(D: int) -> list[str]:
 
 @pytest.mark.slow
 def test_compiles_for_hopper():
-    """In fresh interpreter-free processes (one per head size, run side by side): under TRITON_INTERPRET=1
-    triton.language's own @jit helpers are interpreter objects that the compiler cannot lower."""
+    """In fresh interpreter-free processes (one per variant, run side by side): under TRITON_INTERPRET=1
+    triton.language's own @jit helpers are interpreter objects that the compiler cannot lower. The model's
+    K = 112 with and without the fused L2 norm, K = 128 without."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", f"from tests.test_gdn_triton import compile_all_for_hopper as f; print(*f({D}))"],
+            [
+                sys.executable,
+                "-c",
+                f"from tests.test_gdn_triton import compile_all_for_hopper as f; print(*f({D}, {l2norm}))",
+            ],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )  # fmt: skip
-        for D in (112, 128)
+        for D, l2norm in ((112, True), (112, False), (128, False))
     ]
     for proc in procs:
         out, err = proc.communicate(timeout=300)
@@ -226,19 +245,23 @@ def test_compiles_for_hopper():
 # initial state against the final state's gradient, both random here) that can cancel to a few units, so
 # their relative error is noise (H100, 12 seeds of B = H = 1: absolute errors 0.05-0.5, three seeds over
 # 1e-2 on dg or dbeta). B = 1 and H = 1 are covered at T = 63 and up.
-GPU_CASES = [(4, 1, 8, 112, 112)] + [(1, T, 1, 112, 112) for T in (63, 65, 1000, 4096)]
-GPU_CASES += [(2, 1000, 3, 64, 128), (1, 300, 2, 128, 64)]
+# (B, T, H, K, V, q/k L2 norm in the kernels): the fused norm at the model's shape and at T = 65, K != V
+GPU_CASES = [(4, 1, 8, 112, 112, False)] + [(1, T, 1, 112, 112, False) for T in (63, 65, 1000, 4096)]
+GPU_CASES += [(2, 1000, 3, 64, 128, False), (1, 300, 2, 128, 64, False)]
+GPU_CASES += [(2, 1024, 9, 112, 112, True), (1, 65, 2, 128, 64, True)]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "B{}-T{}-H{}-K{}-V{}".format(*c))
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "B{}-T{}-H{}-K{}-V{}-l2norm{}".format(*c))
 def test_bf16_gpu(case):
-    B, T, H, K, V = case
-    xs = make_inputs(B, T, H, K, V, True, device="cuda", dtype=torch.bfloat16)
+    """With the L2 norm the reference normalizes the raw bf16 q, k in float64."""
+    B, T, H, K, V, l2norm = case
+    xs = make_inputs(B, T, H, K, V, True, device="cuda", dtype=torch.bfloat16, raw_qk=l2norm)
+    norm = gdn.l2norm if l2norm else (lambda x: x)
     (o, ht, grads), (ro, rht, rgrads) = run_both(
         xs,
-        lambda *x: gdn.gated_delta_rule(*x[:5], initial_state=x[5], output_final_state=True),
-        lambda *x: reference.chunk_gated_delta_rule(*x[:5], None, x[5], True),
+        lambda *x: gdn.gated_delta_rule(*x[:5], initial_state=x[5], output_final_state=True, use_qk_l2norm=l2norm),
+        lambda *x: reference.chunk_gated_delta_rule(norm(x[0]), norm(x[1]), *x[2:5], None, x[5], True),
     )
     assert o.dtype == torch.bfloat16 and ht.dtype == torch.float32
     errs = {"o": relerr(o, ro), "ht": relerr(ht, rht)}
@@ -262,16 +285,32 @@ def test_gpu_deterministic_and_l2norm():
 
 
 @pytest.mark.gpu
-def test_torch_compile_fullgraph():
-    xs = make_inputs(2, 130, 2, 112, 112, True, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("l2norm", [False, True], ids=["plain", "l2norm"])
+def test_torch_compile_fullgraph(l2norm):
+    """Compiled == eager; the traced graph calls the custom op with the flag and (with the norm) has no
+    PyTorch L2 norm (rsqrt) in front of it."""
+    from torch._inductor.compile_fx import compile_fx
+
+    xs = make_inputs(2, 130, 2, 112, 112, True, device="cuda", dtype=torch.bfloat16, raw_qk=l2norm)
 
     def f(q, k, v, g, beta, h0):
-        o, ht = gdn.gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+        o, ht = gdn.gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                     use_qk_l2norm=l2norm)  # fmt: skip
         return o.float().sum() + ht.sum()
 
-    compiled = torch.compile(f, fullgraph=True)
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm.graph)
+        return compile_fx(gm, example_inputs)
+
+    compiled = torch.compile(f, fullgraph=True, backend=recording)
     leaves = [x.detach().requires_grad_() for x in xs]
     compiled(*leaves).backward()
+    (graph,) = graphs
+    (op,) = [n for n in graph.nodes if n.target is torch.ops.hyla.gdn_chunk_fwd.default]
+    assert op.args[8] is l2norm
+    assert not [n for n in graph.nodes if "rsqrt" in str(n.target)]
     eager = [x.detach().requires_grad_() for x in xs]
     f(*eager).backward()
     for name, a, b in zip(GRAD_NAMES, leaves, eager, strict=True):

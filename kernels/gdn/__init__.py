@@ -56,7 +56,8 @@ def gated_delta_rule(
         scale: query scale, default K ** -0.5.
         initial_state: optional [B, H, K, V] state entering the sequence.
         output_final_state: also return the [B, H, K, V] fp32 state after the last step.
-        use_qk_l2norm: L2-normalize q and k per head first (`l2norm`).
+        use_qk_l2norm: L2-normalize q and k per head first (`l2norm`); the Triton backend does it inside its
+            kernels and saves the raw q and k for the backward.
         backend: "auto", "triton" or "reference".
 
     Returns:
@@ -85,13 +86,13 @@ def gated_delta_rule(
     if initial_state is not None:
         check_tensor("initial_state", initial_state, (B, H, K, V))
     device = check_same_device(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state)
-    if use_qk_l2norm:
-        q, k = l2norm(q), l2norm(k)
     name = pick_backend(backend, device, BACKENDS)
     if name == "triton":
         reason = unsupported_reason(q, k, v)
         check(reason is None or backend == "auto", f"backend 'triton' needs {reason}")
         if reason is None:
             scale = K**-0.5 if scale is None else scale
-            return triton_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)
+            return triton_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm)
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
     return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)

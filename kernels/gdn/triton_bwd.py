@@ -14,6 +14,10 @@ K_d = diag(e^{G_C - G}) K (equations (3)-(5) of `reference.chunk_gated_delta_rul
    factors and (3), with dU = dW, dW_k = -dW S^T, dT = dU (diag(beta) V)^T + dW_k (diag(beta e^G) K)^T and
    dA = -(T^T dT T^T) on the strictly lower part (T = (I + A)^-1); dg is the reversed in-chunk cumulative
    sum of dG. Two chunk kernels instead of one keep each under the register file (fewer live accumulators).
+
+With the q/k L2 norm (x_hat = x r, r = (|x|^2 + eps)^-1/2 per row, see `triton_fwd`), every kernel reads
+x_hat from the raw q, k and the forward's r, and `_bwd_wy_kernel`, which holds whole rows, takes dk and the
+dq that `_bwd_out_kernel` wrote through the norm:  dx = r (d x_hat - x_hat <x_hat, d x_hat>).        (9)
 """
 
 from __future__ import annotations
@@ -31,9 +35,11 @@ from kernels.gdn.triton_fwd import (
     _gates,
     _load_buf,
     _load_io,
+    _load_qk,
     _load_state,
     _prec,
     _rows,
+    _rstd_ptrs,
     _state_or_zeros,
     _store_buf,
     _store_io,
@@ -48,9 +54,10 @@ from kernels.gdn.triton_fwd import (
 
 @triton.jit
 def _bwd_state_kernel(
-    q, k, G, Pm, Wk, do, dht, dhs, dW, dh0, scale, T,
+    q, k, G, Pm, Wk, Rn, do, dht, dhs, dW, dh0, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
+    BV: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, L2NORM: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
     iv, bh = tl.program_id(0), tl.program_id(1)
     NT = tl.cdiv(T, BT)
@@ -62,8 +69,8 @@ def _bwd_state_kernel(
         n = NT - 1 - m
         t0 = n * BT
         _store_state(dhs, dS.to(dt), bh * NT + n, K, V, BK, BV, v0)
-        qb = _load_io(q, bh, t0, T, H, K, BT, BK)
-        kb = _load_io(k, bh, t0, T, H, K, BT, BK)
+        qb = _load_qk(q, Rn, 0, bh, t0, T, Tp, H, K, BT, BK, L2NORM)
+        kb = _load_qk(k, Rn, 1, bh, t0, T, Tp, H, K, BT, BK, L2NORM)
         wb = _load_buf(Wk, bh, t0, Tp, K, BT, BK)
         dob = _load_io(do, bh, t0, T, H, V, BT, BV, v0)
         Gb, G_end = _gates(G, bh, t0, Tp, BT)
@@ -83,21 +90,22 @@ def _bwd_state_kernel(
 
 @triton.jit
 def _bwd_out_kernel(
-    q, k, G, hs, dhs, Wb, do, dq, dk_o, dG_o, scale, T,
+    q, k, G, hs, dhs, Wb, do, Rn, dq, dk_o, dG_o, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKH: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr,
+    L2NORM: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Gradients through the output (4) and the state update (5) of chunk n, for key columns k0..k0+BKH:
-    those columns of dq (final) and of the part of dk, and this slice's part of dG (dG_C folded into the
-    last row), all of which are sums over K; `_bwd_wy_kernel` completes dk and dG."""
+    those columns of dq (final, or d q_hat with the L2 norm) and of the part of dk, and this slice's part of
+    dG (dG_C folded into the last row), all of which are sums over K; `_bwd_wy_kernel` completes dk and dG
+    (and dq with the L2 norm)."""
     n, bh, ik = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NT = tl.cdiv(T, BT)
     Tp = NT * BT
     t0, k0 = n * BT, ik * BKH
     dt = q.dtype.element_ty
     r = tl.arange(0, BT)
-    qb = _load_io(q, bh, t0, T, H, K, BT, BKH, k0)
-    kb = _load_io(k, bh, t0, T, H, K, BT, BKH, k0)
+    qb = _load_qk(q, Rn, 0, bh, t0, T, Tp, H, K, BT, BKH, L2NORM, k0)
+    kb = _load_qk(k, Rn, 1, bh, t0, T, Tp, H, K, BT, BKH, L2NORM, k0)
     Gb, G_end = _gates(G, bh, t0, Tp, BT)
 
     # sums over V: dO S^T, dO W^T, W dS'^T, and the rows of S * dS'
@@ -135,18 +143,19 @@ def _bwd_out_kernel(
 
 @triton.jit
 def _bwd_wy_kernel(
-    k, v, beta, G, Tinv, hs, dW, dk_o, dG_o, dk, dv, dg, dbeta, T,
+    q, k, v, beta, G, Tinv, hs, dW, dk_o, dG_o, Rn, dq, dk, dv, dg, dbeta, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BKH: tl.constexpr,
-    BV: tl.constexpr, PREC: tl.constexpr,
+    BV: tl.constexpr, L2NORM: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Gradients through the WY factors and (3) of chunk n, with dU = dW and dW_k = -dW S^T: dv, dbeta, and
-    dk, dg completed from `_bwd_out_kernel`'s parts (dg_i = sum_{j >= i} dG_j within the chunk)."""
+    dk, dg completed from `_bwd_out_kernel`'s parts (dg_i = sum_{j >= i} dG_j within the chunk); with the
+    L2 norm, dk and dq (from d q_hat, read back from dq) through it by (9)."""
     n, bh = tl.program_id(0), tl.program_id(1)
     NT = tl.cdiv(T, BT)
     Tp = NT * BT
     t0 = n * BT
     r = tl.arange(0, BT)
-    kb = _load_io(k, bh, t0, T, H, K, BT, BK)
+    kb = _load_qk(k, Rn, 1, bh, t0, T, Tp, H, K, BT, BK, L2NORM)
     Gb, _ = _gates(G, bh, t0, Tp, BT)
     b = _rows(beta, bh, t0, T, H, BT)
     Tt = tl.trans(tl.load(Tinv + _tile_offsets(bh, n, NT, BT)))
@@ -188,12 +197,25 @@ def _bwd_wy_kernel(
     dkb += _dot_f32_lowp(dKK + tl.trans(dKK), kb, PREC)
     dgb = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG
 
+    if L2NORM:
+        dkb = _l2norm_bwd(_load_io(k, bh, t0, T, H, K, BT, BK), tl.load(_rstd_ptrs(Rn, bh, 1, t0, Tp, BT)), dkb)
     _store_io(dk, dkb.to(dk.dtype.element_ty), bh, t0, T, H, K, BT, BK)
     bi, hi = bh // H, bh % H
     t = t0 + r
     p_row = (bi.to(tl.int64) * T + t) * H + hi
     tl.store(dg + p_row, dgb.to(dg.dtype.element_ty), mask=t < T)
     tl.store(dbeta + p_row, db.to(dbeta.dtype.element_ty), mask=t < T)
+    if L2NORM:  # dq holds d q_hat (in q's dtype, as the unfused path has it)
+        dqh = _load_io(dq, bh, t0, T, H, K, BT, BK).to(tl.float32)
+        dqb = _l2norm_bwd(_load_io(q, bh, t0, T, H, K, BT, BK), tl.load(_rstd_ptrs(Rn, bh, 0, t0, Tp, BT)), dqh)
+        _store_io(dq, dqb.to(dq.dtype.element_ty), bh, t0, T, H, K, BT, BK)
+
+
+@triton.jit
+def _l2norm_bwd(x, r, dy):
+    """(9): the gradient of x through x_hat = x r (rows of x, their r, d x_hat in fp32), in fp32."""
+    y = x.to(tl.float32) * r[:, None]
+    return r[:, None] * (dy - y * tl.sum(y * dy, 1)[:, None])
 
 
 def pick_bv_chunk(V: int) -> int:
@@ -214,12 +236,14 @@ def chunk_bwd(
     Wk: torch.Tensor,
     hs: torch.Tensor,
     W: torch.Tensor,
+    Rn: torch.Tensor,
     do: torch.Tensor,
     dht: torch.Tensor | None,
     need_dh0: bool,
+    l2norm: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """Backward launches on the forward's saved (G, T, P, W_k, states, W). Returns (dq, dk, dv, dg, dbeta, dh0);
-    dh0 is a placeholder unless `need_dh0`."""
+    """Backward launches on the forward's saved (G, T, P, W_k, states, W, inverse norms of q and k, used when
+    `l2norm`). Returns (dq, dk, dv, dg, dbeta, dh0); dh0 is a placeholder unless `need_dh0`."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     NT = cdiv(T, BT)
@@ -234,9 +258,10 @@ def chunk_bwd(
     dW = torch.empty(BH, Tp, V, device=dev, dtype=q.dtype)
     dh0 = torch.empty(B, H, K, V, device=dev, dtype=f32) if need_dh0 else placeholder(dev)
     launch(
-        _bwd_state_kernel, (cdiv(V, BV), BH), q, k, G, Pm, Wk, do, dht if dht is not None else placeholder(dev),
-        dhs, dW, dh0, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_DHT=dht is not None, STORE_DH0=need_dh0,
-        PREC=prec, num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
+        _bwd_state_kernel, (cdiv(V, BV), BH), q, k, G, Pm, Wk, Rn, do,
+        dht if dht is not None else placeholder(dev), dhs, dW, dh0, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        USE_DHT=dht is not None, STORE_DH0=need_dh0, L2NORM=l2norm, PREC=prec, num_warps=CONFIG["state_warps"],
+        num_stages=CONFIG["state_stages"],
     )  # fmt: skip
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -244,8 +269,9 @@ def chunk_bwd(
     BKH = min(BK, 64)  # key columns per `_bwd_out_kernel` program
     NK = cdiv(K, BKH)
     dk_o, dG_o = torch.empty(BH, Tp, K, device=dev, dtype=f32), torch.empty(NK, BH, Tp, device=dev, dtype=f32)
-    opts = dict(H=H, K=K, V=V, BT=BT, BKH=BKH, BV=pick_bv_chunk(V), PREC=prec, num_warps=CONFIG["chunk_warps"],
-                num_stages=CONFIG["chunk_stages"])  # fmt: skip
-    launch(_bwd_out_kernel, (NT, BH, NK), q, k, G, hs, dhs, W, do, dq, dk_o, dG_o, scale, T, **opts)
-    launch(_bwd_wy_kernel, (NT, BH), k, v, beta, G, Tinv, hs, dW, dk_o, dG_o, dk, dv, dg, dbeta, T, BK=BK, **opts)
+    opts = dict(H=H, K=K, V=V, BT=BT, BKH=BKH, BV=pick_bv_chunk(V), L2NORM=l2norm, PREC=prec,
+                num_warps=CONFIG["chunk_warps"], num_stages=CONFIG["chunk_stages"])  # fmt: skip
+    launch(_bwd_out_kernel, (NT, BH, NK), q, k, G, hs, dhs, W, do, Rn, dq, dk_o, dG_o, scale, T, **opts)
+    launch(_bwd_wy_kernel, (NT, BH), q, k, v, beta, G, Tinv, hs, dW, dk_o, dG_o, Rn, dq, dk, dv, dg, dbeta, T,
+           BK=BK, **opts)  # fmt: skip
     return dq, dk, dv, dg, dbeta, dh0

@@ -4,6 +4,9 @@ Notation and equations (3)-(5) are those of `reference.chunk_gated_delta_rule`.
 
 1. `_prep_kernel`, one program per (chunk, head), all independent: the cumulative gate G, the strictly
    lower A of (3), T = (I + A)^-1, and the WY factors U = T diag(beta) V, W_k = T diag(beta e^G) K.
+   With the optional q/k L2 norm it also saves each row's r = (|x|^2 + eps)^-1/2 of q and k (fp32), and
+   every kernel that reads q or k (forward and backward) uses x_hat = x r, rounded to the input dtype as
+   `kernels.gdn.l2norm` rounds it, so only the raw q and k are saved.
    T is built from fp32 inverses of the 16x16 diagonal blocks (by doubling) merged in one step:
    with D = (I + A_diag)^-1 and N = D A_off (strictly block lower, so N^4 = 0),
        (I + A)^-1 = (I + N)^-1 D = (I - N)(I + N^2) D.                                      (6)
@@ -24,6 +27,7 @@ from kernels.common import launch
 
 BT = 64  # chunk length
 BS = 16  # diagonal block of the triangular solve
+NORM_EPS = 1e-6  # of the q/k L2 norm, as `kernels.gdn.l2norm`
 # Launch configuration (H100, K = V = 112 / 128, from interleaved sweeps): warps, software-pipeline stages and
 # V block of the sequential kernels (forward and backward), of the prep kernel and of the backward's chunk
 # kernels. The sequential kernels need their loads pipelined (stages 2): with Triton 3.6, single-stage builds
@@ -113,6 +117,23 @@ def _rows(ptr, bh, t0, T, H: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
+def _rstd_ptrs(Rn, bh, which: tl.constexpr, t0, Tp, BT: tl.constexpr):
+    """Pointers to rows t0..t0+BT of the saved inverse norms of q (which = 0) or k (1), [B*H, 2, Tp] fp32."""
+    return Rn + (bh.to(tl.int64) * 2 + which) * Tp + t0 + tl.arange(0, BT)
+
+
+@triton.jit
+def _load_qk(x, Rn, which: tl.constexpr, bh, t0, T, Tp, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+             BK: tl.constexpr, L2NORM: tl.constexpr, c0=0):  # fmt: skip
+    """Rows t0.. of q or k (columns c0..c0+BK) as the recurrence uses them: L2-normalized by the saved
+    inverse norm when L2NORM (in fp32, rounded to the input dtype), else as given."""
+    x = _load_io(x, bh, t0, T, H, K, BT, BK, c0)
+    if L2NORM:
+        x = (x.to(tl.float32) * tl.load(_rstd_ptrs(Rn, bh, which, t0, Tp, BT))[:, None]).to(x.dtype)
+    return x
+
+
+@triton.jit
 def _tile_offsets(bh, n, NT, BT: tl.constexpr):
     """Offsets of chunk n's [BT, BT] tile of head bh in a [B*H, NT, BT, BT] tensor (T and P)."""
     r = tl.arange(0, BT)
@@ -179,9 +200,9 @@ def _unit_lower_inverse(A, k, b, Gc, BS: tl.constexpr, PREC: tl.constexpr):
 
 @triton.jit
 def _prep_kernel(
-    q, k, v, g, beta, G, Tinv, Pm, Wk, U, scale, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    q, k, v, g, beta, G, Tinv, Pm, Wk, U, Rn, scale, eps, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, L2NORM: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     n, bh = tl.program_id(0), tl.program_id(1)
     NT = tl.cdiv(T, BT)
@@ -193,6 +214,14 @@ def _prep_kernel(
     tl.store(G + bh.to(tl.int64) * Tp + t0 + r, Gc)
     b = _rows(beta, bh, t0, T, H, BT)
     kb = _load_io(k, bh, t0, T, H, K, BT, BK)
+    qb = _load_io(q, bh, t0, T, H, K, BT, BK)
+    if L2NORM:  # x_hat = x / sqrt(|x|^2 + eps) per row; r saved for the other kernels
+        kf, qf = kb.to(tl.float32), qb.to(tl.float32)
+        rk = tl.rsqrt(tl.sum(kf * kf, 1) + eps)
+        rq = tl.rsqrt(tl.sum(qf * qf, 1) + eps)
+        tl.store(_rstd_ptrs(Rn, bh, 0, t0, Tp, BT), rq)
+        tl.store(_rstd_ptrs(Rn, bh, 1, t0, Tp, BT), rk)
+        kb, qb = (kf * rk[:, None]).to(kb.dtype), (qf * rq[:, None]).to(qb.dtype)
 
     # (3): A_ij = beta_i exp(G_i - G_j) k_i . k_j for j < i (bf16 products are exact in the fp32 accumulator)
     A = b[:, None] * tl.dot(kb, tl.trans(kb), input_precision=PREC) * _decay(Gc, False)
@@ -200,7 +229,6 @@ def _prep_kernel(
     p_tile = _tile_offsets(bh, n, NT, BT)
     tl.store(Tinv + p_tile, Tm)
     # P = scale (Q K^T * Gamma) of (4), used by both sequential kernels
-    qb = _load_io(q, bh, t0, T, H, K, BT, BK)
     P = tl.dot(qb, tl.trans(kb), input_precision=PREC) * (scale * _decay(Gc, True))
     tl.store(Pm + p_tile, P.to(Pm.dtype.element_ty))
 
@@ -214,10 +242,10 @@ def _prep_kernel(
 
 @triton.jit
 def _state_out_kernel(
-    q, k, G, Pm, Wk, U, h0, o, ht, hs, Wb, scale, T,
+    q, k, G, Pm, Wk, U, Rn, h0, o, ht, hs, Wb, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, SAVE: tl.constexpr,
-    PREC: tl.constexpr,
+    L2NORM: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     iv, bh = tl.program_id(0), tl.program_id(1)
     NT = tl.cdiv(T, BT)
@@ -229,8 +257,8 @@ def _state_out_kernel(
         t0 = n * BT
         if SAVE:  # S entering chunk n
             _store_state(hs, S.to(dt), bh * NT + n, K, V, BK, BV, v0)
-        qb = _load_io(q, bh, t0, T, H, K, BT, BK)
-        kb = _load_io(k, bh, t0, T, H, K, BT, BK)
+        qb = _load_qk(q, Rn, 0, bh, t0, T, Tp, H, K, BT, BK, L2NORM)
+        kb = _load_qk(k, Rn, 1, bh, t0, T, Tp, H, K, BT, BK, L2NORM)
         wb = _load_buf(Wk, bh, t0, Tp, K, BT, BK)
         ub = _load_buf(U, bh, t0, Tp, V, BT, BV, v0)
         Gb, G_end = _gates(G, bh, t0, Tp, BT)
@@ -294,9 +322,12 @@ def chunk_fwd(
     initial_state: torch.Tensor | None,
     output_final_state: bool,
     save: bool,
+    l2norm: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """Forward launches. Returns (o, final state, G, T, P, W_k, states, W); the last two only when `save`
-    (placeholders otherwise); the final state is an empty tensor unless `output_final_state`."""
+    """Forward launches, on q and k L2-normalized inside the kernels when `l2norm`. Returns (o, final state,
+    G, T, P, W_k, states, W, inverse norms): states and W only when `save`, the [B*H, 2, Tp] inverse norms of
+    q and k only when `l2norm` (placeholders otherwise); the final state is an empty tensor unless
+    `output_final_state`."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     NT = cdiv(T, BT)
@@ -310,8 +341,10 @@ def chunk_fwd(
     Pm = torch.empty(BH, NT, BT, BT, device=dev, dtype=dt)
     Wk = torch.empty(BH, Tp, K, device=dev, dtype=dt)
     U = torch.empty(BH, Tp, V, device=dev, dtype=dt)
-    launch(_prep_kernel, (NT, BH), q, k, v, g, beta, G, Tinv, Pm, Wk, U, scale, T, H=H, K=K, V=V, BT=BT, BS=BS,
-           BK=BK, BV=pow2(V), PREC=prec, num_warps=CONFIG["prep_warps"], num_stages=1)  # fmt: skip
+    Rn = torch.empty(BH, 2, Tp, device=dev, dtype=f32) if l2norm else placeholder(dev)
+    launch(_prep_kernel, (NT, BH), q, k, v, g, beta, G, Tinv, Pm, Wk, U, Rn, scale, NORM_EPS, T, H=H, K=K, V=V,
+           BT=BT, BS=BS, BK=BK, BV=pow2(V), L2NORM=l2norm, PREC=prec, num_warps=CONFIG["prep_warps"],
+           num_stages=1)  # fmt: skip
 
     BV = pick_bv(V)
     o = torch.empty_like(v)
@@ -320,8 +353,8 @@ def chunk_fwd(
     W = torch.empty(BH, Tp, V, device=dev, dtype=dt) if save else placeholder(dev)
     h0 = initial_state if initial_state is not None else placeholder(dev)
     launch(
-        _state_out_kernel, (cdiv(V, BV), BH), q, k, G, Pm, Wk, U, h0, o, ht, hs, W, scale, T,
+        _state_out_kernel, (cdiv(V, BV), BH), q, k, G, Pm, Wk, U, Rn, h0, o, ht, hs, W, scale, T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_H0=initial_state is not None, STORE_HT=output_final_state,
-        SAVE=save, PREC=prec, num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
+        SAVE=save, L2NORM=l2norm, PREC=prec, num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
     )  # fmt: skip
-    return o, ht, G, Tinv, Pm, Wk, hs, W
+    return o, ht, G, Tinv, Pm, Wk, hs, W, Rn

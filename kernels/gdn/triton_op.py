@@ -23,86 +23,90 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor) -> str | None:
     return None
 
 
-def _grads(saved: tuple[Tensor, ...], scale: float, has_h0: bool, do: Tensor, dht: Tensor | None):
-    q, k, v, g, beta, h0, G, Tinv, Pm, Wk, hs, W = saved
+def _grads(saved: tuple[Tensor, ...], scale: float, has_h0: bool, l2norm: bool, do: Tensor, dht: Tensor | None):
+    q, k, v, g, beta, h0, G, Tinv, Pm, Wk, hs, W, Rn = saved
     dht = dht.contiguous() if dht is not None else None  # the gradient of S_T.sum() is a stride-0 expand
-    dq, dk, dv, dg, dbeta, dh0 = chunk_bwd(q, k, v, g, beta, scale, G, Tinv, Pm, Wk, hs, W, do.contiguous(),
-                                           dht, has_h0)  # fmt: skip
+    dq, dk, dv, dg, dbeta, dh0 = chunk_bwd(q, k, v, g, beta, scale, G, Tinv, Pm, Wk, hs, W, Rn, do.contiguous(),
+                                           dht, has_h0, l2norm)  # fmt: skip
     return dq, dk, dv, dg, dbeta, (dh0.to(h0.dtype) if has_h0 else None)
 
 
 class GatedDeltaRuleFunction(torch.autograd.Function):
-    """Eager-mode autograd wrapper of the forward (`chunk_fwd`) and backward (`chunk_bwd`) launchers."""
+    """Eager-mode autograd wrapper of the forward (`chunk_fwd`) and backward (`chunk_bwd`) launchers; with
+    `l2norm` the raw q and k are saved (the kernels normalize them)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state):
+    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, l2norm):
         save = any(ctx.needs_input_grad)
-        outs = chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, save)
-        o, ht, G, Tinv, Pm, Wk, hs, W = outs
+        outs = chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, save, l2norm)
+        o, ht, G, Tinv, Pm, Wk, hs, W, Rn = outs
         if save:
-            ctx.save_for_backward(q, k, v, g, beta, initial_state, G, Tinv, Pm, Wk, hs, W)
-        ctx.scale, ctx.has_h0 = scale, initial_state is not None
+            ctx.save_for_backward(q, k, v, g, beta, initial_state, G, Tinv, Pm, Wk, hs, W, Rn)
+        ctx.scale, ctx.has_h0, ctx.l2norm = scale, initial_state is not None, l2norm
         return o, (ht if output_final_state else None)
 
     @staticmethod
     def backward(ctx, do, dht):
-        grads = _grads(ctx.saved_tensors, ctx.scale, ctx.has_h0, do, dht)
-        return (*grads[:5], None, grads[5], None)
+        grads = _grads(ctx.saved_tensors, ctx.scale, ctx.has_h0, ctx.l2norm, do, dht)
+        return (*grads[:5], None, grads[5], None, None)
 
 
 @torch.library.custom_op("hyla::gdn_chunk_fwd", mutates_args=())
 def _fwd_op(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float,
-    initial_state: Tensor | None, output_final_state: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    return chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, True)
+    initial_state: Tensor | None, output_final_state: bool, l2norm: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    outs = chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, True, l2norm)
+    return outs if l2norm else (*outs[:-1], q.new_empty(0, dtype=torch.float32))  # never the placeholder
 
 
 @_fwd_op.register_fake
-def _(q, k, v, g, beta, scale, initial_state, output_final_state):
+def _(q, k, v, g, beta, scale, initial_state, output_final_state, l2norm):
     B, T, H, K = q.shape
     V = v.shape[-1]
     NT = cdiv(T, BT)
     f32 = torch.float32
     ht = q.new_empty(B, H, K, V, dtype=f32) if output_final_state else q.new_empty(0, dtype=f32)
+    Rn = q.new_empty(B * H, 2, NT * BT, dtype=f32) if l2norm else q.new_empty(0, dtype=f32)
     return (
         torch.empty_like(v), ht,
         q.new_empty(B * H, NT * BT, dtype=f32), q.new_empty(B * H, NT, BT, BT, dtype=f32),
         q.new_empty(B * H, NT, BT, BT), q.new_empty(B * H, NT * BT, K),
-        q.new_empty(B * H, NT, K, V), q.new_empty(B * H, NT * BT, V),
+        q.new_empty(B * H, NT, K, V), q.new_empty(B * H, NT * BT, V), Rn,
     )  # fmt: skip
 
 
 @torch.library.custom_op("hyla::gdn_chunk_bwd", mutates_args=())
 def _bwd_op(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, h0: Tensor, G: Tensor, Tinv: Tensor, Pm: Tensor,
-    Wk: Tensor,
-    hs: Tensor, W: Tensor, do: Tensor, dht: Tensor | None, scale: float, has_h0: bool,
+    Wk: Tensor, hs: Tensor, W: Tensor, Rn: Tensor, do: Tensor, dht: Tensor | None, scale: float, has_h0: bool,
+    l2norm: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    dq, dk, dv, dg, dbeta, dh0 = _grads((q, k, v, g, beta, h0, G, Tinv, Pm, Wk, hs, W), scale, has_h0, do, dht)
+    saved = (q, k, v, g, beta, h0, G, Tinv, Pm, Wk, hs, W, Rn)
+    dq, dk, dv, dg, dbeta, dh0 = _grads(saved, scale, has_h0, l2norm, do, dht)
     return dq, dk, dv, dg, dbeta, (dh0 if has_h0 else h0.new_empty(0))
 
 
 @_bwd_op.register_fake
-def _(q, k, v, g, beta, h0, G, Tinv, Pm, Wk, hs, W, do, dht, scale, has_h0):
+def _(q, k, v, g, beta, h0, G, Tinv, Pm, Wk, hs, W, Rn, do, dht, scale, has_h0, l2norm):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
             torch.empty_like(beta), torch.empty_like(h0) if has_h0 else h0.new_empty(0))  # fmt: skip
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g, beta, scale, initial_state, _ = inputs
+    q, k, v, g, beta, scale, initial_state, _, l2norm = inputs
     h0 = initial_state if initial_state is not None else q.new_empty(0)
     ctx.save_for_backward(q, k, v, g, beta, h0, *output[2:])
     ctx.mark_non_differentiable(*output[2:])
-    ctx.scale, ctx.has_h0 = scale, initial_state is not None
+    ctx.scale, ctx.has_h0, ctx.l2norm = scale, initial_state is not None, l2norm
 
 
 def _backward(ctx, do, dht, *_):
     has_dht = dht is not None and dht.numel() > 0
     dq, dk, dv, dg, dbeta, dh0 = torch.ops.hyla.gdn_chunk_bwd(
-        *ctx.saved_tensors, do, dht if has_dht else None, ctx.scale, ctx.has_h0
+        *ctx.saved_tensors, do, dht if has_dht else None, ctx.scale, ctx.has_h0, ctx.l2norm
     )
-    return dq, dk, dv, dg, dbeta, None, (dh0 if ctx.has_h0 else None), None
+    return dq, dk, dv, dg, dbeta, None, (dh0 if ctx.has_h0 else None), None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -117,13 +121,17 @@ def triton_gated_delta_rule(
     scale: float,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
+    use_qk_l2norm: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """(o, final state or None) by the Triton kernels; inputs as `kernels.gdn.gated_delta_rule` takes them,
-    validated there, with `unsupported_reason` None. Non-contiguous inputs are copied."""
+    validated there, with `unsupported_reason` None; `use_qk_l2norm` normalizes q and k inside the kernels
+    (as `kernels.gdn.l2norm` does). Non-contiguous inputs are copied."""
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     if initial_state is not None:
         initial_state = initial_state.contiguous()
     if torch.compiler.is_compiling():
-        o, ht, *_ = torch.ops.hyla.gdn_chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state)
+        o, ht, *_ = torch.ops.hyla.gdn_chunk_fwd(
+            q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm
+        )
         return o, (ht if output_final_state else None)
-    return GatedDeltaRuleFunction.apply(q, k, v, g, beta, scale, initial_state, output_final_state)
+    return GatedDeltaRuleFunction.apply(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm)
