@@ -212,22 +212,10 @@ def time_variant(fwd, sets, do, calls: int) -> dict:
 
 def sweep_configs(shapes=((16, 1024), (64, 1024)), options: dict | None = None) -> dict:
     """Time a few tile configs per kernel at each shape (each checked against the fp64 reference first);
-    keep the one with the least total time. Kernels are swept in order (fwd, bwd_dq, bwd_dkv), each with
-    the best of the previous ones; bwd_* configs are timed as the whole backward."""
-    def cfg(bm, bn, bnl, w, st, maxnreg=None):
-        c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_NL=bnl, num_warps=w, num_stages=st)
-        return c if maxnreg is None else {**c, "maxnreg": maxnreg}  # a cap on registers: more programs per SM
-
-    def dkv(bm, bn, bmr, bnr, recompute, heavy_first, w, maxnreg=None):
-        c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_MR=bmr, BLOCK_NR=bnr, RECOMPUTE_DX=recompute, HEAVY_FIRST=heavy_first)
-        return {**c, "num_warps": w, "num_stages": 3, **({} if maxnreg is None else {"maxnreg": maxnreg})}
-
-    options = options or {  # the defaults (earlier sweeps: profiles/csa.md) against 128-row query blocks on 8
-        # warps (the window band of 128 rows spans 3 key tiles of 64 where two 64-row blocks take 4)
-        "fwd": [cfg(64, 32, 64, 4, 3, 168), cfg(128, 32, 64, 8, 3), cfg(128, 32, 64, 8, 3, 128)],
-        "bwd_dq": [cfg(64, 32, 64, 4, 3), cfg(128, 32, 64, 8, 3), cfg(128, 32, 64, 8, 3, 128)],
-        "bwd_dkv": [dkv(32, 64, 32, 64, False, True, 4, 168)],
-    }
+    keep the one with the least total time. An option is a dict of overrides of kernels/csa's defaults
+    (triton_csa.CONFIG). Kernels are swept in order (fwd, bwd_dq, bwd_dkv), each with the best of the
+    previous ones; bwd_* configs are timed as the whole backward."""
+    options = options or {"fwd": [{}], "bwd_dq": [{}], "bwd_dkv": [{}]}  # the defaults (sweeps, A/B: csa.md)
     sets = {}
     for B, T in shapes:
         xs = [x.detach() for x in inputs(B, T, seed=7)]
@@ -240,8 +228,9 @@ def sweep_configs(shapes=((16, 1024), (64, 1024)), options: dict | None = None) 
     report = {}
     for name, opts in options.items():
         results = []
-        for opt in opts:
-            triton_csa.CONFIG[name] = opt
+        default = dict(triton_csa.CONFIG[name])
+        for over in opts:
+            opt = triton_csa.CONFIG[name] = {**default, **over}
             try:
                 out = csa.csa_attention(*small, backend="triton")
                 ef, eb = relerrs(out, torch.autograd.grad(out, small, dsmall), ref, ref_grads)

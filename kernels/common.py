@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from collections.abc import Callable, Sequence
 
@@ -76,8 +77,10 @@ def launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
 
     For kernels whose constexpr parameters all come last and are passed by keyword in `meta` (with the
     launch options: num_warps, ...), runtime arguments positionally. Triton specializes a compiled kernel
-    on the dtypes and 16-byte alignment of pointer arguments and on integers being 1 or multiples of 16;
-    keyed on the same facts, the compiled kernel of a first launch is reused by calling its C launcher
+    on the dtypes and 16-byte alignment of pointer arguments and on integers being 1 or multiples of 16
+    (and on their width); the compiled kernel of a first launch is cached under a key at least as fine
+    (dtypes; addresses and integers from 2^31 up by their residue mod 16; smaller integers by value, a new
+    entry per value, the cache being emptied past _MAX_ENTRIES) and reused by calling its C launcher
     directly on the current stream (the host cost of a launch is most of a small op's time). Tensors reach
     the C launcher as their device addresses (ints): given a tensor it would call data_ptr() and check the
     address with the driver (cuPointerGetAttribute) once per pointer argument on every launch; callers
@@ -90,12 +93,10 @@ def launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
         return
     device = torch.cuda.current_device()
     ptrs = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
-    key = (id(kernel), device, *meta.items(), *[  # (a JITFunction hashes through a lock: id is cheaper)
-        (a.dtype, p & 15 == 0) if isinstance(a, torch.Tensor)
-        else (a == 1, a & 15 == 0, a.bit_length() > 31) if type(a) is int  # bools are not ints here
-        else None  # floats and bools are not specialized
-        for a, p in zip(args, ptrs, strict=True)
-    ])
+    key = (  # (a JITFunction hashes through a lock: its id is cheaper; bools and floats are not specialized)
+        id(kernel), device, *meta.items(), *map(getattr, args, _DTYPE, _NONE),
+        *[(p if p < 0x80000000 else p & 15) if type(p) is int else None for p in ptrs],
+    )
     entry = _COMPILED.get(key)
     if entry is None:
         compiled = kernel[grid](*args, **meta)
@@ -104,6 +105,8 @@ def launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
         if all(p.is_constexpr and p.name in meta for p in tail) and not any(
             p.is_constexpr for p in kernel.params[: len(args)]
         ):
+            if len(_COMPILED) >= _MAX_ENTRIES:
+                _COMPILED.clear()
             constexprs = tuple(meta[p.name] for p in tail)
             _COMPILED[key] = (compiled.run, compiled.function, compiled.packed_metadata, constexprs)
         return
@@ -114,5 +117,7 @@ def launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
 
 
 _current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what Triton's own launch uses
+_DTYPE, _NONE = itertools.repeat("dtype"), itertools.repeat(None)  # getattr(arg, "dtype", None) over args
 _COMPILED: dict = {}
+_MAX_ENTRIES = 4096
 FAST_LAUNCH = True  # False: every launch through Triton's JIT front end (bench/csa.py measures both)

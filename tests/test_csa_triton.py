@@ -82,14 +82,14 @@ def test_matches_reference_interpreter(shape):
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="fp32 interpreter check for CPU CI; the GPU sweep in bench/csa.py")
-@pytest.mark.parametrize("recompute, heavy_first", [(False, True), (True, False)])
-def test_small_tiles_interpreter(monkeypatch, recompute, heavy_first):
-    """Many small, unaligned tiles on every loop (the defaults cover one or two tiles per loop), and both
-    settings of the key-block launch's switches."""
+@pytest.mark.parametrize("halves", [2, 1, 0])
+def test_small_tiles_interpreter(monkeypatch, halves):
+    """Many small, unaligned tiles on every loop (the defaults cover one or two tiles per loop), and every
+    form of the dq launch's hand-over of dX to the key-block launch."""
     small = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_NL=16, num_warps=1, num_stages=1)
-    monkeypatch.setitem(triton_csa.CONFIG, "fwd", small)
+    monkeypatch.setitem(triton_csa.CONFIG, "fwd", {**small, "PREFETCH_BLEND": halves == 1})
     monkeypatch.setitem(triton_csa.CONFIG, "bwd_dq", small)
-    dkv = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_MR=16, BLOCK_NR=32, RECOMPUTE_DX=recompute, HEAVY_FIRST=heavy_first)
+    dkv = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_MR=16, BLOCK_NR=32, DX_HALVES=halves)
     monkeypatch.setitem(triton_csa.CONFIG, "bwd_dkv", {**dkv, "num_warps": 1, "num_stages": 1})
     xs = make_inputs(1, 150, 6, 2, 16, strided=True, seed=5)
     out, grads, ref, ref_grads = run_both(xs, triton_fn)
@@ -193,7 +193,7 @@ def compile_all_for_hopper() -> list[str]:
         if name == "_csa_fwd":
             constexprs["SAVE"] = True
         if name == "_csa_bwd_dq":
-            constexprs["STORE_DX"] = True
+            constexprs["DX_HALVES"] = triton_csa.CONFIG["bwd_dkv"]["DX_HALVES"]
         compiled = compile_for_hopper(kernel, _signature(kernel, "bf16", constexprs), constexprs)
         if compiled.asm["cubin"]:
             built.append(name)
