@@ -215,7 +215,8 @@ def sweep_configs(shapes=((16, 1024), (64, 1024)), options: dict | None = None) 
     keep the one with the least total time. An option is a dict of overrides of kernels/csa's defaults
     (triton_csa.CONFIG). Kernels are swept in order (fwd, bwd_dq, bwd_dkv), each with the best of the
     previous ones; bwd_* configs are timed as the whole backward."""
-    options = options or {"fwd": [{}], "bwd_dq": [{}], "bwd_dkv": [{}]}  # the defaults (sweeps, A/B: csa.md)
+    # the defaults, and the forward's previous compressed-key tile (earlier sweeps and A/B runs: csa.md)
+    options = options or {"fwd": [{}, {"BLOCK_N": 32}], "bwd_dq": [{}], "bwd_dkv": [{}]}
     sets = {}
     for B, T in shapes:
         xs = [x.detach() for x in inputs(B, T, seed=7)]

@@ -75,7 +75,6 @@ def _csa_fwd(
     Q, K, V, KC, VC, BLEND, O, DCL, LSE, T, Tc, qk_scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr,
     SAVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NL: tl.constexpr,
-    PREFETCH_BLEND: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M  # late (costly) query blocks first
@@ -87,8 +86,6 @@ def _csa_fwd(
     in_t = offs_m < T
     row_offs = ((b64 * T + offs_m[:, None]) * H + h) * D + offs_d[None, :]  # q, o, dcl, blend rows
     q = tl.load(Q + row_offs, mask=in_t[:, None], other=0.0)
-    if PREFETCH_BLEND:
-        blend = tl.load(BLEND + row_offs, mask=in_t[:, None], other=0.0)
 
     # (1) compressed path: blocks j < m0 // STRIDE are visible to every row of the tile, the rest
     # up to the last row's limit (t // STRIDE) get the visibility mask.
@@ -116,9 +113,7 @@ def _csa_fwd(
     has_c = l_c > 0  # rows t < STRIDE see no compressed block: comp = 0 by definition
     comp = acc_c / tl.where(has_c, l_c, 1.0)[:, None]
     local = acc_l / tl.where(in_t, l_l, 1.0)[:, None]  # l_l >= 1 on real rows (the diagonal)
-    if not PREFETCH_BLEND:
-        blend = tl.load(BLEND + row_offs, mask=in_t[:, None], other=0.0)
-    blend = blend.to(tl.float32)
+    blend = tl.load(BLEND + row_offs, mask=in_t[:, None], other=0.0).to(tl.float32)
     tl.store(O + row_offs, (local + blend * (comp - local)).to(O.dtype.element_ty), mask=in_t[:, None])
     if SAVE:
         tl.store(DCL + row_offs, (comp - local).to(DCL.dtype.element_ty), mask=in_t[:, None])
@@ -152,7 +147,7 @@ def _bwd_dq_path(
 def _csa_bwd_dq(
     Q, K, V, KC, VC, BLEND, O, DCL, DO, LSE, DQ, DBLEND, DX, DELTA, T, Tc, qk_scale, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr,
-    DX_HALVES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NL: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M  # late (costly) query blocks first
@@ -177,11 +172,9 @@ def _csa_bwd_dq(
     delta_c = tl.sum(dc * (o + (1.0 - blend) * dcl), 1)
     delta_l = tl.sum(dl * (o - blend * dcl), 1)
     dc, dl = dc.to(Q.dtype.element_ty), dl.to(Q.dtype.element_ty)
-    if DX_HALVES > 0:  # DX [B, T, H, DX_HALVES, D]: dC, then dL
-        dx_offs = (((b64 * T + offs_m[:, None]) * H + h) * DX_HALVES) * D + offs_d[None, :]
-        tl.store(DX + dx_offs, dc, mask=row)
-    if DX_HALVES == 2:
-        tl.store(DX + D + dx_offs, dl, mask=row)
+    dx_offs = (((b64 * T + offs_m[:, None]) * H + h) * 2) * D + offs_d[None, :]  # DX [B, T, H, 2, D]
+    tl.store(DX + dx_offs, dc, mask=row)
+    tl.store(DX + D + dx_offs, dl, mask=row)
     lse_offs = (b64 * H + h) * 2 * T + offs_m  # DELTA and LSE [B, H, 2, T]
     tl.store(DELTA + lse_offs, delta_c, mask=in_t)
     tl.store(DELTA + T + lse_offs, delta_l, mask=in_t)
@@ -206,33 +199,20 @@ def _csa_bwd_dq(
 
 @triton.jit
 def _bwd_dkv_path(
-    dk, dv, k, v, Q, DX, DO, BL, LSE, DELTA, T, offs_n, offs_d, lo, hi, qk_scale,
-    MASK: tl.constexpr, DX_HALVES: tl.constexpr, H: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr,
-    WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+    dk, dv, k, v, Q, DX, LSE, DELTA, T, offs_n, offs_d, lo, hi, qk_scale,
+    MASK: tl.constexpr, H: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """dv += P^T dX, dk += dS^T Q over query rows [lo, hi) of one head (transposed tiles [keys, rows]).
 
-    Q, DO, BL point at the head's row 0 of [., T, H, D]; DX at the head's dC in [., T, H, DX_HALVES, D]
-    (dL follows it); LSE, DELTA at the head's [T] row of the path. dX = dC = blend dO on the compressed
-    path, dL = dO - dC on the window path: loaded, or rebuilt from dO (and dC, or blend) when DX_HALVES
-    does not hold it. Rows >= T load lse = inf: P is 0.
+    Q points at the head's row 0 of [., T, H, D]; DX at the path's half of [., T, H, 2, D]; LSE, DELTA at
+    the head's [T] row of the path. Rows >= T load lse = inf: P is 0.
     """
-    WIN: tl.constexpr = MASK == WINDOW_MASK
     for start in range(lo, hi, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         in_t = offs_m < T
-        rows = offs_m[:, None] * (H * D) + offs_d[None, :]
-        q = tl.load(Q + rows, mask=in_t[:, None], other=0.0)
-        if DX_HALVES == 2 or (DX_HALVES == 1 and not WIN):
-            dx_rows = offs_m[:, None] * (DX_HALVES * H * D) + offs_d[None, :] + (D if WIN else 0)
-            dx = tl.load(DX + dx_rows, mask=in_t[:, None], other=0.0)
-        else:
-            do = tl.load(DO + rows, mask=in_t[:, None], other=0.0).to(tl.float32)
-            if DX_HALVES == 1:  # the window path, from the stored dC
-                dc = tl.load(DX + rows, mask=in_t[:, None], other=0.0).to(tl.float32)
-            else:
-                dc = tl.load(BL + rows, mask=in_t[:, None], other=0.0).to(tl.float32) * do
-            dx = (do - dc if WIN else dc).to(q.dtype)
+        q = tl.load(Q + offs_m[:, None] * (H * D) + offs_d[None, :], mask=in_t[:, None], other=0.0)
+        dx = tl.load(DX + offs_m[:, None] * (2 * H * D) + offs_d[None, :], mask=in_t[:, None], other=0.0)
         lse = tl.load(LSE + offs_m, mask=in_t, other=float("inf"))
         delta = tl.load(DELTA + offs_m, mask=in_t, other=0.0)
         pt = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
@@ -246,8 +226,8 @@ def _bwd_dkv_path(
 
 @triton.jit
 def _dkv_block(
-    Q, KX, VX, DX, DO, BLEND, LSE, DELTA, DKX, DVX, b64, hk, n0, n_keys, T, qk_scale, scale,
-    COMP: tl.constexpr, DX_HALVES: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+    Q, KX, VX, DX, LSE, DELTA, DKX, DVX, b64, hk, n0, n_keys, T, qk_scale, scale,
+    COMP: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     STRIDE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV of keys [n0, n0 + BLOCK_N) of KV head hk, summed over its G query heads.
@@ -265,32 +245,30 @@ def _dkv_block(
     v = tl.load(VX + kv_offs, mask=in_kv, other=0.0)
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-    half = 0 if COMP else 1  # the path's half of LSE, DELTA [B, H, 2, T]
+    half = 0 if COMP else 1  # the path's half of DX [B, T, H, 2, D] and of LSE, DELTA [B, H, 2, T]
     for h in range(hk * G, hk * G + G):
-        Qh, DOh, BLh = Q + b64 * T * H * D + h * D, DO + b64 * T * H * D + h * D, BLEND + b64 * T * H * D + h * D
-        DXh = DX + (b64 * T * H + h) * DX_HALVES * D
+        Qh, DXh = Q + b64 * T * H * D + h * D, DX + b64 * T * H * 2 * D + (h * 2 + half) * D
         LSEh, DELTAh = LSE + ((b64 * H + h) * 2 + half) * T, DELTA + ((b64 * H + h) * 2 + half) * T
         if COMP:
             lo = STRIDE * (n0 + 1)  # rows [lo, mid) need the visibility mask, rows [mid, T) see every key
             mid = tl.minimum(lo + tl.cdiv(STRIDE * (BLOCK_N - 1), BLOCK_M) * BLOCK_M, T)
-            dk, dv = _bwd_dkv_path(dk, dv, k, v, Qh, DXh, DOh, BLh, LSEh, DELTAh, T, offs_n, offs_d, lo, mid,
-                                   qk_scale, COMP_MASK, DX_HALVES, H, D, STRIDE, WINDOW, BLOCK_M)
-            dk, dv = _bwd_dkv_path(dk, dv, k, v, Qh, DXh, DOh, BLh, LSEh, DELTAh, T, offs_n, offs_d, mid, T,
-                                   qk_scale, NO_MASK, DX_HALVES, H, D, STRIDE, WINDOW, BLOCK_M)
+            dk, dv = _bwd_dkv_path(dk, dv, k, v, Qh, DXh, LSEh, DELTAh, T, offs_n, offs_d, lo, mid,
+                                   qk_scale, COMP_MASK, H, D, STRIDE, WINDOW, BLOCK_M)
+            dk, dv = _bwd_dkv_path(dk, dv, k, v, Qh, DXh, LSEh, DELTAh, T, offs_n, offs_d, mid, T,
+                                   qk_scale, NO_MASK, H, D, STRIDE, WINDOW, BLOCK_M)
         else:
             hi = tl.minimum(n0 + BLOCK_N + WINDOW - 1, T)
-            dk, dv = _bwd_dkv_path(dk, dv, k, v, Qh, DXh, DOh, BLh, LSEh, DELTAh, T, offs_n, offs_d, n0, hi,
-                                   qk_scale, WINDOW_MASK, DX_HALVES, H, D, STRIDE, WINDOW, BLOCK_M)
+            dk, dv = _bwd_dkv_path(dk, dv, k, v, Qh, DXh, LSEh, DELTAh, T, offs_n, offs_d, n0, hi,
+                                   qk_scale, WINDOW_MASK, H, D, STRIDE, WINDOW, BLOCK_M)
     tl.store(DKX + kv_offs, (dk * scale).to(DKX.dtype.element_ty), mask=in_kv)
     tl.store(DVX + kv_offs, dv.to(DVX.dtype.element_ty), mask=in_kv)
 
 
 @triton.jit
 def _csa_bwd_dkv(
-    Q, KC, VC, K, V, DX, DO, BLEND, LSE, DELTA, DKC, DVC, DK, DV, T, Tc, qk_scale, scale,
+    Q, KC, VC, K, V, DX, LSE, DELTA, DKC, DVC, DK, DV, T, Tc, qk_scale, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_MR: tl.constexpr, BLOCK_NR: tl.constexpr,
-    DX_HALVES: tl.constexpr,
 ):
     """Compressed key blocks of BLOCK_N (rows in tiles of BLOCK_M), then raw key blocks of BLOCK_NR (rows
     in tiles of BLOCK_MR). Grid (B Hkv, blocks): the compressed block 0 of every head (the longest row
@@ -301,27 +279,24 @@ def _csa_bwd_dkv(
     hk = pid_bh % HKV
     n_comp_blocks = tl.cdiv(Tc, BLOCK_N)
     if pid < n_comp_blocks:
-        _dkv_block(Q, KC, VC, DX, DO, BLEND, LSE, DELTA, DKC, DVC, b64, hk, pid * BLOCK_N, Tc, T, qk_scale,
-                   scale, True, DX_HALVES, H, HKV, D, STRIDE, WINDOW, BLOCK_M, BLOCK_N)
+        _dkv_block(Q, KC, VC, DX, LSE, DELTA, DKC, DVC, b64, hk, pid * BLOCK_N, Tc, T, qk_scale, scale, True, H,
+                   HKV, D, STRIDE, WINDOW, BLOCK_M, BLOCK_N)
     else:
-        _dkv_block(Q, K, V, DX, DO, BLEND, LSE, DELTA, DK, DV, b64, hk, (pid - n_comp_blocks) * BLOCK_NR, T, T,
-                   qk_scale, scale, False, DX_HALVES, H, HKV, D, STRIDE, WINDOW, BLOCK_MR, BLOCK_NR)
+        _dkv_block(Q, K, V, DX, LSE, DELTA, DK, DV, b64, hk, (pid - n_comp_blocks) * BLOCK_NR, T, T, qk_scale,
+                   scale, False, H, HKV, D, STRIDE, WINDOW, BLOCK_MR, BLOCK_NR)
 
 
 # Tile shapes and launch settings per kernel: the fastest correct ones of bench/csa.py's sweep on an H100
-# (sum of the B 16 and B 64 times at T 1024, H 9, Hkv 3, D 64; profiles/csa.json "sweep"). BLOCK_N tiles
-# compressed keys, BLOCK_NL the window's raw keys, BLOCK_NR raw key blocks in _csa_bwd_dkv; BLOCK_M and
-# BLOCK_MR tile query rows. DX_HALVES: how much of dX the dq launch stores for the key-block launch (2: dC
-# and dL, 1: dC, 0: nothing; the rest is rebuilt from dO and blend there). maxnreg caps registers per
-# thread: at 168 three 4-warp programs fit on an SM instead of two (the forward needs 183 uncapped and
-# then runs 20% slower; the key-block kernel spills a little at 168 and still gains at B 64).
+# (sum of the B 16 and B 64 times at T 1024, H 9, Hkv 3, D 64; profiles/csa.json "sweep"; the forward's
+# BLOCK_N of 64 from session 5's A/B, profiles/csa.md). BLOCK_N tiles compressed keys, BLOCK_NL the
+# window's raw keys, BLOCK_NR raw key blocks in _csa_bwd_dkv; BLOCK_M and BLOCK_MR tile query rows. maxnreg
+# caps registers per thread: at 168 three 4-warp programs fit on an SM instead of two (the forward needs
+# 183 uncapped and then runs 20% slower; the key-block kernel spills a little at 168 and still gains at
+# B 64).
 CONFIG = {
-    "fwd": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_NL=64, PREFETCH_BLEND=False, num_warps=4, num_stages=3, maxnreg=168),
+    "fwd": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_NL=64, num_warps=4, num_stages=3, maxnreg=168),
     "bwd_dq": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_NL=64, num_warps=4, num_stages=3),
-    "bwd_dkv": dict(
-        BLOCK_M=32, BLOCK_N=64, BLOCK_MR=32, BLOCK_NR=64, DX_HALVES=2, num_warps=4, num_stages=3,
-        maxnreg=168,
-    ),
+    "bwd_dkv": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_MR=32, BLOCK_NR=64, num_warps=4, num_stages=3, maxnreg=168),
 }
 
 
@@ -358,20 +333,19 @@ def csa_bwd(
     B, T, H, D = q.shape
     Hkv, Tc = k.shape[2], kc.shape[1]
     cfg_dq, cfg_dkv = CONFIG["bwd_dq"], CONFIG["bwd_dkv"]
-    halves = cfg_dkv["DX_HALVES"]
     dq, dblend = torch.empty_like(q), torch.empty_like(blend)
-    dx = q.new_empty((B, T, H, halves, D))  # dC = blend dO (and dL = dO - dC) for the key-block launch
+    dx = q.new_empty((B, T, H, 2, D))  # dC = blend dO, dL = dO - dC for the key-block launch
     delta = torch.empty_like(lse)
     launch(
         _csa_bwd_dq, (B * H, -(-T // cfg_dq["BLOCK_M"]), 1), q, k, v, kc, vc, blend, o, dcl, do, lse,
         dq, dblend, dx, delta, T, Tc, scale * LOG2E, scale, H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window,
-        DX_HALVES=halves, **cfg_dq,
+        **cfg_dq,
     )
     dk, dv, dkc, dvc = torch.empty_like(k), torch.empty_like(v), torch.empty_like(kc), torch.empty_like(vc)
     n_blocks = -(-Tc // cfg_dkv["BLOCK_N"]) - (-T // cfg_dkv["BLOCK_NR"])  # compressed, then raw key blocks
     launch(
-        _csa_bwd_dkv, (B * Hkv, n_blocks, 1), q, kc, vc, k, v, dx, do, blend, lse, delta, dkc, dvc, dk, dv, T,
-        Tc, scale * LOG2E, scale, H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window, **cfg_dkv,
+        _csa_bwd_dkv, (B * Hkv, n_blocks, 1), q, kc, vc, k, v, dx, lse, delta, dkc, dvc, dk, dv, T, Tc,
+        scale * LOG2E, scale, H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window, **cfg_dkv,
     )
     return dq, dk, dv, dkc, dvc, dblend
 
