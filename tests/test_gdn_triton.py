@@ -217,7 +217,7 @@ def compile_all_for_hopper(D: int, l2norm: bool) -> list[str]:
 def test_compiles_for_hopper():
     """In fresh interpreter-free processes (one per variant, run side by side): under TRITON_INTERPRET=1
     triton.language's own @jit helpers are interpreter objects that the compiler cannot lower. The model's
-    K = 112 with and without the fused L2 norm, K = 128 without."""
+    K = 112 with the fused L2 norm, K = 128 without."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     procs = [
         subprocess.Popen(
@@ -231,7 +231,7 @@ def test_compiles_for_hopper():
             stderr=subprocess.PIPE,
             text=True,
         )  # fmt: skip
-        for D, l2norm in ((112, True), (112, False), (128, False))
+        for D, l2norm in ((112, True), (128, False))
     ]
     for proc in procs:
         out, err = proc.communicate(timeout=300)
@@ -308,8 +308,8 @@ def test_torch_compile_fullgraph(l2norm):
     leaves = [x.detach().requires_grad_() for x in xs]
     compiled(*leaves).backward()
     (graph,) = graphs
-    (op,) = [n for n in graph.nodes if n.target is torch.ops.hyla.gdn_chunk_fwd.default]
-    assert op.args[8] is l2norm
+    (op,) = [n for n in graph.nodes if "gdn_chunk_fwd" in str(n.target)]  # the overload packet in Dynamo's graph
+    assert op.args[8] is l2norm, op.args
     assert not [n for n in graph.nodes if "rsqrt" in str(n.target)]
     eager = [x.detach().requires_grad_() for x in xs]
     f(*eager).backward()

@@ -15,9 +15,10 @@ K_d = diag(e^{G_C - G}) K (equations (3)-(5) of `reference.chunk_gated_delta_rul
    dA = -(T^T dT T^T) on the strictly lower part (T = (I + A)^-1); dg is the reversed in-chunk cumulative
    sum of dG. Two chunk kernels instead of one keep each under the register file (fewer live accumulators).
 
-With the q/k L2 norm (x_hat = x r, r = (|x|^2 + eps)^-1/2 per row, see `triton_fwd`), every kernel reads
-x_hat from the raw q, k and the forward's r, and `_bwd_wy_kernel`, which holds whole rows, takes dk and the
-dq that `_bwd_out_kernel` wrote through the norm:  dx = r (d x_hat - x_hat <x_hat, d x_hat>).        (9)
+With the q/k L2 norm (x_hat = diag(r) x, r = (|x|^2 + eps)^-1/2 per row, see `triton_fwd`), every kernel
+applies the forward's r to the fp32 factors around the raw q, k tiles, the gradients above are those of
+q_hat and k_hat, and `_bwd_wy_kernel`, which holds whole rows, takes dk and the dq that `_bwd_out_kernel`
+wrote through the norm:  dx = r (d x_hat - x_hat <x_hat, d x_hat>).                                  (9)
 """
 
 from __future__ import annotations
@@ -35,11 +36,10 @@ from kernels.gdn.triton_fwd import (
     _gates,
     _load_buf,
     _load_io,
-    _load_qk,
     _load_state,
     _prec,
     _rows,
-    _rstd_ptrs,
+    _rstd,
     _state_or_zeros,
     _store_buf,
     _store_io,
@@ -69,19 +69,20 @@ def _bwd_state_kernel(
         n = NT - 1 - m
         t0 = n * BT
         _store_state(dhs, dS.to(dt), bh * NT + n, K, V, BK, BV, v0)
-        qb = _load_qk(q, Rn, 0, bh, t0, T, Tp, H, K, BT, BK, L2NORM)
-        kb = _load_qk(k, Rn, 1, bh, t0, T, Tp, H, K, BT, BK, L2NORM)
+        qb = _load_io(q, bh, t0, T, H, K, BT, BK)
+        kb = _load_io(k, bh, t0, T, H, K, BT, BK)
         wb = _load_buf(Wk, bh, t0, Tp, K, BT, BK)
         dob = _load_io(do, bh, t0, T, H, V, BT, BV, v0)
         Gb, G_end = _gates(G, bh, t0, Tp, BT)
+        rq, rk = _rstd(Rn, bh, 0, t0, Tp, BT, L2NORM), _rstd(Rn, bh, 1, t0, Tp, BT, L2NORM)
 
         dSd = dS.to(dt)
         P = tl.load(Pm + _tile_offsets(bh, n, NT, BT))
-        kd = (kb.to(tl.float32) * tl.exp(G_end - Gb)[:, None]).to(dt)
+        kd = (kb.to(tl.float32) * (rk * tl.exp(G_end - Gb))[:, None]).to(dt)
         dw = tl.dot(tl.trans(P), dob, input_precision=PREC)  # (7); P holds the scale
         dw = tl.dot(kd, dSd, dw, input_precision=PREC).to(dt)
         _store_buf(dW, dw, bh, t0, Tp, V, BT, BV, v0)
-        qd = (scale * qb.to(tl.float32) * tl.exp(Gb)[:, None]).to(dt)
+        qd = (qb.to(tl.float32) * (scale * rq * tl.exp(Gb))[:, None]).to(dt)
         dS = tl.dot(tl.trans(qd), dob, dS * tl.exp(G_end), input_precision=PREC)  # (8)
         dS -= tl.dot(tl.trans(wb), dw, input_precision=PREC)
     if STORE_DH0:
@@ -104,9 +105,10 @@ def _bwd_out_kernel(
     t0, k0 = n * BT, ik * BKH
     dt = q.dtype.element_ty
     r = tl.arange(0, BT)
-    qb = _load_qk(q, Rn, 0, bh, t0, T, Tp, H, K, BT, BKH, L2NORM, k0)
-    kb = _load_qk(k, Rn, 1, bh, t0, T, Tp, H, K, BT, BKH, L2NORM, k0)
+    qb = _load_io(q, bh, t0, T, H, K, BT, BKH, k0)
+    kb = _load_io(k, bh, t0, T, H, K, BT, BKH, k0)
     Gb, G_end = _gates(G, bh, t0, Tp, BT)
+    rq, rk = _rstd(Rn, bh, 0, t0, Tp, BT, L2NORM), _rstd(Rn, bh, 1, t0, Tp, BT, L2NORM)
 
     # sums over V: dO S^T, dO W^T, W dS'^T, and the rows of S * dS'
     dQs = tl.zeros([BT, BKH], dtype=tl.float32)
@@ -123,18 +125,18 @@ def _bwd_out_kernel(
         dKd = tl.dot(wb, tl.trans(dSn), dKd, input_precision=PREC)
         dGs += tl.sum(S.to(tl.float32) * dSn.to(tl.float32), 1)
 
-    # output (4): O = scale (diag(e^G) Q S + (Q K^T * Gamma) W)
+    # output (4): O = scale (diag(e^G) Q S + (Q K^T * Gamma) W); Q, K = diag(rq) q, diag(rk) k (raw q, k tiles)
     eG = tl.exp(Gb)
     dP = scale * dOW * _decay(Gb, True)
-    dqb = tl.dot(dP.to(dt), kb, scale * eG[:, None] * dQs, input_precision=PREC)
+    dqb = tl.dot((dP * rk[None, :]).to(dt), kb, scale * eG[:, None] * dQs, input_precision=PREC)
     _store_io(dq, dqb.to(dq.dtype.element_ty), bh, t0, T, H, K, BT, BKH, k0)
-    dkb = tl.dot(tl.trans(dP.to(dt)), qb, input_precision=PREC)
-    M = dP * tl.dot(qb, tl.trans(kb), input_precision=PREC)  # dL/dG from Gamma_ij = exp(G_i - G_j)
-    dG = scale * eG * tl.sum(dQs * qb.to(tl.float32), 1) + tl.sum(M, 1) - tl.sum(M, 0)
+    dkb = tl.dot(tl.trans((dP * rq[:, None]).to(dt)), qb, input_precision=PREC)
+    M = dP * (rq[:, None] * tl.dot(qb, tl.trans(kb), input_precision=PREC) * rk[None, :])  # dL/dG from Gamma
+    dG = scale * eG * rq * tl.sum(dQs * qb.to(tl.float32), 1) + tl.sum(M, 1) - tl.sum(M, 0)
     # state update (5): S' = e^{G_C} S + K_d^T W, K_d = diag(e^{G_C - G}) K
     ed = tl.exp(G_end - Gb)
     dkb += ed[:, None] * dKd
-    t_kd = ed * tl.sum(kb.to(tl.float32) * dKd, 1)
+    t_kd = ed * rk * tl.sum(kb.to(tl.float32) * dKd, 1)
     dG -= t_kd
     dG += tl.where(r == BT - 1, tl.sum(dGs) * tl.exp(G_end) + tl.sum(t_kd), 0.0)  # G_C is the last row of G
     _store_buf(dk_o, dkb, bh, t0, Tp, K, BT, BKH, k0)
@@ -155,9 +157,10 @@ def _bwd_wy_kernel(
     Tp = NT * BT
     t0 = n * BT
     r = tl.arange(0, BT)
-    kb = _load_qk(k, Rn, 1, bh, t0, T, Tp, H, K, BT, BK, L2NORM)
+    kb = _load_io(k, bh, t0, T, H, K, BT, BK)  # raw keys: K = diag(rk) kb
     Gb, _ = _gates(G, bh, t0, Tp, BT)
     b = _rows(beta, bh, t0, T, H, BT)
+    rk = _rstd(Rn, bh, 1, t0, Tp, BT, L2NORM)
     Tt = tl.trans(tl.load(Tinv + _tile_offsets(bh, n, NT, BT)))
 
     # sums over V: dW S^T, dU (beta V)^T; dv = beta T^T dU directly
@@ -179,26 +182,26 @@ def _bwd_wy_kernel(
     eG = tl.exp(Gb)
     be = b * eG
     dWk = -dWk
-    dT += _dot_f32_lowp(dWk, tl.trans(kb), PREC) * be[None, :]
+    dT += _dot_f32_lowp(dWk, tl.trans(kb), PREC) * (be * rk)[None, :]
     dKw = tl.dot(Tt, dWk, input_precision=PREC)
     dkb = _load_buf(dk_o, bh, t0, Tp, K, BT, BK) + be[:, None] * dKw
-    s_k = tl.sum(kf * dKw, 1)
+    s_k = rk * tl.sum(kf * dKw, 1)
     db += eG * s_k
     dG = be * s_k
     for ik in range(tl.cdiv(K, BKH)):  # the K slices' parts from `_bwd_out_kernel`
         dG += tl.load(dG_o + (ik * tl.num_programs(1) + bh).to(tl.int64) * Tp + t0 + r)
     # (3): A = diag(beta) (K K^T) * Gamma_strict, dA = -(T^T dT T^T) below the diagonal
     dA = -tl.dot(tl.dot(Tt, dT, input_precision=PREC), Tt, input_precision=PREC) * _decay(Gb, False)
-    kk = tl.dot(kb, tl.trans(kb), input_precision=PREC)
+    kk = rk[:, None] * tl.dot(kb, tl.trans(kb), input_precision=PREC) * rk[None, :]
     db += tl.sum(dA * kk, 1)
     dKK = b[:, None] * dA
     M = dKK * kk
     dG += tl.sum(M, 1) - tl.sum(M, 0)
-    dkb += _dot_f32_lowp(dKK + tl.trans(dKK), kb, PREC)
+    dkb += _dot_f32_lowp((dKK + tl.trans(dKK)) * rk[None, :], kb, PREC)
     dgb = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG
 
-    if L2NORM:
-        dkb = _l2norm_bwd(_load_io(k, bh, t0, T, H, K, BT, BK), tl.load(_rstd_ptrs(Rn, bh, 1, t0, Tp, BT)), dkb)
+    if L2NORM:  # k read again: its fp32 copy above would stay live through the products in between
+        dkb = _l2norm_bwd(_load_io(k, bh, t0, T, H, K, BT, BK), rk, dkb)
     _store_io(dk, dkb.to(dk.dtype.element_ty), bh, t0, T, H, K, BT, BK)
     bi, hi = bh // H, bh % H
     t = t0 + r
@@ -207,13 +210,13 @@ def _bwd_wy_kernel(
     tl.store(dbeta + p_row, db.to(dbeta.dtype.element_ty), mask=t < T)
     if L2NORM:  # dq holds d q_hat (in q's dtype, as the unfused path has it)
         dqh = _load_io(dq, bh, t0, T, H, K, BT, BK).to(tl.float32)
-        dqb = _l2norm_bwd(_load_io(q, bh, t0, T, H, K, BT, BK), tl.load(_rstd_ptrs(Rn, bh, 0, t0, Tp, BT)), dqh)
+        dqb = _l2norm_bwd(_load_io(q, bh, t0, T, H, K, BT, BK), _rstd(Rn, bh, 0, t0, Tp, BT, L2NORM), dqh)
         _store_io(dq, dqb.to(dq.dtype.element_ty), bh, t0, T, H, K, BT, BK)
 
 
 @triton.jit
 def _l2norm_bwd(x, r, dy):
-    """(9): the gradient of x through x_hat = x r (rows of x, their r, d x_hat in fp32), in fp32."""
+    """(9): the gradient of x through x_hat = diag(r) x (rows of x, their r, d x_hat in fp32), in fp32."""
     y = x.to(tl.float32) * r[:, None]
     return r[:, None] * (dy - y * tl.sum(y * dy, 1)[:, None])
 

@@ -4,9 +4,10 @@ Notation and equations (3)-(5) are those of `reference.chunk_gated_delta_rule`.
 
 1. `_prep_kernel`, one program per (chunk, head), all independent: the cumulative gate G, the strictly
    lower A of (3), T = (I + A)^-1, and the WY factors U = T diag(beta) V, W_k = T diag(beta e^G) K.
-   With the optional q/k L2 norm it also saves each row's r = (|x|^2 + eps)^-1/2 of q and k (fp32), and
-   every kernel that reads q or k (forward and backward) uses x_hat = x r, rounded to the input dtype as
-   `kernels.gdn.l2norm` rounds it, so only the raw q and k are saved.
+   With the optional q/k L2 norm it also saves each row's r = (|x|^2 + eps)^-1/2 of q and k (fp32).
+   q_hat = diag(r_q) Q and k_hat = diag(r_k) K are never formed: every kernel (forward and backward) keeps
+   the raw q, k tiles as matmul operands and applies r to the fp32 factors around them (row scales of the
+   products, or of the elementwise factors the tiles already get), so only the raw q and k are saved.
    T is built from fp32 inverses of the 16x16 diagonal blocks (by doubling) merged in one step:
    with D = (I + A_diag)^-1 and N = D A_off (strictly block lower, so N^4 = 0),
        (I + A)^-1 = (I + N)^-1 D = (I - N)(I + N^2) D.                                      (6)
@@ -123,14 +124,27 @@ def _rstd_ptrs(Rn, bh, which: tl.constexpr, t0, Tp, BT: tl.constexpr):
 
 
 @triton.jit
-def _load_qk(x, Rn, which: tl.constexpr, bh, t0, T, Tp, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-             BK: tl.constexpr, L2NORM: tl.constexpr, c0=0):  # fmt: skip
-    """Rows t0.. of q or k (columns c0..c0+BK) as the recurrence uses them: L2-normalized by the saved
-    inverse norm when L2NORM (in fp32, rounded to the input dtype), else as given."""
-    x = _load_io(x, bh, t0, T, H, K, BT, BK, c0)
+def _rstd(Rn, bh, which: tl.constexpr, t0, Tp, BT: tl.constexpr, L2NORM: tl.constexpr):
+    """Rows t0..t0+BT of r for q (which = 0) or k (1) when L2NORM, else ones (multiplications by them fold
+    away at compile time)."""
     if L2NORM:
-        x = (x.to(tl.float32) * tl.load(_rstd_ptrs(Rn, bh, which, t0, Tp, BT))[:, None]).to(x.dtype)
-    return x
+        r = tl.load(_rstd_ptrs(Rn, bh, which, t0, Tp, BT))
+    else:
+        r = tl.full([BT], 1.0, dtype=tl.float32)
+    return r
+
+
+@triton.jit
+def _inverse_norm(x, Rn, bh, which: tl.constexpr, t0, Tp, eps, L2NORM: tl.constexpr):
+    """r = (|x|^2 + eps)^-1/2 of the rows of a q (which = 0) or k (1) tile, stored for the other kernels, when
+    L2NORM; else ones."""
+    if L2NORM:
+        xf = x.to(tl.float32)
+        r = tl.rsqrt(tl.sum(xf * xf, 1) + eps)
+        tl.store(_rstd_ptrs(Rn, bh, which, t0, Tp, x.shape[0]), r)
+    else:
+        r = tl.full([x.shape[0]], 1.0, dtype=tl.float32)
+    return r
 
 
 @triton.jit
@@ -168,8 +182,9 @@ def _dot_f32_lowp(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def _unit_lower_inverse(A, k, b, Gc, BS: tl.constexpr, PREC: tl.constexpr):
-    """T = (I + A)^-1 for the strictly lower A of (3), [BT, BT] fp32 (k, b, Gc: the chunk's keys, beta, G).
+def _unit_lower_inverse(A, k, rk, b, Gc, BS: tl.constexpr, PREC: tl.constexpr):
+    """T = (I + A)^-1 for the strictly lower A of (3), [BT, BT] fp32 (k, rk, b, Gc: the chunk's raw keys,
+    their inverse norms, beta, G).
 
     The diagonal BS x BS blocks A_d are recomputed from k as one batched product and inverted exactly in fp32
     by doubling: with N = -A_d (nilpotent, N^16 = 0), (I - N)^-1 = (I + N)(I + N^2)(I + N^4)(I + N^8).
@@ -178,10 +193,11 @@ def _unit_lower_inverse(A, k, b, Gc, BS: tl.constexpr, PREC: tl.constexpr):
     NB: tl.constexpr = BT // BS
     kr = tl.reshape(k, [NB, BS, k.shape[1]])
     Ad = tl.dot(kr, tl.permute(kr, (0, 2, 1)), input_precision=PREC)
-    Gr, br = tl.reshape(Gc, [NB, BS]), tl.reshape(b, [NB, BS])
+    Gr, br, rr = tl.reshape(Gc, [NB, BS]), tl.reshape(b, [NB, BS]), tl.reshape(rk, [NB, BS])
     s = tl.arange(0, BS)
     lower = (s[:, None] > s[None, :])[None, :, :]
-    Ad = br[:, :, None] * Ad * tl.exp(tl.where(lower, Gr[:, :, None] - Gr[:, None, :], float("-inf")))
+    Ad = (br * rr)[:, :, None] * Ad * rr[:, None, :]
+    Ad *= tl.exp(tl.where(lower, Gr[:, :, None] - Gr[:, None, :], float("-inf")))
     N = -Ad
     X = tl.where((s[:, None] == s[None, :])[None, :, :], 1.0, 0.0) + N
     for _ in tl.static_range(3):
@@ -214,29 +230,24 @@ def _prep_kernel(
     tl.store(G + bh.to(tl.int64) * Tp + t0 + r, Gc)
     b = _rows(beta, bh, t0, T, H, BT)
     kb = _load_io(k, bh, t0, T, H, K, BT, BK)
-    qb = _load_io(q, bh, t0, T, H, K, BT, BK)
-    if L2NORM:  # x_hat = x / sqrt(|x|^2 + eps) per row; r saved for the other kernels
-        kf, qf = kb.to(tl.float32), qb.to(tl.float32)
-        rk = tl.rsqrt(tl.sum(kf * kf, 1) + eps)
-        rq = tl.rsqrt(tl.sum(qf * qf, 1) + eps)
-        tl.store(_rstd_ptrs(Rn, bh, 0, t0, Tp, BT), rq)
-        tl.store(_rstd_ptrs(Rn, bh, 1, t0, Tp, BT), rk)
-        kb, qb = (kf * rk[:, None]).to(kb.dtype), (qf * rq[:, None]).to(qb.dtype)
+    rk = _inverse_norm(kb, Rn, bh, 1, t0, Tp, eps, L2NORM)
 
     # (3): A_ij = beta_i exp(G_i - G_j) k_i . k_j for j < i (bf16 products are exact in the fp32 accumulator)
-    A = b[:, None] * tl.dot(kb, tl.trans(kb), input_precision=PREC) * _decay(Gc, False)
-    Tm = _unit_lower_inverse(A, kb, b, Gc, BS, PREC)
+    A = (b * rk)[:, None] * tl.dot(kb, tl.trans(kb), input_precision=PREC) * rk[None, :] * _decay(Gc, False)
+    Tm = _unit_lower_inverse(A, kb, rk, b, Gc, BS, PREC)
     p_tile = _tile_offsets(bh, n, NT, BT)
     tl.store(Tinv + p_tile, Tm)
     # P = scale (Q K^T * Gamma) of (4), used by both sequential kernels
-    P = tl.dot(qb, tl.trans(kb), input_precision=PREC) * (scale * _decay(Gc, True))
+    qb = _load_io(q, bh, t0, T, H, K, BT, BK)
+    rq = _inverse_norm(qb, Rn, bh, 0, t0, Tp, eps, L2NORM)
+    P = (scale * rq)[:, None] * tl.dot(qb, tl.trans(kb), input_precision=PREC) * rk[None, :] * _decay(Gc, True)
     tl.store(Pm + p_tile, P.to(Pm.dtype.element_ty))
 
     # WY factors: U = T diag(beta) V, W_k = T diag(beta e^G) K
     vb = _load_io(v, bh, t0, T, H, V, BT, BV)
     u = _dot_f32_lowp(Tm * b[None, :], vb, PREC)
     _store_buf(U, u.to(U.dtype.element_ty), bh, t0, Tp, V, BT, BV)
-    w = _dot_f32_lowp(Tm * (b * tl.exp(Gc))[None, :], kb, PREC)
+    w = _dot_f32_lowp(Tm * (b * tl.exp(Gc) * rk)[None, :], kb, PREC)
     _store_buf(Wk, w.to(Wk.dtype.element_ty), bh, t0, Tp, K, BT, BK)
 
 
@@ -257,11 +268,12 @@ def _state_out_kernel(
         t0 = n * BT
         if SAVE:  # S entering chunk n
             _store_state(hs, S.to(dt), bh * NT + n, K, V, BK, BV, v0)
-        qb = _load_qk(q, Rn, 0, bh, t0, T, Tp, H, K, BT, BK, L2NORM)
-        kb = _load_qk(k, Rn, 1, bh, t0, T, Tp, H, K, BT, BK, L2NORM)
+        qb = _load_io(q, bh, t0, T, H, K, BT, BK)
+        kb = _load_io(k, bh, t0, T, H, K, BT, BK)
         wb = _load_buf(Wk, bh, t0, Tp, K, BT, BK)
         ub = _load_buf(U, bh, t0, Tp, V, BT, BV, v0)
         Gb, G_end = _gates(G, bh, t0, Tp, BT)
+        rq, rk = _rstd(Rn, bh, 0, t0, Tp, BT, L2NORM), _rstd(Rn, bh, 1, t0, Tp, BT, L2NORM)
 
         Sd = S.to(dt)
         w = (ub.to(tl.float32) - tl.dot(wb, Sd, input_precision=PREC)).to(dt)  # W = U - W_k S
@@ -269,11 +281,11 @@ def _state_out_kernel(
             _store_buf(Wb, w, bh, t0, Tp, V, BT, BV, v0)
         # (4): O = scale (diag(e^G) Q S + (Q K^T * Gamma) W)
         P = tl.load(Pm + _tile_offsets(bh, n, NT, BT))
-        ob = tl.dot(qb, Sd, input_precision=PREC) * (scale * tl.exp(Gb))[:, None]
+        ob = tl.dot(qb, Sd, input_precision=PREC) * (scale * rq * tl.exp(Gb))[:, None]
         ob = tl.dot(P, w, ob, input_precision=PREC)  # P holds the scale
         _store_io(o, ob.to(o.dtype.element_ty), bh, t0, T, H, V, BT, BV, v0)
         # (5): S <- e^{G_C} S + (e^{G_C - G} K)^T W
-        kd = (kb.to(tl.float32) * tl.exp(G_end - Gb)[:, None]).to(dt)
+        kd = (kb.to(tl.float32) * (rk * tl.exp(G_end - Gb))[:, None]).to(dt)
         S = tl.dot(tl.trans(kd), w, S * tl.exp(G_end), input_precision=PREC)
     if STORE_HT:
         _store_state(ht, S, bh, K, V, BK, BV, v0)
