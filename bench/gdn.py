@@ -248,20 +248,21 @@ def main():
     bw, mm = ceilings()
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
 
-    def ours(l2norm_in_op):
+    def ours_fn(l2norm_in_op):
         return lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, use_qk_l2norm=l2norm_in_op, backend="triton")[0]
 
-    methods = {"ours": ours(False)}
+    plain = ours_fn(False)
+    methods = {"ours": plain}
     if fla_fn is not None:
         methods["fla"] = lambda q, k, v, g, b: fla_fn(q, k, v, g, b, scale=q.shape[-1] ** -0.5)[0]
     if not args.no_reference:
         methods["reference"] = lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, backend="reference")[0]
-    methods["ours_l2norm"] = ours(True)
+    methods["ours_l2norm"] = ours_fn(True)
     if fla_fn is not None:
         methods["fla_l2norm"] = lambda q, k, v, g, b: fla_fn(
             q, k, v, g, b, scale=q.shape[-1] ** -0.5, use_qk_l2norm_in_kernel=True
         )[0]
-    methods["ours_l2norm_torch"] = lambda q, k, v, g, b: ours(False)(l2norm(q), l2norm(k), v, g, b)
+    methods["ours_l2norm_torch"] = lambda q, k, v, g, b: plain(l2norm(q), l2norm(k), v, g, b)
 
     rows, acc, cases, host = [], {}, {}, {}
     for B, T, H, K in SHAPES:
