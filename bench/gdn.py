@@ -11,8 +11,9 @@ forward, which saves what the backward needs). Roofline: matmul FLOPs of the chu
 bf16 matmul rate, and the fewest bytes (each input read once, each output written once) over the copy
 bandwidth, both measured in this run; the larger time is the floor, `roofline` is floor / measured.
 Accuracy: relative error against the float64 chunked reference, on two sequences of the first shape of
-each head size. Runs about 5 minutes on an H100 (compiles, the reference, the float64 checks); --sweep and
---profile come after the results are written.
+each head size. Runs more than 6.5 minutes on an H100 (compiles, fla's autotuning, the reference, the float64
+checks; session 5's run was cut at 384 s in fla's last shape); gdn.json / gdn.md are rewritten after each
+shape (`complete` says whether every shape ran); --sweep and --profile come after the results are written.
 """
 
 from __future__ import annotations
@@ -265,6 +266,30 @@ def main():
     methods["ours_l2norm_torch"] = lambda q, k, v, g, b: plain(l2norm(q), l2norm(k), v, g, b)
 
     rows, acc, cases, host = [], {}, {}, {}
+
+    def build_result(complete):
+        summary, summary_l2norm = summarize(rows)
+        return dict(
+            device=torch.cuda.get_device_name(),
+            versions=dict(
+                torch=torch.__version__,
+                triton=__import__("triton").__version__,
+                fla=fla_version,
+                cuda=torch.version.cuda,
+            ),  # fmt: skip
+            fla_hopper_guard_lifted=lifted,
+            command="PYTHONPATH=. python3 " + " ".join(sys.argv),
+            complete=complete,
+            copy_bandwidth_bytes_per_s=bw,
+            bf16_matmul_flop_per_s=mm,
+            rows=rows,
+            host_us_per_fwdbwd=host,
+            launch_config=dict(triton_fwd.CONFIG),
+            kernels=resource_report(),
+            summary=summary,
+            summary_l2norm=summary_l2norm,
+        )
+
     for B, T, H, K in SHAPES:
         V = K
         fl_f, fl_fb, by_f, by_fb = counts(B, T, H, K, V)
@@ -308,47 +333,9 @@ def main():
         del sets, raw_sets, do
         cases.clear()  # every method has its errors at this K now
         torch.cuda.empty_cache()
+        write(build_result(complete=False), args.out)  # a run cut by a time limit keeps the shapes done
 
-    def speedup(B, base="fla", new="ours"):
-        t = {r["method"]: r["fwdbwd_ms"] for r in rows if r["B"] == B and r["K"] == 112}
-        return t[base] / t[new] if base in t and new in t else None
-
-    ours = [r for r in rows if r["method"] == "ours"]
-    summary = dict(
-        speedup_fwdbwd_vs_fla_B16=speedup(16),
-        speedup_fwdbwd_vs_fla_B64=speedup(64),
-        max_relerr_fwd=max(r["relerr_fwd"] for r in ours),
-        max_relerr_bwd=max(r["relerr_bwd"] for r in ours),
-    )
-    fla_rows = [r for r in rows if r["method"] == "fla" and "relerr_fwd" in r]
-    if fla_rows:
-        summary["fla_max_relerr_fwd"] = max(r["relerr_fwd"] for r in fla_rows)
-        summary["fla_max_relerr_bwd"] = max(r["relerr_bwd"] for r in fla_rows)
-    normed = [r for r in rows if r["method"] == "ours_l2norm"]
-    summary_l2norm = dict(
-        speedup_fwdbwd_vs_fla_l2norm_B16=speedup(16, "fla_l2norm", "ours_l2norm"),
-        speedup_fwdbwd_vs_fla_l2norm_B64=speedup(64, "fla_l2norm", "ours_l2norm"),
-        speedup_fwdbwd_fused_vs_torch_l2norm_B16=speedup(16, "ours_l2norm_torch", "ours_l2norm"),
-        speedup_fwdbwd_fused_vs_torch_l2norm_B64=speedup(64, "ours_l2norm_torch", "ours_l2norm"),
-        max_relerr_fwd=max(r["relerr_fwd"] for r in normed),
-        max_relerr_bwd=max(r["relerr_bwd"] for r in normed),
-    )
-    result = dict(
-        device=torch.cuda.get_device_name(),
-        versions=dict(
-            torch=torch.__version__, triton=__import__("triton").__version__, fla=fla_version, cuda=torch.version.cuda
-        ),  # fmt: skip
-        fla_hopper_guard_lifted=lifted,
-        command="PYTHONPATH=. python3 " + " ".join(sys.argv),
-        copy_bandwidth_bytes_per_s=bw,
-        bf16_matmul_flop_per_s=mm,
-        rows=rows,
-        host_us_per_fwdbwd=host,
-        launch_config=dict(triton_fwd.CONFIG),
-        kernels=resource_report(),
-        summary=summary,
-        summary_l2norm=summary_l2norm,
-    )
+    result = build_result(complete=True)
     write(result, args.out)
     print(markdown(result))
     if args.profile:
@@ -356,6 +343,38 @@ def main():
     if args.sweep:  # last: a configuration that fails must not cost the results above
         result["sweep"] = run_sweep(methods["ours"], args.reps)
         write(result, args.out)
+
+
+def summarize(rows):
+    """The summary keys (ours vs fla, no norm) and the L2-norm ones, from the rows measured so far (None
+    where a row is missing)."""
+
+    def speedup(B, base="fla", new="ours"):
+        t = {r["method"]: r["fwdbwd_ms"] for r in rows if r["B"] == B and r["K"] == 112}
+        return t[base] / t[new] if base in t and new in t else None
+
+    def worst(method, key):
+        vals = [r[key] for r in rows if r["method"] == method and key in r]
+        return max(vals) if vals else None
+
+    summary = dict(
+        speedup_fwdbwd_vs_fla_B16=speedup(16),
+        speedup_fwdbwd_vs_fla_B64=speedup(64),
+        max_relerr_fwd=worst("ours", "relerr_fwd"),
+        max_relerr_bwd=worst("ours", "relerr_bwd"),
+    )
+    if worst("fla", "relerr_fwd") is not None:
+        summary["fla_max_relerr_fwd"] = worst("fla", "relerr_fwd")
+        summary["fla_max_relerr_bwd"] = worst("fla", "relerr_bwd")
+    summary_l2norm = dict(
+        speedup_fwdbwd_vs_fla_l2norm_B16=speedup(16, "fla_l2norm", "ours_l2norm"),
+        speedup_fwdbwd_vs_fla_l2norm_B64=speedup(64, "fla_l2norm", "ours_l2norm"),
+        speedup_fwdbwd_fused_vs_torch_l2norm_B16=speedup(16, "ours_l2norm_torch", "ours_l2norm"),
+        speedup_fwdbwd_fused_vs_torch_l2norm_B64=speedup(64, "ours_l2norm_torch", "ours_l2norm"),
+        max_relerr_fwd=worst("ours_l2norm", "relerr_fwd"),
+        max_relerr_bwd=worst("ours_l2norm", "relerr_bwd"),
+    )
+    return summary, summary_l2norm
 
 
 def write(result, out_dir):
@@ -377,6 +396,7 @@ def markdown(res):
         "",
         f"Command: `{res['command']}`",
         "",
+        *([] if res.get("complete", True) else ["**Incomplete run**: written after the last shape measured.", ""]),
         "bf16 q/k/v/beta, fp32 g, K = V, no initial state. Medians of CUDA-event timings; fwd is a training "
         "forward (inputs require grad). Roofline = max(FLOPs / matmul rate, fewest bytes / copy bandwidth) "
         "/ measured (FLOPs and bytes without the L2 norm). Errors: relative to the float64 chunked reference "
