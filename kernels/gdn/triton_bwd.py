@@ -17,8 +17,10 @@ K_d = diag(e^{G_C - G}) K (equations (3)-(5) of `reference.chunk_gated_delta_rul
 
 With the q/k L2 norm (x_hat = diag(r) x, r = (|x|^2 + eps)^-1/2 per row, see `triton_fwd`), every kernel
 applies the forward's r to the fp32 factors around the raw q, k tiles, the gradients above are those of
-q_hat and k_hat, and `_bwd_wy_kernel`, which holds whole rows, takes dk and the dq that `_bwd_out_kernel`
-wrote through the norm:  dx = r (d x_hat - x_hat <x_hat, d x_hat>).                                  (9)
+q_hat and k_hat, and both go through the norm:  dx = r (d x_hat - x_hat <x_hat, d x_hat>).             (9)
+dk in `_bwd_wy_kernel`, which holds whole rows. dq in `_bwd_out_kernel`, whose programs hold 64 columns of
+a row, with the row dot from the saved output: O_i is linear in q_hat_i and q_hat_i enters nothing else,
+so <q_hat_i, d q_hat_i> = <O_i, dO_i>.
 """
 
 from __future__ import annotations
@@ -91,15 +93,15 @@ def _bwd_state_kernel(
 
 @triton.jit
 def _bwd_out_kernel(
-    q, k, G, hs, dhs, Wb, do, Rn, dq, dk_o, dG_o, scale, T,
+    q, k, G, hs, dhs, Wb, do, o, Rn, dq, dk_o, dG_o, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKH: tl.constexpr, BV: tl.constexpr,
     L2NORM: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Gradients through the output (4) and the state update (5) of chunk n, for key columns k0..k0+BKH:
-    those columns of dq (final, or d q_hat with the L2 norm) and of the part of dk, and this slice's part of
-    dG (dG_C folded into the last row), all of which are sums over K; `_bwd_wy_kernel` completes dk and dG
-    (and dq with the L2 norm)."""
-    n, bh, ik = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    those columns of dq and of the part of dk, and this slice's part of dG (dG_C folded into the last row),
+    a sum over K; `_bwd_wy_kernel` completes dk and dG."""
+    NK = tl.cdiv(K, BKH)
+    n, ik, bh = tl.program_id(0) // NK, tl.program_id(0) % NK, tl.program_id(1)  # a chunk's K slices side by side
     NT = tl.cdiv(T, BT)
     Tp = NT * BT
     t0, k0 = n * BT, ik * BKH
@@ -115,8 +117,11 @@ def _bwd_out_kernel(
     dKd = tl.zeros([BT, BKH], dtype=tl.float32)
     dOW = tl.zeros([BT, BT], dtype=tl.float32)
     dGs = tl.zeros([BKH], dtype=tl.float32)
+    dOO = tl.zeros([BT], dtype=tl.float32)
     for v0 in range(0, V, BV):
         dob = _load_io(do, bh, t0, T, H, V, BT, BV, v0)
+        if L2NORM:  # <dO_i, O_i> = <q_hat_i, d q_hat_i>, for (9)
+            dOO += tl.sum(dob.to(tl.float32) * _load_io(o, bh, t0, T, H, V, BT, BV, v0).to(tl.float32), 1)
         S = _load_state(hs, bh * NT + n, K, V, BKH, BV, v0, k0)
         dSn = _load_state(dhs, bh * NT + n, K, V, BKH, BV, v0, k0)
         wb = _load_buf(Wb, bh, t0, Tp, V, BT, BV, v0)
@@ -129,6 +134,8 @@ def _bwd_out_kernel(
     eG = tl.exp(Gb)
     dP = scale * dOW * _decay(Gb, True)
     dqb = tl.dot((dP * rk[None, :]).to(dt), kb, scale * eG[:, None] * dQs, input_precision=PREC)
+    if L2NORM:  # (9)
+        dqb = rq[:, None] * dqb - (rq * rq * dOO)[:, None] * qb.to(tl.float32)
     _store_io(dq, dqb.to(dq.dtype.element_ty), bh, t0, T, H, K, BT, BKH, k0)
     dkb = tl.dot(tl.trans((dP * rq[:, None]).to(dt)), qb, input_precision=PREC)
     M = dP * (rq[:, None] * tl.dot(qb, tl.trans(kb), input_precision=PREC) * rk[None, :])  # dL/dG from Gamma
@@ -145,13 +152,13 @@ def _bwd_out_kernel(
 
 @triton.jit
 def _bwd_wy_kernel(
-    q, k, v, beta, G, Tinv, hs, dW, dk_o, dG_o, Rn, dq, dk, dv, dg, dbeta, T,
+    k, v, beta, G, Tinv, hs, dW, dk_o, dG_o, Rn, dk, dv, dg, dbeta, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BKH: tl.constexpr,
     BV: tl.constexpr, L2NORM: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Gradients through the WY factors and (3) of chunk n, with dU = dW and dW_k = -dW S^T: dv, dbeta, and
     dk, dg completed from `_bwd_out_kernel`'s parts (dg_i = sum_{j >= i} dG_j within the chunk); with the
-    L2 norm, dk and dq (from d q_hat, read back from dq) through it by (9)."""
+    L2 norm, dk through it by (9)."""
     n, bh = tl.program_id(0), tl.program_id(1)
     NT = tl.cdiv(T, BT)
     Tp = NT * BT
@@ -160,7 +167,6 @@ def _bwd_wy_kernel(
     kb = _load_io(k, bh, t0, T, H, K, BT, BK)  # raw keys: K = diag(rk) kb
     Gb, _ = _gates(G, bh, t0, Tp, BT)
     b = _rows(beta, bh, t0, T, H, BT)
-    rk = _rstd(Rn, bh, 1, t0, Tp, BT, L2NORM)
     Tt = tl.trans(tl.load(Tinv + _tile_offsets(bh, n, NT, BT)))
 
     # sums over V: dW S^T, dU (beta V)^T; dv = beta T^T dU directly
@@ -179,6 +185,7 @@ def _bwd_wy_kernel(
 
     # W_k = T diag(beta e^G) K
     kf = kb.to(tl.float32)
+    rk = _rstd(Rn, bh, 1, t0, Tp, BT, L2NORM)  # loaded after the loop: live through it, it spills
     eG = tl.exp(Gb)
     be = b * eG
     dWk = -dWk
@@ -208,10 +215,6 @@ def _bwd_wy_kernel(
     p_row = (bi.to(tl.int64) * T + t) * H + hi
     tl.store(dg + p_row, dgb.to(dg.dtype.element_ty), mask=t < T)
     tl.store(dbeta + p_row, db.to(dbeta.dtype.element_ty), mask=t < T)
-    if L2NORM:  # dq holds d q_hat (in q's dtype, as the unfused path has it)
-        dqh = _load_io(dq, bh, t0, T, H, K, BT, BK).to(tl.float32)
-        dqb = _l2norm_bwd(_load_io(q, bh, t0, T, H, K, BT, BK), _rstd(Rn, bh, 0, t0, Tp, BT, L2NORM), dqh)
-        _store_io(dq, dqb.to(dq.dtype.element_ty), bh, t0, T, H, K, BT, BK)
 
 
 @triton.jit
@@ -240,13 +243,15 @@ def chunk_bwd(
     hs: torch.Tensor,
     W: torch.Tensor,
     Rn: torch.Tensor,
+    o: torch.Tensor,
     do: torch.Tensor,
     dht: torch.Tensor | None,
     need_dh0: bool,
     l2norm: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """Backward launches on the forward's saved (G, T, P, W_k, states, W, inverse norms of q and k, used when
-    `l2norm`). Returns (dq, dk, dv, dg, dbeta, dh0); dh0 is a placeholder unless `need_dh0`."""
+    """Backward launches on the forward's saved (G, T, P, W_k, states, W, and, used when `l2norm`, the inverse
+    norms of q and k and the output o). Returns (dq, dk, dv, dg, dbeta, dh0); dh0 is a placeholder unless
+    `need_dh0`."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     NT = cdiv(T, BT)
@@ -274,7 +279,8 @@ def chunk_bwd(
     dk_o, dG_o = torch.empty(BH, Tp, K, device=dev, dtype=f32), torch.empty(NK, BH, Tp, device=dev, dtype=f32)
     opts = dict(H=H, K=K, V=V, BT=BT, BKH=BKH, BV=pick_bv_chunk(V), L2NORM=l2norm, PREC=prec,
                 num_warps=CONFIG["chunk_warps"], num_stages=CONFIG["chunk_stages"])  # fmt: skip
-    launch(_bwd_out_kernel, (NT, BH, NK), q, k, G, hs, dhs, W, do, Rn, dq, dk_o, dG_o, scale, T, **opts)
-    launch(_bwd_wy_kernel, (NT, BH), q, k, v, beta, G, Tinv, hs, dW, dk_o, dG_o, Rn, dq, dk, dv, dg, dbeta, T,
+    # a chunk's K slices adjacent in the grid: they read the same dO, W (and O) tiles, all but the first from L2
+    launch(_bwd_out_kernel, (NT * NK, BH), q, k, G, hs, dhs, W, do, o, Rn, dq, dk_o, dG_o, scale, T, **opts)
+    launch(_bwd_wy_kernel, (NT, BH), k, v, beta, G, Tinv, hs, dW, dk_o, dG_o, Rn, dk, dv, dg, dbeta, T,
            BK=BK, **opts)  # fmt: skip
     return dq, dk, dv, dg, dbeta, dh0

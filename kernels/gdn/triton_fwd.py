@@ -230,10 +230,15 @@ def _prep_kernel(
     tl.store(G + bh.to(tl.int64) * Tp + t0 + r, Gc)
     b = _rows(beta, bh, t0, T, H, BT)
     kb = _load_io(k, bh, t0, T, H, K, BT, BK)
-    rk = _inverse_norm(kb, Rn, bh, 1, t0, Tp, eps, L2NORM)
-
-    # (3): A_ij = beta_i exp(G_i - G_j) k_i . k_j for j < i (bf16 products are exact in the fp32 accumulator)
-    A = (b * rk)[:, None] * tl.dot(kb, tl.trans(kb), input_precision=PREC) * rk[None, :] * _decay(Gc, False)
+    # (3): A_ij = beta_i exp(G_i - G_j) k_i . k_j for j < i (bf16 products are exact in the fp32 accumulator);
+    # with the norm, |k_i|^2 is the diagonal of K K^T (fewer registers than a sum over the fp32 k tile)
+    KK = tl.dot(kb, tl.trans(kb), input_precision=PREC)
+    if L2NORM:
+        rk = tl.rsqrt(tl.sum(tl.where(r[:, None] == r[None, :], KK, 0.0), 1) + eps)
+        tl.store(_rstd_ptrs(Rn, bh, 1, t0, Tp, BT), rk)
+    else:
+        rk = tl.full([BT], 1.0, dtype=tl.float32)
+    A = (b * rk)[:, None] * KK * rk[None, :] * _decay(Gc, False)
     Tm = _unit_lower_inverse(A, kb, rk, b, Gc, BS, PREC)
     p_tile = _tile_offsets(bh, n, NT, BT)
     tl.store(Tinv + p_tile, Tm)
@@ -273,7 +278,6 @@ def _state_out_kernel(
         wb = _load_buf(Wk, bh, t0, Tp, K, BT, BK)
         ub = _load_buf(U, bh, t0, Tp, V, BT, BV, v0)
         Gb, G_end = _gates(G, bh, t0, Tp, BT)
-        rq, rk = _rstd(Rn, bh, 0, t0, Tp, BT, L2NORM), _rstd(Rn, bh, 1, t0, Tp, BT, L2NORM)
 
         Sd = S.to(dt)
         w = (ub.to(tl.float32) - tl.dot(wb, Sd, input_precision=PREC)).to(dt)  # W = U - W_k S
@@ -281,10 +285,12 @@ def _state_out_kernel(
             _store_buf(Wb, w, bh, t0, Tp, V, BT, BV, v0)
         # (4): O = scale (diag(e^G) Q S + (Q K^T * Gamma) W)
         P = tl.load(Pm + _tile_offsets(bh, n, NT, BT))
+        rq = _rstd(Rn, bh, 0, t0, Tp, BT, L2NORM)  # r loaded where used: loaded together, one spills
         ob = tl.dot(qb, Sd, input_precision=PREC) * (scale * rq * tl.exp(Gb))[:, None]
         ob = tl.dot(P, w, ob, input_precision=PREC)  # P holds the scale
         _store_io(o, ob.to(o.dtype.element_ty), bh, t0, T, H, V, BT, BV, v0)
         # (5): S <- e^{G_C} S + (e^{G_C - G} K)^T W
+        rk = _rstd(Rn, bh, 1, t0, Tp, BT, L2NORM)
         kd = (kb.to(tl.float32) * (rk * tl.exp(G_end - Gb))[:, None]).to(dt)
         S = tl.dot(tl.trans(kd), w, S * tl.exp(G_end), input_precision=PREC)
     if STORE_HT:

@@ -24,16 +24,16 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor) -> str | None:
 
 
 def _grads(saved: tuple[Tensor, ...], scale: float, has_h0: bool, l2norm: bool, do: Tensor, dht: Tensor | None):
-    q, k, v, g, beta, h0, G, Tinv, Pm, Wk, hs, W, Rn = saved
+    q, k, v, g, beta, h0, G, Tinv, Pm, Wk, hs, W, Rn, o = saved
     dht = dht.contiguous() if dht is not None else None  # the gradient of S_T.sum() is a stride-0 expand
-    dq, dk, dv, dg, dbeta, dh0 = chunk_bwd(q, k, v, g, beta, scale, G, Tinv, Pm, Wk, hs, W, Rn, do.contiguous(),
-                                           dht, has_h0, l2norm)  # fmt: skip
+    dq, dk, dv, dg, dbeta, dh0 = chunk_bwd(q, k, v, g, beta, scale, G, Tinv, Pm, Wk, hs, W, Rn, o,
+                                           do.contiguous(), dht, has_h0, l2norm)  # fmt: skip
     return dq, dk, dv, dg, dbeta, (dh0.to(h0.dtype) if has_h0 else None)
 
 
 class GatedDeltaRuleFunction(torch.autograd.Function):
     """Eager-mode autograd wrapper of the forward (`chunk_fwd`) and backward (`chunk_bwd`) launchers; with
-    `l2norm` the raw q and k are saved (the kernels normalize them)."""
+    `l2norm` the raw q and k and the output are saved (the kernels normalize q and k)."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, l2norm):
@@ -41,7 +41,7 @@ class GatedDeltaRuleFunction(torch.autograd.Function):
         outs = chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, save, l2norm)
         o, ht, G, Tinv, Pm, Wk, hs, W, Rn = outs
         if save:
-            ctx.save_for_backward(q, k, v, g, beta, initial_state, G, Tinv, Pm, Wk, hs, W, Rn)
+            ctx.save_for_backward(q, k, v, g, beta, initial_state, G, Tinv, Pm, Wk, hs, W, Rn, o if l2norm else None)
         ctx.scale, ctx.has_h0, ctx.l2norm = scale, initial_state is not None, l2norm
         return o, (ht if output_final_state else None)
 
@@ -79,16 +79,16 @@ def _(q, k, v, g, beta, scale, initial_state, output_final_state, l2norm):
 @torch.library.custom_op("hyla::gdn_chunk_bwd", mutates_args=())
 def _bwd_op(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, h0: Tensor, G: Tensor, Tinv: Tensor, Pm: Tensor,
-    Wk: Tensor, hs: Tensor, W: Tensor, Rn: Tensor, do: Tensor, dht: Tensor | None, scale: float, has_h0: bool,
-    l2norm: bool,
+    Wk: Tensor, hs: Tensor, W: Tensor, Rn: Tensor, o: Tensor, do: Tensor, dht: Tensor | None, scale: float,
+    has_h0: bool, l2norm: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    saved = (q, k, v, g, beta, h0, G, Tinv, Pm, Wk, hs, W, Rn)
+    saved = (q, k, v, g, beta, h0, G, Tinv, Pm, Wk, hs, W, Rn, o)
     dq, dk, dv, dg, dbeta, dh0 = _grads(saved, scale, has_h0, l2norm, do, dht)
     return dq, dk, dv, dg, dbeta, (dh0 if has_h0 else h0.new_empty(0))
 
 
 @_bwd_op.register_fake
-def _(q, k, v, g, beta, h0, G, Tinv, Pm, Wk, hs, W, Rn, do, dht, scale, has_h0, l2norm):
+def _(q, k, v, g, beta, h0, G, Tinv, Pm, Wk, hs, W, Rn, o, do, dht, scale, has_h0, l2norm):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
             torch.empty_like(beta), torch.empty_like(h0) if has_h0 else h0.new_empty(0))  # fmt: skip
 
@@ -96,7 +96,8 @@ def _(q, k, v, g, beta, h0, G, Tinv, Pm, Wk, hs, W, Rn, do, dht, scale, has_h0, 
 def _setup_context(ctx, inputs, output):
     q, k, v, g, beta, scale, initial_state, _, l2norm = inputs
     h0 = initial_state if initial_state is not None else q.new_empty(0)
-    ctx.save_for_backward(q, k, v, g, beta, h0, *output[2:])
+    o = output[0] if l2norm else q.new_empty(0)  # (9) in the backward takes <dO, O> for dq
+    ctx.save_for_backward(q, k, v, g, beta, h0, *output[2:], o)
     ctx.mark_non_differentiable(*output[2:])
     ctx.scale, ctx.has_h0, ctx.l2norm = scale, initial_state is not None, l2norm
 
