@@ -11,9 +11,10 @@ forward, which saves what the backward needs). Roofline: matmul FLOPs of the chu
 bf16 matmul rate, and the fewest bytes (each input read once, each output written once) over the copy
 bandwidth, both measured in this run; the larger time is the floor, `roofline` is floor / measured.
 Accuracy: relative error against the float64 chunked reference, on two sequences of the first shape of
-each head size. Runs more than 6.5 minutes on an H100 (compiles, fla's autotuning, the reference, the float64
-checks; session 5's run was cut at 384 s in fla's last shape); gdn.json / gdn.md are rewritten after each
-shape (`complete` says whether every shape ran); --sweep and --profile come after the results are written.
+each head size. Runs more than 7 minutes on an H100 (compiles, fla's autotuning, the reference, the float64
+checks; sessions 5 and 6 were cut at 384 and ~415 s in fla's last shape); gdn.json / gdn.md are rewritten
+after each shape (`complete` says whether every shape ran); --sweep and --profile come after the results
+are written.
 """
 
 from __future__ import annotations
