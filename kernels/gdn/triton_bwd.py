@@ -243,7 +243,7 @@ def chunk_bwd(
     hs: torch.Tensor,
     W: torch.Tensor,
     Rn: torch.Tensor,
-    o: torch.Tensor,
+    o: torch.Tensor | None,
     do: torch.Tensor,
     dht: torch.Tensor | None,
     need_dh0: bool,
@@ -280,6 +280,7 @@ def chunk_bwd(
     opts = dict(H=H, K=K, V=V, BT=BT, BKH=BKH, BV=pick_bv_chunk(V), L2NORM=l2norm, PREC=prec,
                 num_warps=CONFIG["chunk_warps"], num_stages=CONFIG["chunk_stages"])  # fmt: skip
     # a chunk's K slices adjacent in the grid: they read the same dO, W (and O) tiles, all but the first from L2
+    o = o if l2norm else placeholder(dev)  # the eager Function saves None for it without the norm
     launch(_bwd_out_kernel, (NT * NK, BH), q, k, G, hs, dhs, W, do, o, Rn, dq, dk_o, dG_o, scale, T, **opts)
     launch(_bwd_wy_kernel, (NT, BH), k, v, beta, G, Tinv, hs, dW, dk_o, dG_o, Rn, dk, dv, dg, dbeta, T,
            BK=BK, **opts)  # fmt: skip
