@@ -72,6 +72,12 @@ def without_autocast(fn: Callable) -> Callable:
     return wrapper
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host-side grid sizes (triton.cdiv is a constexpr function: microseconds per host call,
+    on the path to each launch)."""
+    return -(-a // b)
+
+
 def launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
     """kernel[grid](*args, **meta), with Triton's per-call argument binding skipped after the first call.
 

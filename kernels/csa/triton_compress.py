@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import launch
+from kernels.common import cdiv, launch
 from kernels.rope import rope_tables
 
 
@@ -168,14 +168,14 @@ def compress_fwd(
     """kc, vc [B, Tc, Hkv, D] from contiguous k, v [B, T, Hkv, D] and weights; with `save` also the block
     means [2, B Tc, Hkv D] (keys, values) for the backward, else an empty tensor."""
     B, T, Hkv, D = k.shape
-    Tc = -(-T // stride)
+    Tc = cdiv(T, stride)
     n_rows = B * Tc
     kc = k.new_empty(B, Tc, Hkv, D)
     vc = v.new_empty(B, Tc, Hkv, D)
     xm = k.new_empty(2, n_rows, Hkv * D) if save else k.new_empty(0)
     cos, sin = _tables(Tc, stride, rotary_dim, float(theta), k.device)
     launch(
-        _compress_fwd, (triton.cdiv(n_rows, CONFIG["BLOCK_J"]), 2, 1), k, v, wk, wv, kc, vc, xm, cos, sin, T, Tc,
+        _compress_fwd, (cdiv(n_rows, CONFIG["BLOCK_J"]), 2, 1), k, v, wk, wv, kc, vc, xm, cos, sin, T, Tc,
         n_rows, SAVE=save, HKV=Hkv, D=D, HDP=triton.next_power_of_2(Hkv * D), STRIDE=stride, R=rotary_dim,
         **CONFIG,
     )
@@ -195,7 +195,7 @@ def compress_bwd(
     da = xm.new_empty(2, n_rows, Hkv * D)
     cos, sin = _tables(Tc, stride, rotary_dim, float(theta), dkc.device)
     launch(
-        _compress_bwd, (triton.cdiv(n_rows, CONFIG["BLOCK_J"]), 2, 1), dkc, dvc, wk, wv, dk, dv, da, cos, sin,
+        _compress_bwd, (cdiv(n_rows, CONFIG["BLOCK_J"]), 2, 1), dkc, dvc, wk, wv, dk, dv, da, cos, sin,
         T, Tc, n_rows, HKV=Hkv, D=D, HDP=triton.next_power_of_2(Hkv * D), STRIDE=stride, R=rotary_dim, **CONFIG,
     )
     dwk, dwv = torch.bmm(da.transpose(1, 2), xm).unbind(0)  # dW = da^T x, both paths in one product

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import launch
+from kernels.common import cdiv, launch
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -315,8 +315,8 @@ def csa_fwd(
     else:
         dcl, lse = q.new_empty(0), q.new_empty(0, dtype=torch.float32)
     cfg = CONFIG["fwd"]
-    launch(  # (grid sizes by plain integer division: Triton's cdiv costs microseconds per host call)
-        _csa_fwd, (B * H, -(-T // cfg["BLOCK_M"]), 1), q, k, v, kc, vc, blend, o, dcl, lse, T,
+    launch(
+        _csa_fwd, (B * H, cdiv(T, cfg["BLOCK_M"]), 1), q, k, v, kc, vc, blend, o, dcl, lse, T,
         kc.shape[1], scale * LOG2E, H=H, HKV=k.shape[2], D=D, STRIDE=stride, WINDOW=window, SAVE=save, **cfg,
     )
     return o, dcl, lse
@@ -337,12 +337,12 @@ def csa_bwd(
     dx = q.new_empty((B, T, H, 2, D))  # dC = blend dO, dL = dO - dC for the key-block launch
     delta = torch.empty_like(lse)
     launch(
-        _csa_bwd_dq, (B * H, -(-T // cfg_dq["BLOCK_M"]), 1), q, k, v, kc, vc, blend, o, dcl, do, lse,
+        _csa_bwd_dq, (B * H, cdiv(T, cfg_dq["BLOCK_M"]), 1), q, k, v, kc, vc, blend, o, dcl, do, lse,
         dq, dblend, dx, delta, T, Tc, scale * LOG2E, scale, H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window,
         **cfg_dq,
     )
     dk, dv, dkc, dvc = torch.empty_like(k), torch.empty_like(v), torch.empty_like(kc), torch.empty_like(vc)
-    n_blocks = -(-Tc // cfg_dkv["BLOCK_N"]) - (-T // cfg_dkv["BLOCK_NR"])  # compressed, then raw key blocks
+    n_blocks = cdiv(Tc, cfg_dkv["BLOCK_N"]) + cdiv(T, cfg_dkv["BLOCK_NR"])  # compressed, then raw key blocks
     launch(
         _csa_bwd_dkv, (B * Hkv, n_blocks, 1), q, kc, vc, k, v, dx, lse, delta, dkc, dvc, dk, dv, T, Tc,
         scale * LOG2E, scale, H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window, **cfg_dkv,

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import launch
+from kernels.common import cdiv, launch
 from kernels.gdn.triton_fwd import (
     BT,
     CONFIG,
@@ -47,7 +47,6 @@ from kernels.gdn.triton_fwd import (
     _store_io,
     _store_state,
     _tile_offsets,
-    cdiv,
     pick_bv,
     placeholder,
     pow2,

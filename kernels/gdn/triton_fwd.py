@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import launch
+from kernels.common import cdiv, launch
 
 BT = 64  # chunk length
 BS = 16  # diagonal block of the triangular solve
@@ -302,14 +302,9 @@ def _prec(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-# Host-side integer helpers: triton.cdiv and triton.next_power_of_2 are constexpr functions that cost a few
-# microseconds per call on the host, on the path to each launch.
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def pow2(x: int) -> int:
-    """The smallest power of two >= x, at least 16 (the smallest tile side)."""
+    """The smallest power of two >= x, at least 16 (the smallest tile side); on the host (triton's
+    next_power_of_2, a constexpr function, costs microseconds per call)."""
     return max(16, 1 << (x - 1).bit_length())
 
 

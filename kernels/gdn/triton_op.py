@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from kernels.common import cdiv
 from kernels.gdn.triton_bwd import chunk_bwd
-from kernels.gdn.triton_fwd import BT, cdiv, chunk_fwd
+from kernels.gdn.triton_fwd import BT, chunk_fwd
 
 Tensor = torch.Tensor
 # bf16 and fp32 (exact "ieee" products, slow to compile) q/k/v; both checked on an H100 with Triton 3.6.
