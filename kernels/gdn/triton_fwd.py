@@ -135,15 +135,14 @@ def _rstd(Rn, bh, which: tl.constexpr, t0, Tp, BT: tl.constexpr, L2NORM: tl.cons
 
 
 @triton.jit
-def _inverse_norm(x, Rn, bh, which: tl.constexpr, t0, Tp, eps, L2NORM: tl.constexpr):
-    """r = (|x|^2 + eps)^-1/2 of the rows of a q (which = 0) or k (1) tile, stored for the other kernels, when
-    L2NORM; else ones."""
+def _inverse_norm(sumsq, Rn, bh, which: tl.constexpr, t0, Tp, eps, L2NORM: tl.constexpr):
+    """r = (|x|^2 + eps)^-1/2 from the rows' sums of squares |x|^2 of a q (which = 0) or k (1) tile, stored for
+    the other kernels, when L2NORM; else ones (and `sumsq`, unused, is compiled away)."""
     if L2NORM:
-        xf = x.to(tl.float32)
-        r = tl.rsqrt(tl.sum(xf * xf, 1) + eps)
-        tl.store(_rstd_ptrs(Rn, bh, which, t0, Tp, x.shape[0]), r)
+        r = tl.rsqrt(sumsq + eps)
+        tl.store(_rstd_ptrs(Rn, bh, which, t0, Tp, sumsq.shape[0]), r)
     else:
-        r = tl.full([x.shape[0]], 1.0, dtype=tl.float32)
+        r = tl.full([sumsq.shape[0]], 1.0, dtype=tl.float32)
     return r
 
 
@@ -233,18 +232,15 @@ def _prep_kernel(
     # (3): A_ij = beta_i exp(G_i - G_j) k_i . k_j for j < i (bf16 products are exact in the fp32 accumulator);
     # with the norm, |k_i|^2 is the diagonal of K K^T (fewer registers than a sum over the fp32 k tile)
     KK = tl.dot(kb, tl.trans(kb), input_precision=PREC)
-    if L2NORM:
-        rk = tl.rsqrt(tl.sum(tl.where(r[:, None] == r[None, :], KK, 0.0), 1) + eps)
-        tl.store(_rstd_ptrs(Rn, bh, 1, t0, Tp, BT), rk)
-    else:
-        rk = tl.full([BT], 1.0, dtype=tl.float32)
+    rk = _inverse_norm(tl.sum(tl.where(r[:, None] == r[None, :], KK, 0.0), 1), Rn, bh, 1, t0, Tp, eps, L2NORM)
     A = (b * rk)[:, None] * KK * rk[None, :] * _decay(Gc, False)
     Tm = _unit_lower_inverse(A, kb, rk, b, Gc, BS, PREC)
     p_tile = _tile_offsets(bh, n, NT, BT)
     tl.store(Tinv + p_tile, Tm)
     # P = scale (Q K^T * Gamma) of (4), used by both sequential kernels
     qb = _load_io(q, bh, t0, T, H, K, BT, BK)
-    rq = _inverse_norm(qb, Rn, bh, 0, t0, Tp, eps, L2NORM)
+    qf = qb.to(tl.float32)
+    rq = _inverse_norm(tl.sum(qf * qf, 1), Rn, bh, 0, t0, Tp, eps, L2NORM)
     P = (scale * rq)[:, None] * tl.dot(qb, tl.trans(kb), input_precision=PREC) * rk[None, :] * _decay(Gc, True)
     tl.store(Pm + p_tile, P.to(Pm.dtype.element_ty))
 
