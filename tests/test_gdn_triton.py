@@ -59,7 +59,9 @@ def run_both(xs, fn, ref_fn):
 
 
 CPU_CASES = [  # (B, T, H, K, V, with_h0, in-kernel q/k L2 norm)
-    (1, 1, 1, 16, 16, False, False),
+    # T = 1 on 8 sequences: at B = H = 1, dbeta is one scalar whose terms can cancel, and its fp32 relative error
+    # then exceeds 1e-5 now and then (2 in 300 seeds); B = H = 1 stay covered at T = 65 and 70
+    (4, 1, 2, 16, 16, False, False),
     (2, 63, 2, 32, 16, True, False),
     (1, 65, 1, 16, 32, False, False),
     (1, 130, 2, 32, 32, True, False),
