@@ -11,6 +11,7 @@ Notation and equations (3)-(5) are those of `reference.chunk_gated_delta_rule`.
    T is built from fp32 inverses of the 16x16 diagonal blocks (by doubling) merged in one step:
    with D = (I + A_diag)^-1 and N = D A_off (strictly block lower, so N^4 = 0),
        (I + A)^-1 = (I + N)^-1 D = (I - N)(I + N^2) D.                                      (6)
+   The forward uses T in fp32; the backward gets it rounded to the input dtype (bf16: half the bytes).
 2. `_state_out_kernel`, one program per (head, V block), sequential over chunks: W = U - W_k S,
    the output (4) and the state update (5); it also saves S per chunk and W for the backward.
 
@@ -170,11 +171,15 @@ def _decay(G, INCLUSIVE: tl.constexpr):
 
 @triton.jit
 def _dot_f32_lowp(a, b, PREC: tl.constexpr):
-    """a @ b for fp32 `a` and a bf16 (or fp32) `b`. bf16: `a` split into two bf16 terms, a = hi + lo, so the
-    products keep ~16 bits of `a` on bf16 tensor cores (tf32 would keep 10); fp32: one dot at PREC."""
+    """a @ b for one fp32 and one bf16 operand (either side), or two fp32 ones. bf16: the fp32 operand x split
+    into two bf16 terms, x = hi + lo, so the products keep ~16 bits of x on bf16 tensor cores (tf32 would
+    keep 10); fp32: one dot at PREC."""
     if b.dtype.is_bf16():
         hi = a.to(tl.bfloat16)
         out = tl.dot((a - hi.to(tl.float32)).to(tl.bfloat16), b, tl.dot(hi, b))
+    elif a.dtype.is_bf16():
+        hi = b.to(tl.bfloat16)
+        out = tl.dot(a, (b - hi.to(tl.float32)).to(tl.bfloat16), tl.dot(a, hi))
     else:
         out = tl.dot(a, b, input_precision=PREC)
     return out
@@ -236,7 +241,7 @@ def _prep_kernel(
     A = (b * rk)[:, None] * KK * rk[None, :] * _decay(Gc, False)
     Tm = _unit_lower_inverse(A, kb, rk, b, Gc, BS, PREC)
     p_tile = _tile_offsets(bh, n, NT, BT)
-    tl.store(Tinv + p_tile, Tm)
+    tl.store(Tinv + p_tile, Tm.to(Tinv.dtype.element_ty))  # saved in the input dtype, for the backward
     # P = scale (Q K^T * Gamma) of (4), used by both sequential kernels
     qb = _load_io(q, bh, t0, T, H, K, BT, BK)
     qf = qb.to(tl.float32)
@@ -346,7 +351,7 @@ def chunk_fwd(
     f32 = torch.float32
 
     G = torch.empty(BH, Tp, device=dev, dtype=f32)
-    Tinv = torch.empty(BH, NT, BT, BT, device=dev, dtype=f32)
+    Tinv = torch.empty(BH, NT, BT, BT, device=dev, dtype=dt)
     Pm = torch.empty(BH, NT, BT, BT, device=dev, dtype=dt)
     Wk = torch.empty(BH, Tp, K, device=dev, dtype=dt)
     U = torch.empty(BH, Tp, V, device=dev, dtype=dt)

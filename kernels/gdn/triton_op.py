@@ -71,7 +71,7 @@ def _(q, k, v, g, beta, scale, initial_state, output_final_state, l2norm):
     Rn = q.new_empty(B * H, 2, NT * BT, dtype=f32) if l2norm else q.new_empty(0, dtype=f32)
     return (
         torch.empty_like(v), ht,
-        q.new_empty(B * H, NT * BT, dtype=f32), q.new_empty(B * H, NT, BT, BT, dtype=f32),
+        q.new_empty(B * H, NT * BT, dtype=f32), q.new_empty(B * H, NT, BT, BT),
         q.new_empty(B * H, NT, BT, BT), q.new_empty(B * H, NT * BT, K),
         q.new_empty(B * H, NT, K, V), q.new_empty(B * H, NT * BT, V), Rn,
     )  # fmt: skip
