@@ -68,6 +68,8 @@ CPU_SHAPES = [  # B, T, H, Hkv, D
     (1, 65, 3, 3, 16),
     (1, 65, 3, 1, 64),
     (1, 130, 6, 3, 32),
+    (1, 70, 8, 2, 16),  # 4 heads per KV head: packed row blocks of 16 tokens
+    (1, 40, 9, 1, 16),  # 9 heads per KV head: blocks of 7.1 tokens, straddling tokens
 ]
 
 

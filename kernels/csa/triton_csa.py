@@ -1,14 +1,18 @@
 """Fused Triton kernels for compressed sparse attention (CSA): forward and backward.
 
-Layout and math as in `reference.py` (equations (1)-(3) there). One forward program owns BLOCK_M query
-rows of one query head and runs two online softmaxes with separate normalizers:
+Layout and math as in `reference.py` (equations (1)-(3) there). The G = H / Hkv query heads that share a
+KV head are packed as rows: packed row r = G t + g is token t of query head hk G + g, so one program's
+BLOCK_M rows span BLOCK_M / G tokens of all G heads, and each K/V tile it loads serves all of them
+(GQA through the index; K/V are never repeated in memory). One forward program owns BLOCK_M packed rows
+and runs two online softmaxes with separate normalizers:
 
-    comp  : compressed keys j with t >= stride (j + 1); blocks below m0 // stride need no mask
-    local : raw keys s with t - window + 1 <= s <= t (the key blocks around the query block)
+    comp  : compressed keys j with t >= stride (j + 1); blocks below t0 // stride need no mask (t0: the
+            block's first token)
+    local : raw keys s with t - window + 1 <= s <= t: t0 - window + 1 .. t1 (t1: the block's last token),
+            BLOCK_M / G + window - 1 keys, so the window band wastes less the more heads share a tile
     o     = local + blend * (comp - local)                                                     (3)
 
-Query head h reads KV head h // G (GQA through the index; K/V are never repeated in memory). Nothing of
-size T x T or T x T/stride exists; the forward saves the two log2-sum-exps and dcl = comp - local.
+Nothing of size T x T or T x T/stride exists; the forward saves the two log2-sum-exps and dcl = comp - local.
 Every tensor is contiguous, so the kernels take no strides: row offsets come from T and the constexpr
 head counts and head dim. Programs that do the most work are launched first (grid axis 1 counts down
 the work), which keeps the tail of each launch short.
@@ -19,8 +23,8 @@ Backward (two launches):
                delta_x = rowsum(dX * x) (the softmax backward's D term), then
                dq = scale (dS_c Kc + dS_l K) with dS = P * (dP - delta), dP = dX V^T.
                Stores dblend, dC and dL ([B, T, H, 2, D]) and the deltas ([B, H, 2, T]) for the next launch.
-    _bwd_dkv : per key block of one KV head, raw or compressed: loops over the G query heads and the
-               query blocks that see it; dV = P^T dX, dK = scale dS^T Q. No atomics: deterministic.
+    _bwd_dkv : per key block of one KV head, raw or compressed: one loop over the packed rows (all G
+               heads) that see it; dV = P^T dX, dK = scale dS^T Q. No atomics: deterministic.
 """
 
 import math
@@ -48,18 +52,26 @@ def _visible(t, s, MASK: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexp
 
 
 @triton.jit
+def _unpack(offs_r, G: tl.constexpr, H: tl.constexpr):
+    """Packed rows r = G t + g -> token t, head g within the KV group, and r + t (H - G) = t H + g: the
+    row's index in a [T, H] plane counted from the group's first head."""
+    t = offs_r // G
+    return t, offs_r - t * G, offs_r + t * (H - G)
+
+
+@triton.jit
 def _fwd_path(
-    acc, l_i, m_i, q, K, V, stride_kt, stride_vt, n_keys, offs_m, offs_d, lo, hi, qk_scale,
+    acc, l_i, m_i, q, K, V, stride_kt, stride_vt, n_keys, t, offs_d, lo, hi, qk_scale,
     MASK: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Online softmax of q against keys [lo, hi) of one path; scores in log2 units."""
+    """Online softmax of q (rows of tokens t) against keys [lo, hi) of one path; scores in log2 units."""
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         in_kv = offs_n[:, None] < n_keys
         k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=in_kv, other=0.0)
         s = tl.dot(q, tl.trans(k))
         if MASK != NO_MASK:
-            s = tl.where(_visible(offs_m[:, None], offs_n[None, :], MASK, STRIDE, WINDOW), s, float("-inf"))
+            s = tl.where(_visible(t[:, None], offs_n[None, :], MASK, STRIDE, WINDOW), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         p = tl.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
@@ -76,38 +88,39 @@ def _csa_fwd(
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr,
     SAVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NL: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M  # late (costly) query blocks first
-    b, h = pid_bh // H, pid_bh % H
-    b64 = b.to(tl.int64)
-    hk = h // (H // HKV)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    G = H // HKV
+    pid_bk = tl.program_id(0)
+    r0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M  # late (costly) row blocks first
+    b64 = (pid_bk // HKV).to(tl.int64)
+    hk = pid_bk % HKV
+    t, g, th = _unpack(r0 + tl.arange(0, BLOCK_M), G, H)
+    t0, t1 = r0 // G, (r0 + BLOCK_M - 1) // G  # first and last token of the block
     offs_d = tl.arange(0, D)
-    in_t = offs_m < T
-    row_offs = ((b64 * T + offs_m[:, None]) * H + h) * D + offs_d[None, :]  # q, o, dcl, blend rows
+    in_t = t < T
+    row_offs = (b64 * T * H + hk * G + th[:, None]) * D + offs_d[None, :]  # q, o, dcl, blend rows
     q = tl.load(Q + row_offs, mask=in_t[:, None], other=0.0)
 
-    # (1) compressed path: blocks j < m0 // STRIDE are visible to every row of the tile, the rest
-    # up to the last row's limit (t // STRIDE) get the visibility mask.
+    # (1) compressed path: blocks j < t0 // STRIDE are visible to every row of the tile, the rest up to
+    # the last row's limit (t1 // STRIDE) get the visibility mask.
     KCb, VCb = KC + (b64 * Tc * HKV + hk) * D, VC + (b64 * Tc * HKV + hk) * D
     acc_c = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     l_c = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_c = tl.full([BLOCK_M], -1e30, dtype=tl.float32)  # finite: fully masked tiles give alpha = 1, not NaN
-    mid_c = (m0 // STRIDE) // BLOCK_N * BLOCK_N
-    hi_c = tl.minimum((m0 + BLOCK_M - 1) // STRIDE, Tc)
-    acc_c, l_c, m_c = _fwd_path(acc_c, l_c, m_c, q, KCb, VCb, HKV * D, HKV * D, Tc, offs_m, offs_d, 0, mid_c,
+    mid_c = (t0 // STRIDE) // BLOCK_N * BLOCK_N
+    hi_c = tl.minimum(t1 // STRIDE, Tc)
+    acc_c, l_c, m_c = _fwd_path(acc_c, l_c, m_c, q, KCb, VCb, HKV * D, HKV * D, Tc, t, offs_d, 0, mid_c,
                                 qk_scale, NO_MASK, STRIDE, WINDOW, BLOCK_N)
-    acc_c, l_c, m_c = _fwd_path(acc_c, l_c, m_c, q, KCb, VCb, HKV * D, HKV * D, Tc, offs_m, offs_d, mid_c, hi_c,
+    acc_c, l_c, m_c = _fwd_path(acc_c, l_c, m_c, q, KCb, VCb, HKV * D, HKV * D, Tc, t, offs_d, mid_c, hi_c,
                                 qk_scale, COMP_MASK, STRIDE, WINDOW, BLOCK_N)
-    # (2) local path: keys m0 - WINDOW + 1 .. m0 + BLOCK_M - 1 in tiles of BLOCK_NL from the first one
-    # (unaligned: one tile when BLOCK_NL >= BLOCK_M + WINDOW - 1), all masked.
+    # (2) local path: keys t0 - WINDOW + 1 .. t1 in tiles of BLOCK_NL from the first one (unaligned), all
+    # masked.
     Kb, Vb = K + (b64 * T * HKV + hk) * D, V + (b64 * T * HKV + hk) * D
     acc_l = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     l_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_l = tl.full([BLOCK_M], -1e30, dtype=tl.float32)
-    lo_l = tl.maximum(m0 - WINDOW + 1, 0)
-    hi_l = tl.minimum(m0 + BLOCK_M, T)
-    acc_l, l_l, m_l = _fwd_path(acc_l, l_l, m_l, q, Kb, Vb, HKV * D, HKV * D, T, offs_m, offs_d, lo_l, hi_l,
+    lo_l = tl.maximum(t0 - WINDOW + 1, 0)
+    hi_l = tl.minimum(t1 + 1, T)
+    acc_l, l_l, m_l = _fwd_path(acc_l, l_l, m_l, q, Kb, Vb, HKV * D, HKV * D, T, t, offs_d, lo_l, hi_l,
                                 qk_scale, WINDOW_MASK, STRIDE, WINDOW, BLOCK_NL)
 
     has_c = l_c > 0  # rows t < STRIDE see no compressed block: comp = 0 by definition
@@ -117,7 +130,7 @@ def _csa_fwd(
     tl.store(O + row_offs, (local + blend * (comp - local)).to(O.dtype.element_ty), mask=in_t[:, None])
     if SAVE:
         tl.store(DCL + row_offs, (comp - local).to(DCL.dtype.element_ty), mask=in_t[:, None])
-        lse_offs = (b64 * H + h) * 2 * T + offs_m  # LSE [B, H, 2, T]: compressed path, then local path
+        lse_offs = (b64 * H + hk * G + g) * 2 * T + t  # LSE [B, H, 2, T]: compressed path, then local path
         lse_c = tl.where(has_c, m_c + tl.log2(tl.where(has_c, l_c, 1.0)), float("inf"))
         tl.store(LSE + lse_offs, lse_c, mask=in_t)
         tl.store(LSE + T + lse_offs, m_l + tl.log2(tl.where(in_t, l_l, 1.0)), mask=in_t)
@@ -125,7 +138,7 @@ def _csa_fwd(
 
 @triton.jit
 def _bwd_dq_path(
-    dq, q, do, lse, delta, K, V, stride_kt, stride_vt, n_keys, offs_m, offs_d, lo, hi, qk_scale,
+    dq, q, do, lse, delta, K, V, stride_kt, stride_vt, n_keys, t, offs_d, lo, hi, qk_scale,
     MASK: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dq += dS K over keys [lo, hi) of one path, dS = P * (dO V^T - delta) (unscaled)."""
@@ -136,7 +149,7 @@ def _bwd_dq_path(
         v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=in_kv, other=0.0)
         p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
         if MASK != NO_MASK:
-            p = tl.where(_visible(offs_m[:, None], offs_n[None, :], MASK, STRIDE, WINDOW), p, 0.0)
+            p = tl.where(_visible(t[:, None], offs_n[None, :], MASK, STRIDE, WINDOW), p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
@@ -149,16 +162,18 @@ def _csa_bwd_dq(
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NL: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M  # late (costly) query blocks first
-    b, h = pid_bh // H, pid_bh % H
-    b64 = b.to(tl.int64)
-    hk = h // (H // HKV)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    G = H // HKV
+    pid_bk = tl.program_id(0)
+    r0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M  # late (costly) row blocks first
+    b64 = (pid_bk // HKV).to(tl.int64)
+    hk = pid_bk % HKV
+    t, g, th = _unpack(r0 + tl.arange(0, BLOCK_M), G, H)
+    t0, t1 = r0 // G, (r0 + BLOCK_M - 1) // G  # first and last token of the block
     offs_d = tl.arange(0, D)
-    in_t = offs_m < T
+    in_t = t < T
     row = in_t[:, None]
-    offs = ((b64 * T + offs_m[:, None]) * H + h) * D + offs_d[None, :]  # every [B, T, H, D] tensor
+    bth = b64 * T * H + hk * G + th[:, None]  # rows of every [B, T, H, .] tensor
+    offs = bth * D + offs_d[None, :]
     q = tl.load(Q + offs, mask=row, other=0.0)
     do = tl.load(DO + offs, mask=row, other=0.0).to(tl.float32)
     o = tl.load(O + offs, mask=row, other=0.0).to(tl.float32)
@@ -172,10 +187,10 @@ def _csa_bwd_dq(
     delta_c = tl.sum(dc * (o + (1.0 - blend) * dcl), 1)
     delta_l = tl.sum(dl * (o - blend * dcl), 1)
     dc, dl = dc.to(Q.dtype.element_ty), dl.to(Q.dtype.element_ty)
-    dx_offs = (((b64 * T + offs_m[:, None]) * H + h) * 2) * D + offs_d[None, :]  # DX [B, T, H, 2, D]
+    dx_offs = bth * 2 * D + offs_d[None, :]  # DX [B, T, H, 2, D]
     tl.store(DX + dx_offs, dc, mask=row)
     tl.store(DX + D + dx_offs, dl, mask=row)
-    lse_offs = (b64 * H + h) * 2 * T + offs_m  # DELTA and LSE [B, H, 2, T]
+    lse_offs = (b64 * H + hk * G + g) * 2 * T + t  # DELTA and LSE [B, H, 2, T]
     tl.store(DELTA + lse_offs, delta_c, mask=in_t)
     tl.store(DELTA + T + lse_offs, delta_l, mask=in_t)
     lse_c = tl.load(LSE + lse_offs, mask=in_t, other=float("inf"))
@@ -183,16 +198,16 @@ def _csa_bwd_dq(
 
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     KCb, VCb = KC + (b64 * Tc * HKV + hk) * D, VC + (b64 * Tc * HKV + hk) * D
-    mid_c = (m0 // STRIDE) // BLOCK_N * BLOCK_N
-    hi_c = tl.minimum((m0 + BLOCK_M - 1) // STRIDE, Tc)
-    dq = _bwd_dq_path(dq, q, dc, lse_c, delta_c, KCb, VCb, HKV * D, HKV * D, Tc, offs_m, offs_d, 0, mid_c,
+    mid_c = (t0 // STRIDE) // BLOCK_N * BLOCK_N
+    hi_c = tl.minimum(t1 // STRIDE, Tc)
+    dq = _bwd_dq_path(dq, q, dc, lse_c, delta_c, KCb, VCb, HKV * D, HKV * D, Tc, t, offs_d, 0, mid_c,
                       qk_scale, NO_MASK, STRIDE, WINDOW, BLOCK_N)
-    dq = _bwd_dq_path(dq, q, dc, lse_c, delta_c, KCb, VCb, HKV * D, HKV * D, Tc, offs_m, offs_d, mid_c, hi_c,
+    dq = _bwd_dq_path(dq, q, dc, lse_c, delta_c, KCb, VCb, HKV * D, HKV * D, Tc, t, offs_d, mid_c, hi_c,
                       qk_scale, COMP_MASK, STRIDE, WINDOW, BLOCK_N)
     Kb, Vb = K + (b64 * T * HKV + hk) * D, V + (b64 * T * HKV + hk) * D
-    lo_l = tl.maximum(m0 - WINDOW + 1, 0)
-    hi_l = tl.minimum(m0 + BLOCK_M, T)
-    dq = _bwd_dq_path(dq, q, dl, lse_l, delta_l, Kb, Vb, HKV * D, HKV * D, T, offs_m, offs_d, lo_l, hi_l,
+    lo_l = tl.maximum(t0 - WINDOW + 1, 0)
+    hi_l = tl.minimum(t1 + 1, T)
+    dq = _bwd_dq_path(dq, q, dl, lse_l, delta_l, Kb, Vb, HKV * D, HKV * D, T, t, offs_d, lo_l, hi_l,
                       qk_scale, WINDOW_MASK, STRIDE, WINDOW, BLOCK_NL)
     tl.store(DQ + offs, (dq * scale).to(DQ.dtype.element_ty), mask=row)
 
@@ -200,24 +215,25 @@ def _csa_bwd_dq(
 @triton.jit
 def _bwd_dkv_path(
     dk, dv, k, v, Q, DX, LSE, DELTA, T, offs_n, offs_d, lo, hi, qk_scale,
-    MASK: tl.constexpr, H: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    MASK: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr,
+    WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """dv += P^T dX, dk += dS^T Q over query rows [lo, hi) of one head (transposed tiles [keys, rows]).
+    """dv += P^T dX, dk += dS^T Q over packed rows [lo, hi) of one KV group (transposed tiles [keys, rows]).
 
-    Q points at the head's row 0 of [., T, H, D]; DX at the path's half of [., T, H, 2, D]; LSE, DELTA at
-    the head's [T] row of the path. Rows >= T load lse = inf: P is 0.
+    Q points at the group's first head in token 0 of [., T, H, D]; DX likewise at the path's half of
+    [., T, H, 2, D]; LSE, DELTA at the group's first head's [T] row of the path in [., H, 2, T]. Rows of
+    tokens >= T load lse = inf: P is 0.
     """
     for start in range(lo, hi, BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
-        in_t = offs_m < T
-        q = tl.load(Q + offs_m[:, None] * (H * D) + offs_d[None, :], mask=in_t[:, None], other=0.0)
-        dx = tl.load(DX + offs_m[:, None] * (2 * H * D) + offs_d[None, :], mask=in_t[:, None], other=0.0)
-        lse = tl.load(LSE + offs_m, mask=in_t, other=float("inf"))
-        delta = tl.load(DELTA + offs_m, mask=in_t, other=0.0)
+        t, g, th = _unpack(start + tl.arange(0, BLOCK_M), G, H)
+        in_t = t < T
+        q = tl.load(Q + th[:, None] * D + offs_d[None, :], mask=in_t[:, None], other=0.0)
+        dx = tl.load(DX + th[:, None] * (2 * D) + offs_d[None, :], mask=in_t[:, None], other=0.0)
+        lse = tl.load(LSE + g * (2 * T) + t, mask=in_t, other=float("inf"))
+        delta = tl.load(DELTA + g * (2 * T) + t, mask=in_t, other=0.0)
         pt = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
         if MASK != NO_MASK:
-            pt = tl.where(_visible(offs_m[None, :], offs_n[:, None], MASK, STRIDE, WINDOW), pt, 0.0)
+            pt = tl.where(_visible(t[None, :], offs_n[:, None], MASK, STRIDE, WINDOW), pt, 0.0)
         dv += tl.dot(pt.to(dx.dtype), dx)
         dst = pt * (tl.dot(v, tl.trans(dx)) - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q)
@@ -230,10 +246,10 @@ def _dkv_block(
     COMP: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     STRIDE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dK, dV of keys [n0, n0 + BLOCK_N) of KV head hk, summed over its G query heads.
+    """dK, dV of keys [n0, n0 + BLOCK_N) of KV head hk, summed over its G query heads (packed rows G t + g).
 
-    COMP: compressed keys j (row t sees j iff t >= STRIDE (j + 1): rows from STRIDE (n0 + 1) see part of
-    the block, rows from STRIDE (n0 + BLOCK_N) all of it) against dC, else raw keys s (rows s .. s +
+    COMP: compressed keys j (token t sees j iff t >= STRIDE (j + 1): tokens from STRIDE (n0 + 1) see part
+    of the block, tokens from STRIDE (n0 + BLOCK_N) all of it) against dC, else raw keys s (tokens s .. s +
     WINDOW - 1 see them, all tiles masked) against dL.
     """
     G = H // HKV
@@ -246,20 +262,19 @@ def _dkv_block(
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     half = 0 if COMP else 1  # the path's half of DX [B, T, H, 2, D] and of LSE, DELTA [B, H, 2, T]
-    for h in range(hk * G, hk * G + G):
-        Qh, DXh = Q + b64 * T * H * D + h * D, DX + b64 * T * H * 2 * D + (h * 2 + half) * D
-        LSEh, DELTAh = LSE + ((b64 * H + h) * 2 + half) * T, DELTA + ((b64 * H + h) * 2 + half) * T
-        if COMP:
-            lo = STRIDE * (n0 + 1)  # rows [lo, mid) need the visibility mask, rows [mid, T) see every key
-            mid = tl.minimum(lo + tl.cdiv(STRIDE * (BLOCK_N - 1), BLOCK_M) * BLOCK_M, T)
-            dk, dv = _bwd_dkv_path(dk, dv, k, v, Qh, DXh, LSEh, DELTAh, T, offs_n, offs_d, lo, mid,
-                                   qk_scale, COMP_MASK, H, D, STRIDE, WINDOW, BLOCK_M)
-            dk, dv = _bwd_dkv_path(dk, dv, k, v, Qh, DXh, LSEh, DELTAh, T, offs_n, offs_d, mid, T,
-                                   qk_scale, NO_MASK, H, D, STRIDE, WINDOW, BLOCK_M)
-        else:
-            hi = tl.minimum(n0 + BLOCK_N + WINDOW - 1, T)
-            dk, dv = _bwd_dkv_path(dk, dv, k, v, Qh, DXh, LSEh, DELTAh, T, offs_n, offs_d, n0, hi,
-                                   qk_scale, WINDOW_MASK, H, D, STRIDE, WINDOW, BLOCK_M)
+    Qg, DXg = Q + (b64 * T * H + hk * G) * D, DX + (b64 * T * H + hk * G) * 2 * D + half * D
+    LSEg, DELTAg = LSE + ((b64 * H + hk * G) * 2 + half) * T, DELTA + ((b64 * H + hk * G) * 2 + half) * T
+    if COMP:
+        lo = G * STRIDE * (n0 + 1)  # packed rows [lo, mid) need the visibility mask, [mid, G T) see every key
+        mid = tl.minimum(lo + tl.cdiv(G * STRIDE * (BLOCK_N - 1), BLOCK_M) * BLOCK_M, G * T)
+        dk, dv = _bwd_dkv_path(dk, dv, k, v, Qg, DXg, LSEg, DELTAg, T, offs_n, offs_d, lo, mid,
+                               qk_scale, COMP_MASK, H, G, D, STRIDE, WINDOW, BLOCK_M)
+        dk, dv = _bwd_dkv_path(dk, dv, k, v, Qg, DXg, LSEg, DELTAg, T, offs_n, offs_d, mid, G * T,
+                               qk_scale, NO_MASK, H, G, D, STRIDE, WINDOW, BLOCK_M)
+    else:
+        hi = G * tl.minimum(n0 + BLOCK_N + WINDOW - 1, T)
+        dk, dv = _bwd_dkv_path(dk, dv, k, v, Qg, DXg, LSEg, DELTAg, T, offs_n, offs_d, G * n0, hi,
+                               qk_scale, WINDOW_MASK, H, G, D, STRIDE, WINDOW, BLOCK_M)
     tl.store(DKX + kv_offs, (dk * scale).to(DKX.dtype.element_ty), mask=in_kv)
     tl.store(DVX + kv_offs, dv.to(DVX.dtype.element_ty), mask=in_kv)
 
@@ -270,8 +285,8 @@ def _csa_bwd_dkv(
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_MR: tl.constexpr, BLOCK_NR: tl.constexpr,
 ):
-    """Compressed key blocks of BLOCK_N (rows in tiles of BLOCK_M), then raw key blocks of BLOCK_NR (rows
-    in tiles of BLOCK_MR). Grid (B Hkv, blocks): the compressed block 0 of every head (the longest row
+    """Compressed key blocks of BLOCK_N (packed rows in tiles of BLOCK_M), then raw key blocks of BLOCK_NR
+    (packed rows in tiles of BLOCK_MR). Grid (B Hkv, blocks): the compressed block 0 of every head (the longest row
     loops) starts first."""
     pid_bh = tl.program_id(0)
     pid = tl.program_id(1)
@@ -289,13 +304,13 @@ def _csa_bwd_dkv(
 # Tile shapes and launch settings per kernel: the fastest correct ones of bench/csa.py's sweep on an H100
 # (sum of the B 16 and B 64 times at T 1024, H 9, Hkv 3, D 64; profiles/csa.json "sweep"; the forward's
 # BLOCK_N of 64 from session 5's A/B, profiles/csa.md). BLOCK_N tiles compressed keys, BLOCK_NL the
-# window's raw keys, BLOCK_NR raw key blocks in _csa_bwd_dkv; BLOCK_M and BLOCK_MR tile query rows. maxnreg
+# window's raw keys, BLOCK_NR raw key blocks in _csa_bwd_dkv; BLOCK_M and BLOCK_MR tile packed rows. maxnreg
 # caps registers per thread: at 168 three 4-warp programs fit on an SM instead of two (the forward needs
 # 183 uncapped and then runs 20% slower; the key-block kernel spills a little at 168 and still gains at
 # B 64).
 CONFIG = {
-    "fwd": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_NL=64, num_warps=4, num_stages=3, maxnreg=168),
-    "bwd_dq": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_NL=64, num_warps=4, num_stages=3),
+    "fwd": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_NL=32, num_warps=4, num_stages=3, maxnreg=168),
+    "bwd_dq": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_NL=32, num_warps=4, num_stages=3),
     "bwd_dkv": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_MR=32, BLOCK_NR=64, num_warps=4, num_stages=3, maxnreg=168),
 }
 
@@ -314,10 +329,10 @@ def csa_fwd(
         lse = q.new_empty((B, H, 2, T), dtype=torch.float32)
     else:
         dcl, lse = q.new_empty(0), q.new_empty(0, dtype=torch.float32)
-    cfg = CONFIG["fwd"]
+    cfg, Hkv = CONFIG["fwd"], k.shape[2]
     launch(
-        _csa_fwd, (B * H, cdiv(T, cfg["BLOCK_M"]), 1), q, k, v, kc, vc, blend, o, dcl, lse, T,
-        kc.shape[1], scale * LOG2E, H=H, HKV=k.shape[2], D=D, STRIDE=stride, WINDOW=window, SAVE=save, **cfg,
+        _csa_fwd, (B * Hkv, cdiv(T * H // Hkv, cfg["BLOCK_M"]), 1), q, k, v, kc, vc, blend, o, dcl, lse, T,
+        kc.shape[1], scale * LOG2E, H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window, SAVE=save, **cfg,
     )
     return o, dcl, lse
 
@@ -337,7 +352,7 @@ def csa_bwd(
     dx = q.new_empty((B, T, H, 2, D))  # dC = blend dO, dL = dO - dC for the key-block launch
     delta = torch.empty_like(lse)
     launch(
-        _csa_bwd_dq, (B * H, cdiv(T, cfg_dq["BLOCK_M"]), 1), q, k, v, kc, vc, blend, o, dcl, do, lse,
+        _csa_bwd_dq, (B * Hkv, cdiv(T * H // Hkv, cfg_dq["BLOCK_M"]), 1), q, k, v, kc, vc, blend, o, dcl, do, lse,
         dq, dblend, dx, delta, T, Tc, scale * LOG2E, scale, H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window,
         **cfg_dq,
     )
