@@ -226,21 +226,21 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(Dh, cfg.norm_eps)
         self.out_proj = nn.Linear(H * Dh, cfg.dim, bias=False)
 
-    def causal_conv_silu(self, x: Tensor, cache: GDNCache | None) -> Tensor:
-        """silu(depthwise causal conv of x) with zero left context, or the cached one (`kernels.conv`)."""
+    def causal_conv_silu(self, x: Tensor, cache: GDNCache | None) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v: silu(depthwise causal conv of x) with zero left context, or the cached one, split in
+        three (`kernels.conv`, which writes the three parts as separate tensors)."""
         B, T, C = x.shape
         past = None if cache is None or cache.conv is None else cache.conv.to(x.dtype)
-        y = causal_conv1d_silu(x, self.conv1d.weight[:, 0], past)
+        qkv = causal_conv1d_silu(x, self.conv1d.weight[:, 0], past, chunks=3)
         if cache is not None:
             pad = self.conv_width - 1
             cache.conv = torch.cat([x.new_zeros(B, pad, C) if past is None else past, x], 1)[:, -pad:]
-        return y
+        return qkv
 
     def forward(self, x: Tensor, rope=None, cache: GDNCache | None = None) -> Tensor:
         B, T, _ = x.shape
         H, Dh = self.n_heads, self.head_dim
-        qkv = self.causal_conv_silu(self.in_proj_qkv(x), cache)
-        q, k, v = (t.reshape(B, T, H, Dh) for t in qkv.split(H * Dh, dim=-1))
+        q, k, v = (t.reshape(B, T, H, Dh) for t in self.causal_conv_silu(self.in_proj_qkv(x), cache))
         beta = torch.sigmoid(self.in_proj_b(x))
         a = self.in_proj_a(x).to(compute_dtype(x))
         g = -self.A_log.exp() * F.softplus(a + self.dt_bias)  # log-space decay, fp32

@@ -55,14 +55,42 @@ def test_reference_matches_grouped_conv1d():
 def test_triton_matches_reference(B, T, C):
     """Shorter than the conv, several time tiles and segments (T > 64), partial channel blocks."""
     x, w = make_inputs(B, T, C, 4)
-    ours, ref = grads_vs_reference(triton_conv.triton_causal_conv1d_silu, x, w)
+    ours, ref = grads_vs_reference(lambda x, w: triton_conv.triton_causal_conv1d_silu(x, w)[0], x, w)
     for name, o, r in zip(("y", "dx", "dw"), ours, ref, strict=True):
         assert relerr(o, r) < 1e-5, name
 
 
+@pytest.mark.parametrize("B, T, C, chunks", [(2, 70, 198, 3), (1, 9, 6, 3), (1, 65, 258, 2)])
+def test_triton_chunks_match_reference(B, T, C, chunks):
+    """Output written as contiguous channel chunks (chunk width not a multiple of the channel blocks, and
+    smaller than one), gradients read from them; a chunk without a gradient counts as zero."""
+    x, w = make_inputs(B, T, C, 4)
+    ys = triton_conv.triton_causal_conv1d_silu(x, w, chunks)
+    assert all(y.is_contiguous() and y.shape == (B, T, C // chunks) for y in ys)
+    ours, ref = grads_vs_reference(lambda x, w: torch.cat(triton_conv.triton_causal_conv1d_silu(x, w, chunks), -1),
+                                   x, w)  # fmt: skip
+    for name, o, r in zip(("y", "dx", "dw"), ours, ref, strict=True):
+        assert relerr(o, r) < 1e-5, name
+    dy = torch.randn(B, T, C // chunks)
+    partial = torch.autograd.grad(ys[-1], (x, w), dy)
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
+    last64 = reference.causal_conv1d_silu(x64, w64)[..., -(C // chunks) :]
+    for o, r in zip(partial, torch.autograd.grad(last64, (x64, w64), dy.double()), strict=True):
+        assert relerr(o, r) < 1e-5
+
+
+def test_chunks_dispatch():
+    x, w = make_inputs(2, 10, 12, 4, device="cpu")
+    y = causal_conv1d_silu(x, w)
+    for n in (1, 3, 4):
+        assert all(torch.equal(a, b) for a, b in zip(causal_conv1d_silu(x, w, chunks=n), y.chunk(n, -1), strict=True))
+    with pytest.raises(ValueError, match="chunks must divide"):
+        causal_conv1d_silu(x, w, chunks=5)
+
+
 def test_triton_is_deterministic():
-    x, w = make_inputs(2, 100, 40, 4)
-    y = triton_conv.triton_causal_conv1d_silu(x, w)
+    x, w = make_inputs(2, 100, 42, 4)
+    y = torch.cat(triton_conv.triton_causal_conv1d_silu(x, w, 3), -1)
     dy = torch.randn_like(y)
     first, second = (torch.autograd.grad(y, (x, w), dy, retain_graph=True) for _ in range(2))
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
@@ -85,9 +113,10 @@ def test_bad_input(args, match):
 
 
 def compile_all_for_hopper() -> int:
-    common = {"T": "i32", "C": "i32"}
-    fwd = {"x": "*bf16", "w": "*fp32", "y": "*bf16", **common}
-    bwd = {"x": "*bf16", "w": "*fp32", "dy": "*bf16", "dx": "*bf16", "dw_part": "*fp32", **common}
+    common = {"T": "i32", "C": "i32", "CP": "i32"}
+    fwd = {"x": "*bf16", "w": "*fp32", "y0": "*bf16", "y1": "*bf16", "y2": "*bf16", **common}
+    bwd = {"x": "*bf16", "w": "*fp32", "dy0": "*bf16", "dy1": "*bf16", "dy2": "*bf16", "dx": "*bf16",
+           "dw_part": "*fp32", **common}  # fmt: skip
     (fbt, fbc, _), (seg, bbc, _) = triton_conv.CONFIG["fwd"], triton_conv.CONFIG["bwd"]
     built = [compile_for_hopper(triton_conv._conv_silu_fwd_kernel, fwd, {"W": 4, "BT": fbt, "BC": fbc}),
              compile_for_hopper(triton_conv._conv_silu_bwd_kernel, bwd, {"S": seg, "BC": bbc})]  # fmt: skip
@@ -110,7 +139,19 @@ def test_gpu_bf16_model_shape(T):
 
 
 @pytest.mark.gpu
+def test_gpu_bf16_model_shape_chunks():
+    """The model's call: q, k, v as three chunks of the 3024 channels."""
+    x, w = make_inputs(4, 1024, 3024, 4, dtype=torch.bfloat16)
+    fn = lambda x, w: torch.cat(causal_conv1d_silu(x, w, chunks=3), -1)  # noqa: E731
+    ours, ref = grads_vs_reference(fn, x, w)
+    for name, o, r in zip(("y", "dx", "dw"), ours, ref, strict=True):
+        assert relerr(o, r) < 1e-2, name
+
+
+@pytest.mark.gpu
 def test_gpu_compiles_fullgraph():
-    x, w = make_inputs(2, 100, 64, 4)
+    x, w = make_inputs(2, 100, 192, 4)
     y = torch.compile(causal_conv1d_silu, fullgraph=True)(x, w)
     torch.testing.assert_close(y, causal_conv1d_silu(x, w))
+    split = torch.compile(lambda x, w: causal_conv1d_silu(x, w, chunks=3), fullgraph=True)(x, w)
+    assert all(torch.equal(a, b) for a, b in zip(split, y.chunk(3, -1), strict=True))
