@@ -1,10 +1,10 @@
 """Fused Triton kernels for compressed sparse attention (CSA): forward and backward.
 
-Layout and math as in `reference.py` (equations (1)-(3) there). The G = H / Hkv query heads that share a
-KV head are packed as rows: packed row r = G t + g is token t of query head hk G + g, so one program's
-BLOCK_M rows span BLOCK_M / G tokens of all G heads, and each K/V tile it loads serves all of them
-(GQA through the index; K/V are never repeated in memory). One forward program owns BLOCK_M packed rows
-and runs two online softmaxes with separate normalizers:
+Layout and math as in `reference.py` (equations (1)-(3) there). GQA through the index: K/V are never
+repeated in memory. The forward and the dq kernel pack the G = H / Hkv query heads of KV head hk as rows:
+packed row r = G t + g is token t of query head hk G + g, so a program's BLOCK_M rows span BLOCK_M / G
+tokens of all G heads and each K/V tile it loads serves all of them. One forward program owns BLOCK_M
+packed rows and runs two online softmaxes with separate normalizers:
 
     comp  : compressed keys j with t >= stride (j + 1); blocks below t0 // stride need no mask (t0: the
             block's first token)
@@ -18,13 +18,13 @@ head counts and head dim. Programs that do the most work are launched first (gri
 the work), which keeps the tail of each launch short.
 
 Backward (two launches):
-    _bwd_dq  : per query block. comp = o + (1 - blend) dcl and local = o - blend dcl (from (3)),
+    _bwd_dq  : per block of packed rows. comp = o + (1 - blend) dcl and local = o - blend dcl (from (3)),
                dblend = do * dcl, dC = blend do, dL = (1 - blend) do,
                delta_x = rowsum(dX * x) (the softmax backward's D term), then
                dq = scale (dS_c Kc + dS_l K) with dS = P * (dP - delta), dP = dX V^T.
                Stores dblend, dC and dL ([B, T, H, 2, D]) and the deltas ([B, H, 2, T]) for the next launch.
-    _bwd_dkv : per key block of one KV head, raw or compressed: one loop over the packed rows (all G
-               heads) that see it; dV = P^T dX, dK = scale dS^T Q. No atomics: deterministic.
+    _bwd_dkv : per key block of one KV head, raw or compressed: loops over the G query heads and the
+               query blocks that see it; dV = P^T dX, dK = scale dS^T Q. No atomics: deterministic.
 """
 
 import math
@@ -215,25 +215,24 @@ def _csa_bwd_dq(
 @triton.jit
 def _bwd_dkv_path(
     dk, dv, k, v, Q, DX, LSE, DELTA, T, offs_n, offs_d, lo, hi, qk_scale,
-    MASK: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr,
-    WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+    MASK: tl.constexpr, H: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
-    """dv += P^T dX, dk += dS^T Q over packed rows [lo, hi) of one KV group (transposed tiles [keys, rows]).
+    """dv += P^T dX, dk += dS^T Q over query rows [lo, hi) of one head (transposed tiles [keys, rows]).
 
-    Q points at the group's first head in token 0 of [., T, H, D]; DX likewise at the path's half of
-    [., T, H, 2, D]; LSE, DELTA at the group's first head's [T] row of the path in [., H, 2, T]. Rows of
-    tokens >= T load lse = inf: P is 0.
+    Q points at the head's row 0 of [., T, H, D]; DX at the path's half of [., T, H, 2, D]; LSE, DELTA at
+    the head's [T] row of the path. Rows >= T load lse = inf: P is 0.
     """
     for start in range(lo, hi, BLOCK_M):
-        t, g, th = _unpack(start + tl.arange(0, BLOCK_M), G, H)
-        in_t = t < T
-        q = tl.load(Q + th[:, None] * D + offs_d[None, :], mask=in_t[:, None], other=0.0)
-        dx = tl.load(DX + th[:, None] * (2 * D) + offs_d[None, :], mask=in_t[:, None], other=0.0)
-        lse = tl.load(LSE + g * (2 * T) + t, mask=in_t, other=float("inf"))
-        delta = tl.load(DELTA + g * (2 * T) + t, mask=in_t, other=0.0)
+        offs_m = start + tl.arange(0, BLOCK_M)
+        in_t = offs_m < T
+        q = tl.load(Q + offs_m[:, None] * (H * D) + offs_d[None, :], mask=in_t[:, None], other=0.0)
+        dx = tl.load(DX + offs_m[:, None] * (2 * H * D) + offs_d[None, :], mask=in_t[:, None], other=0.0)
+        lse = tl.load(LSE + offs_m, mask=in_t, other=float("inf"))
+        delta = tl.load(DELTA + offs_m, mask=in_t, other=0.0)
         pt = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
         if MASK != NO_MASK:
-            pt = tl.where(_visible(t[None, :], offs_n[:, None], MASK, STRIDE, WINDOW), pt, 0.0)
+            pt = tl.where(_visible(offs_m[None, :], offs_n[:, None], MASK, STRIDE, WINDOW), pt, 0.0)
         dv += tl.dot(pt.to(dx.dtype), dx)
         dst = pt * (tl.dot(v, tl.trans(dx)) - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q)
@@ -246,10 +245,10 @@ def _dkv_block(
     COMP: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     STRIDE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dK, dV of keys [n0, n0 + BLOCK_N) of KV head hk, summed over its G query heads (packed rows G t + g).
+    """dK, dV of keys [n0, n0 + BLOCK_N) of KV head hk, summed over its G query heads.
 
-    COMP: compressed keys j (token t sees j iff t >= STRIDE (j + 1): tokens from STRIDE (n0 + 1) see part
-    of the block, tokens from STRIDE (n0 + BLOCK_N) all of it) against dC, else raw keys s (tokens s .. s +
+    COMP: compressed keys j (row t sees j iff t >= STRIDE (j + 1): rows from STRIDE (n0 + 1) see part of
+    the block, rows from STRIDE (n0 + BLOCK_N) all of it) against dC, else raw keys s (rows s .. s +
     WINDOW - 1 see them, all tiles masked) against dL.
     """
     G = H // HKV
@@ -262,19 +261,20 @@ def _dkv_block(
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     half = 0 if COMP else 1  # the path's half of DX [B, T, H, 2, D] and of LSE, DELTA [B, H, 2, T]
-    Qg, DXg = Q + (b64 * T * H + hk * G) * D, DX + (b64 * T * H + hk * G) * 2 * D + half * D
-    LSEg, DELTAg = LSE + ((b64 * H + hk * G) * 2 + half) * T, DELTA + ((b64 * H + hk * G) * 2 + half) * T
-    if COMP:
-        lo = G * STRIDE * (n0 + 1)  # packed rows [lo, mid) need the visibility mask, [mid, G T) see every key
-        mid = tl.minimum(lo + tl.cdiv(G * STRIDE * (BLOCK_N - 1), BLOCK_M) * BLOCK_M, G * T)
-        dk, dv = _bwd_dkv_path(dk, dv, k, v, Qg, DXg, LSEg, DELTAg, T, offs_n, offs_d, lo, mid,
-                               qk_scale, COMP_MASK, H, G, D, STRIDE, WINDOW, BLOCK_M)
-        dk, dv = _bwd_dkv_path(dk, dv, k, v, Qg, DXg, LSEg, DELTAg, T, offs_n, offs_d, mid, G * T,
-                               qk_scale, NO_MASK, H, G, D, STRIDE, WINDOW, BLOCK_M)
-    else:
-        hi = G * tl.minimum(n0 + BLOCK_N + WINDOW - 1, T)
-        dk, dv = _bwd_dkv_path(dk, dv, k, v, Qg, DXg, LSEg, DELTAg, T, offs_n, offs_d, G * n0, hi,
-                               qk_scale, WINDOW_MASK, H, G, D, STRIDE, WINDOW, BLOCK_M)
+    for h in range(hk * G, hk * G + G):
+        Qh, DXh = Q + b64 * T * H * D + h * D, DX + b64 * T * H * 2 * D + (h * 2 + half) * D
+        LSEh, DELTAh = LSE + ((b64 * H + h) * 2 + half) * T, DELTA + ((b64 * H + h) * 2 + half) * T
+        if COMP:
+            lo = STRIDE * (n0 + 1)  # rows [lo, mid) need the visibility mask, rows [mid, T) see every key
+            mid = tl.minimum(lo + tl.cdiv(STRIDE * (BLOCK_N - 1), BLOCK_M) * BLOCK_M, T)
+            dk, dv = _bwd_dkv_path(dk, dv, k, v, Qh, DXh, LSEh, DELTAh, T, offs_n, offs_d, lo, mid,
+                                   qk_scale, COMP_MASK, H, D, STRIDE, WINDOW, BLOCK_M)
+            dk, dv = _bwd_dkv_path(dk, dv, k, v, Qh, DXh, LSEh, DELTAh, T, offs_n, offs_d, mid, T,
+                                   qk_scale, NO_MASK, H, D, STRIDE, WINDOW, BLOCK_M)
+        else:
+            hi = tl.minimum(n0 + BLOCK_N + WINDOW - 1, T)
+            dk, dv = _bwd_dkv_path(dk, dv, k, v, Qh, DXh, LSEh, DELTAh, T, offs_n, offs_d, n0, hi,
+                                   qk_scale, WINDOW_MASK, H, D, STRIDE, WINDOW, BLOCK_M)
     tl.store(DKX + kv_offs, (dk * scale).to(DKX.dtype.element_ty), mask=in_kv)
     tl.store(DVX + kv_offs, dv.to(DVX.dtype.element_ty), mask=in_kv)
 
@@ -285,8 +285,8 @@ def _csa_bwd_dkv(
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr, WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_MR: tl.constexpr, BLOCK_NR: tl.constexpr,
 ):
-    """Compressed key blocks of BLOCK_N (packed rows in tiles of BLOCK_M), then raw key blocks of BLOCK_NR
-    (packed rows in tiles of BLOCK_MR). Grid (B Hkv, blocks): the compressed block 0 of every head (the longest row
+    """Compressed key blocks of BLOCK_N (rows in tiles of BLOCK_M), then raw key blocks of BLOCK_NR (rows
+    in tiles of BLOCK_MR). Grid (B Hkv, blocks): the compressed block 0 of every head (the longest row
     loops) starts first."""
     pid_bh = tl.program_id(0)
     pid = tl.program_id(1)
@@ -303,11 +303,12 @@ def _csa_bwd_dkv(
 
 # Tile shapes and launch settings per kernel: the fastest correct ones of bench/csa.py's sweep on an H100
 # (sum of the B 16 and B 64 times at T 1024, H 9, Hkv 3, D 64; profiles/csa.json "sweep"; the forward's
-# BLOCK_N of 64 from session 5's A/B, profiles/csa.md). BLOCK_N tiles compressed keys, BLOCK_NL the
-# window's raw keys, BLOCK_NR raw key blocks in _csa_bwd_dkv; BLOCK_M and BLOCK_MR tile packed rows. maxnreg
-# caps registers per thread: at 168 three 4-warp programs fit on an SM instead of two (the forward needs
-# 183 uncapped and then runs 20% slower; the key-block kernel spills a little at 168 and still gains at
-# B 64).
+# BLOCK_N of 64 from session 5's A/B, BLOCK_NL of 32 with packed rows from session 6's, profiles/csa.md:
+# 64 packed rows span 22 tokens, whose window of 85 keys takes 3 tiles of 32). BLOCK_N tiles compressed
+# keys, BLOCK_NL the window's raw keys, BLOCK_NR raw key blocks in _csa_bwd_dkv; BLOCK_M tiles packed rows
+# in the forward and _csa_bwd_dq, one head's query rows (as BLOCK_MR) in _csa_bwd_dkv. maxnreg caps
+# registers per thread: at 168 three 4-warp programs fit on an SM instead of two (the forward needs 183
+# uncapped and then runs 20% slower; the key-block kernel spills a little at 168 and still gains at B 64).
 CONFIG = {
     "fwd": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_NL=32, num_warps=4, num_stages=3, maxnreg=168),
     "bwd_dq": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_NL=32, num_warps=4, num_stages=3),
