@@ -7,8 +7,7 @@ K_d = diag(e^{G_C - G}) K (equations (3)-(5) of `reference.chunk_gated_delta_rul
     dS  = scale (diag(e^G) Q)^T dO + e^{G_C} dS' - W_k^T dW                                 (8)
 
 1. `_bwd_state_kernel`, one program per (head, V block), sequential from the last chunk: (7), (8);
-   saves dS' per chunk and dW, and returns dS_0 as the initial-state gradient. With the q/k L2 norm it
-   also saves its V block's part of the row dots <dO_i, O_i> for (9).
+   saves dS' per chunk and dW, and returns dS_0 as the initial-state gradient.
 2. `_bwd_out_kernel`, one program per (chunk, head, 64 key columns), all independent: dq, and the parts of
    dk (stored in the input dtype) and dG that flow through the output (4) and the state update (5).
 3. `_bwd_wy_kernel`, one program per (chunk, head): dv, dbeta and the rest of dk and dG through the WY
@@ -22,7 +21,7 @@ applies the forward's r to the fp32 factors around the raw q, k tiles, the gradi
 q_hat and k_hat, and both go through the norm:  dx = r (d x_hat - x_hat <x_hat, d x_hat>).             (9)
 dk in `_bwd_wy_kernel`, which holds whole rows. dq in `_bwd_out_kernel`, whose programs hold 64 columns of
 a row, with the row dot from the saved output: O_i is linear in q_hat_i and q_hat_i enters nothing else,
-so <q_hat_i, d q_hat_i> = <O_i, dO_i>, summed from `_bwd_state_kernel`'s parts (it reads dO already).
+so <q_hat_i, d q_hat_i> = <O_i, dO_i>.
 """
 
 from __future__ import annotations
@@ -49,6 +48,7 @@ from kernels.gdn.triton_fwd import (
     _store_io,
     _store_state,
     _tile_offsets,
+    num_stages,
     pick_bv,
     placeholder,
     pow2,
@@ -56,15 +56,8 @@ from kernels.gdn.triton_fwd import (
 
 
 @triton.jit
-def _part_ptrs(ptr, i, bh, t0, Tp, BT: tl.constexpr):
-    """Pointers to rows t0..t0+BT of head bh in part i of a [parts, B*H, Tp] fp32 buffer of per-row partial sums
-    (over the K slices or V blocks of other programs; axis 1 of every grid here is B*H)."""
-    return ptr + (i * tl.num_programs(1) + bh).to(tl.int64) * Tp + t0 + tl.arange(0, BT)
-
-
-@triton.jit
 def _bwd_state_kernel(
-    q, k, G, Pm, Wk, Rn, do, o, dht, dhs, dW, dOO, dh0, scale, T,
+    q, k, G, Pm, Wk, Rn, do, dht, dhs, dW, dh0, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, L2NORM: tl.constexpr,
     PREC: tl.constexpr,
@@ -83,9 +76,6 @@ def _bwd_state_kernel(
         kb = _load_io(k, bh, t0, T, H, K, BT, BK)
         wb = _load_buf(Wk, bh, t0, Tp, K, BT, BK)
         dob = _load_io(do, bh, t0, T, H, V, BT, BV, v0)
-        if L2NORM:  # this V block's part of <dO_i, O_i> = <q_hat_i, d q_hat_i>, for (9)
-            ob = _load_io(o, bh, t0, T, H, V, BT, BV, v0)
-            tl.store(_part_ptrs(dOO, iv, bh, t0, Tp, BT), tl.sum(dob.to(tl.float32) * ob.to(tl.float32), 1))
         Gb, G_end = _gates(G, bh, t0, Tp, BT)
         rq, rk = _rstd(Rn, bh, 0, t0, Tp, BT, L2NORM), _rstd(Rn, bh, 1, t0, Tp, BT, L2NORM)
 
@@ -104,9 +94,9 @@ def _bwd_state_kernel(
 
 @triton.jit
 def _bwd_out_kernel(
-    q, k, G, hs, dhs, Wb, do, dOO, Rn, dq, dk_o, dG_o, scale, T,
+    q, k, G, hs, dhs, Wb, do, o, Rn, dq, dk_o, dG_o, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKH: tl.constexpr, BV: tl.constexpr,
-    NVS: tl.constexpr, L2NORM: tl.constexpr, PREC: tl.constexpr,
+    L2NORM: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Gradients through the output (4) and the state update (5) of chunk n, for key columns k0..k0+BKH:
     those columns of dq and of the part of dk, and this slice's part of dG (dG_C folded into the last row),
@@ -128,8 +118,11 @@ def _bwd_out_kernel(
     dKd = tl.zeros([BT, BKH], dtype=tl.float32)
     dOW = tl.zeros([BT, BT], dtype=tl.float32)
     dGs = tl.zeros([BKH], dtype=tl.float32)
+    dOO = tl.zeros([BT], dtype=tl.float32)
     for v0 in range(0, V, BV):
         dob = _load_io(do, bh, t0, T, H, V, BT, BV, v0)
+        if L2NORM:  # <dO_i, O_i> = <q_hat_i, d q_hat_i>, for (9)
+            dOO += tl.sum(dob.to(tl.float32) * _load_io(o, bh, t0, T, H, V, BT, BV, v0).to(tl.float32), 1)
         S = _load_state(hs, bh * NT + n, K, V, BKH, BV, v0, k0)
         dSn = _load_state(dhs, bh * NT + n, K, V, BKH, BV, v0, k0)
         wb = _load_buf(Wb, bh, t0, Tp, V, BT, BV, v0)
@@ -142,11 +135,8 @@ def _bwd_out_kernel(
     eG = tl.exp(Gb)
     dP = scale * dOW * _decay(Gb, True)
     dqb = tl.dot((dP * rk[None, :]).to(dt), kb, scale * eG[:, None] * dQs, input_precision=PREC)
-    if L2NORM:  # (9), <q_hat_i, d q_hat_i> = <dO_i, O_i> from `_bwd_state_kernel`'s NVS V blocks
-        qo = tl.zeros([BT], dtype=tl.float32)
-        for iv in range(NVS):
-            qo += tl.load(_part_ptrs(dOO, iv, bh, t0, Tp, BT))
-        dqb = rq[:, None] * dqb - (rq * rq * qo)[:, None] * qb.to(tl.float32)
+    if L2NORM:  # (9)
+        dqb = rq[:, None] * dqb - (rq * rq * dOO)[:, None] * qb.to(tl.float32)
     _store_io(dq, dqb.to(dq.dtype.element_ty), bh, t0, T, H, K, BT, BKH, k0)
     dkb = tl.dot(tl.trans((dP * rq[:, None]).to(dt)), qb, input_precision=PREC)
     M = dP * (rq[:, None] * tl.dot(qb, tl.trans(kb), input_precision=PREC) * rk[None, :])  # dL/dG from Gamma
@@ -158,7 +148,7 @@ def _bwd_out_kernel(
     dG -= t_kd
     dG += tl.where(r == BT - 1, tl.sum(dGs) * tl.exp(G_end) + tl.sum(t_kd), 0.0)  # G_C is the last row of G
     _store_buf(dk_o, dkb.to(dk_o.dtype.element_ty), bh, t0, Tp, K, BT, BKH, k0)
-    tl.store(_part_ptrs(dG_o, ik, bh, t0, Tp, BT), dG)
+    tl.store(dG_o + (ik * tl.num_programs(1) + bh).to(tl.int64) * Tp + t0 + r, dG)
 
 
 @triton.jit
@@ -207,7 +197,7 @@ def _bwd_wy_kernel(
     db += eG * s_k
     dG = be * s_k
     for ik in range(tl.cdiv(K, BKH)):  # the K slices' parts from `_bwd_out_kernel`
-        dG += tl.load(_part_ptrs(dG_o, ik, bh, t0, Tp, BT))
+        dG += tl.load(dG_o + (ik * tl.num_programs(1) + bh).to(tl.int64) * Tp + t0 + r)
     # (3): A = diag(beta) (K K^T) * Gamma_strict, dA = -(T^T dT T^T) below the diagonal
     dA = -_dot_f32_lowp(_dot_f32_lowp(Tt, dT, PREC), Tt, PREC) * _decay(Gb, False)
     kk = rk[:, None] * tl.dot(kb, tl.trans(kb), input_precision=PREC) * rk[None, :]
@@ -272,17 +262,15 @@ def chunk_bwd(
     f32 = torch.float32
 
     # the sequential kernel first: at small batches the GPU waits for this launch
-    BV, NV = pick_bv(V), cdiv(V, pick_bv(V))
+    BV = pick_bv(V)
     dhs = torch.empty_like(hs)
     dW = torch.empty(BH, Tp, V, device=dev, dtype=q.dtype)
     dh0 = torch.empty(B, H, K, V, device=dev, dtype=f32) if need_dh0 else placeholder(dev)
-    o = o if l2norm else placeholder(dev)  # the eager Function saves None for it without the norm
-    dOO = torch.empty(NV, BH, Tp, device=dev, dtype=f32) if l2norm else placeholder(dev)
     launch(
-        _bwd_state_kernel, (NV, BH), q, k, G, Pm, Wk, Rn, do, o, dht if dht is not None else placeholder(dev),
-        dhs, dW, dOO, dh0, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_DHT=dht is not None,
-        STORE_DH0=need_dh0, L2NORM=l2norm, PREC=prec, num_warps=CONFIG["state_warps"],
-        num_stages=CONFIG["state_stages"],
+        _bwd_state_kernel, (cdiv(V, BV), BH), q, k, G, Pm, Wk, Rn, do,
+        dht if dht is not None else placeholder(dev), dhs, dW, dh0, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        USE_DHT=dht is not None, STORE_DH0=need_dh0, L2NORM=l2norm, PREC=prec, num_warps=CONFIG["state_warps"],
+        num_stages=num_stages("state", q),
     )  # fmt: skip
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -292,10 +280,10 @@ def chunk_bwd(
     # bwd_out's part of dk in the input dtype (half the bytes of its round trip), dG's parts in fp32
     dk_o, dG_o = torch.empty(BH, Tp, K, device=dev, dtype=q.dtype), torch.empty(NK, BH, Tp, device=dev, dtype=f32)
     opts = dict(H=H, K=K, V=V, BT=BT, BKH=BKH, BV=pick_bv_chunk(V), L2NORM=l2norm, PREC=prec,
-                num_warps=CONFIG["chunk_warps"], num_stages=CONFIG["chunk_stages"])  # fmt: skip
-    # a chunk's K slices adjacent in the grid: they read the same dO and W tiles, all but the first from L2
-    launch(_bwd_out_kernel, (NT * NK, BH), q, k, G, hs, dhs, W, do, dOO, Rn, dq, dk_o, dG_o, scale, T, NVS=NV,
-           **opts)  # fmt: skip
+                num_warps=CONFIG["chunk_warps"], num_stages=num_stages("chunk", q))  # fmt: skip
+    # a chunk's K slices adjacent in the grid: they read the same dO, W (and O) tiles, all but the first from L2
+    o = o if l2norm else placeholder(dev)  # the eager Function saves None for it without the norm
+    launch(_bwd_out_kernel, (NT * NK, BH), q, k, G, hs, dhs, W, do, o, Rn, dq, dk_o, dG_o, scale, T, **opts)
     launch(_bwd_wy_kernel, (NT, BH), k, v, beta, G, Tinv, hs, dW, dk_o, dG_o, Rn, dk, dv, dg, dbeta, T,
            BK=BK, **opts)  # fmt: skip
     return dq, dk, dv, dg, dbeta, dh0

@@ -32,9 +32,11 @@ BS = 16  # diagonal block of the triangular solve
 NORM_EPS = 1e-6  # of the q/k L2 norm, as `kernels.gdn.l2norm`
 # Launch configuration (H100, K = V = 112 / 128, from interleaved sweeps): warps, software-pipeline stages and
 # V block of the sequential kernels (forward and backward), of the prep kernel and of the backward's chunk
-# kernels. The sequential kernels need their loads pipelined (stages 2): with Triton 3.6, single-stage builds
-# gave wrong gradients (V block 16) or an illegal address (another operand order) on the H100.
-CONFIG = dict(prep_warps=4, state_bv=64, state_warps=4, state_stages=2, chunk_bv=32, chunk_warps=4, chunk_stages=2)
+# kernels. The sequential kernels need their loads pipelined: with Triton 3.6, single-stage builds gave wrong
+# gradients (V block 16) or an illegal address (another operand order) on the H100; with bf16 tiles 3 stages
+# beat 2 in every kernel with a loop, e.g. bwd_state 478 -> 380 us at B64 (~200 KB of shared memory; see
+# `num_stages` for fp32).
+CONFIG = dict(prep_warps=4, state_bv=64, state_warps=4, state_stages=3, chunk_bv=32, chunk_warps=4, chunk_stages=3)
 
 
 @triton.jit
@@ -309,6 +311,13 @@ def pow2(x: int) -> int:
     return max(16, 1 << (x - 1).bit_length())
 
 
+def num_stages(kind: str, x: torch.Tensor) -> int:
+    """Pipeline stages of the "state" (sequential) or "chunk" kernels for inputs like x: CONFIG's for 2-byte
+    inputs; 2 for fp32, whose tiles take twice the shared memory (at 3 stages the sequential kernels would need
+    ~300 KB, over the H100's 227 KB)."""
+    return CONFIG[f"{kind}_stages"] if x.element_size() == 2 else 2
+
+
 def pick_bv(V: int) -> int:
     """V block of the sequential kernels."""
     return min(CONFIG["state_bv"], pow2(V))
@@ -369,6 +378,6 @@ def chunk_fwd(
     launch(
         _state_out_kernel, (cdiv(V, BV), BH), q, k, G, Pm, Wk, U, Rn, h0, o, ht, hs, W, scale, T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_H0=initial_state is not None, STORE_HT=output_final_state,
-        SAVE=save, L2NORM=l2norm, PREC=prec, num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
+        SAVE=save, L2NORM=l2norm, PREC=prec, num_warps=CONFIG["state_warps"], num_stages=num_stages("state", q),
     )  # fmt: skip
     return o, ht, G, Tinv, Pm, Wk, hs, W, Rn
