@@ -236,23 +236,23 @@ def _prep_kernel(
     tl.store(G + bh.to(tl.int64) * Tp + t0 + r, Gc)
     b = _rows(beta, bh, t0, T, H, BT)
     kb = _load_io(k, bh, t0, T, H, K, BT, BK)
-    qb = _load_io(q, bh, t0, T, H, K, BT, BK)
     # (3): A_ij = beta_i exp(G_i - G_j) k_i . k_j for j < i (bf16 products are exact in the fp32 accumulator);
     # with the norm, |k_i|^2 is the diagonal of K K^T (fewer registers than a sum over the fp32 k tile)
     KK = tl.dot(kb, tl.trans(kb), input_precision=PREC)
     rk = _inverse_norm(tl.sum(tl.where(r[:, None] == r[None, :], KK, 0.0), 1), Rn, bh, 1, t0, Tp, eps, L2NORM)
-    # P = scale (Q K^T * Gamma) of (4), used by both sequential kernels; q's load overlaps k's
+    A = (b * rk)[:, None] * KK * rk[None, :] * _decay(Gc, False)
+    Tm = _unit_lower_inverse(A, kb, rk, b, Gc, BS, PREC)
+    p_tile = _tile_offsets(bh, n, NT, BT)
+    tl.store(Tinv + p_tile, Tm.to(Tinv.dtype.element_ty))  # saved in the input dtype, for the backward
+    # P = scale (Q K^T * Gamma) of (4), used by both sequential kernels
+    qb = _load_io(q, bh, t0, T, H, K, BT, BK)
     qf = qb.to(tl.float32)
     rq = _inverse_norm(tl.sum(qf * qf, 1), Rn, bh, 0, t0, Tp, eps, L2NORM)
     P = (scale * rq)[:, None] * tl.dot(qb, tl.trans(kb), input_precision=PREC) * rk[None, :] * _decay(Gc, True)
-    p_tile = _tile_offsets(bh, n, NT, BT)
     tl.store(Pm + p_tile, P.to(Pm.dtype.element_ty))
-    vb = _load_io(v, bh, t0, T, H, V, BT, BV)  # loaded before the inverse, whose latency hides its own
-    A = (b * rk)[:, None] * KK * rk[None, :] * _decay(Gc, False)
-    Tm = _unit_lower_inverse(A, kb, rk, b, Gc, BS, PREC)
-    tl.store(Tinv + p_tile, Tm.to(Tinv.dtype.element_ty))  # saved in the input dtype, for the backward
 
     # WY factors: U = T diag(beta) V, W_k = T diag(beta e^G) K
+    vb = _load_io(v, bh, t0, T, H, V, BT, BV)
     u = _dot_f32_lowp(Tm * b[None, :], vb, PREC)
     _store_buf(U, u.to(U.dtype.element_ty), bh, t0, Tp, V, BT, BV)
     w = _dot_f32_lowp(Tm * (b * tl.exp(Gc) * rk)[None, :], kb, PREC)
