@@ -70,6 +70,7 @@ CPU_SHAPES = [  # B, T, H, Hkv, D
     (1, 130, 6, 3, 32),
     (1, 70, 8, 2, 16),  # 4 heads per KV head: packed row blocks of 16 tokens
     (1, 40, 9, 1, 16),  # 9 heads per KV head: blocks of 7.1 tokens, straddling tokens
+    (2, 100, 4, 2, 16),  # grid 4 x 4 (b hk x row blocks): a program order that is not one-to-one fails
 ]
 
 
