@@ -203,8 +203,8 @@ def compile_all_for_hopper(D: int, l2norm: bool) -> list[str]:
         (triton_fwd._prep_kernel, dict(base, BS=BS, BV=triton.next_power_of_2(D))),
         (triton_fwd._state_out_kernel, dict(base, BV=pick_bv(D), USE_H0=True, STORE_HT=True, SAVE=True)),
         (triton_bwd._bwd_state_kernel, dict(base, BV=pick_bv(D), USE_DHT=True, STORE_DH0=True)),
-        (triton_bwd._bwd_out_kernel, dict(base, BKH=64, BV=triton_bwd.pick_bv_chunk(D))),
-        (triton_bwd._bwd_wy_kernel, dict(base, BKH=64, BV=triton_bwd.pick_bv_chunk(D))),
+        (triton_bwd._bwd_out_kernel, dict(base, BKH=64, BV=triton_bwd.pick_bv_chunk("out", D))),
+        (triton_bwd._bwd_wy_kernel, dict(base, BKH=64, BV=triton_bwd.pick_bv_chunk("wy", D))),
     ]
     built = []
     for kernel, constexprs in specs:

@@ -225,9 +225,9 @@ def _l2norm_bwd(x, r, dy):
     return r[:, None] * (dy - y * tl.sum(y * dy, 1)[:, None])
 
 
-def pick_bv_chunk(V: int) -> int:
-    """V block of the loops over V in `_bwd_out_kernel` and `_bwd_wy_kernel`."""
-    return min(CONFIG["chunk_bv"], pow2(V))
+def pick_bv_chunk(kind: str, V: int) -> int:
+    """V block of the loop over V in `_bwd_out_kernel` (kind "out") or `_bwd_wy_kernel` ("wy")."""
+    return min(CONFIG[f"{kind}_bv"], pow2(V))
 
 
 def chunk_bwd(
@@ -279,11 +279,11 @@ def chunk_bwd(
     NK = cdiv(K, BKH)
     # bwd_out's part of dk in the input dtype (half the bytes of its round trip), dG's parts in fp32
     dk_o, dG_o = torch.empty(BH, Tp, K, device=dev, dtype=q.dtype), torch.empty(NK, BH, Tp, device=dev, dtype=f32)
-    opts = dict(H=H, K=K, V=V, BT=BT, BKH=BKH, BV=pick_bv_chunk(V), L2NORM=l2norm, PREC=prec,
-                num_warps=CONFIG["chunk_warps"], num_stages=num_stages("chunk", q))  # fmt: skip
+    opts = dict(H=H, K=K, V=V, BT=BT, BKH=BKH, L2NORM=l2norm, PREC=prec, num_warps=CONFIG["chunk_warps"])
     # a chunk's K slices adjacent in the grid: they read the same dO, W (and O) tiles, all but the first from L2
     o = o if l2norm else placeholder(dev)  # the eager Function saves None for it without the norm
-    launch(_bwd_out_kernel, (NT * NK, BH), q, k, G, hs, dhs, W, do, o, Rn, dq, dk_o, dG_o, scale, T, **opts)
+    launch(_bwd_out_kernel, (NT * NK, BH), q, k, G, hs, dhs, W, do, o, Rn, dq, dk_o, dG_o, scale, T,
+           BV=pick_bv_chunk("out", V), num_stages=num_stages("out", q), **opts)  # fmt: skip
     launch(_bwd_wy_kernel, (NT, BH), k, v, beta, G, Tinv, hs, dW, dk_o, dG_o, Rn, dk, dv, dg, dbeta, T,
-           BK=BK, **opts)  # fmt: skip
+           BK=BK, BV=pick_bv_chunk("wy", V), num_stages=num_stages("wy", q), **opts)  # fmt: skip
     return dq, dk, dv, dg, dbeta, dh0

@@ -31,12 +31,15 @@ BT = 64  # chunk length
 BS = 16  # diagonal block of the triangular solve
 NORM_EPS = 1e-6  # of the q/k L2 norm, as `kernels.gdn.l2norm`
 # Launch configuration (H100, K = V = 112 / 128, from interleaved sweeps): warps, software-pipeline stages and
-# V block of the sequential kernels (forward and backward), of the prep kernel and of the backward's chunk
-# kernels. The sequential kernels need their loads pipelined: with Triton 3.6, single-stage builds gave wrong
-# gradients (V block 16) or an illegal address (another operand order) on the H100; with bf16 tiles 3 stages
-# beat 2 in every kernel with a loop, e.g. bwd_state 478 -> 380 us at B64 (~200 KB of shared memory; see
-# `num_stages` for fp32).
-CONFIG = dict(prep_warps=4, state_bv=64, state_warps=4, state_stages=3, chunk_bv=32, chunk_warps=4, chunk_stages=3)
+# V block of the sequential kernels (forward and backward: "state"), of the prep kernel and of the backward's
+# chunk kernels (`_bwd_out_kernel`: "out", `_bwd_wy_kernel`: "wy"; warps shared). The sequential kernels need
+# their loads pipelined: with Triton 3.6, single-stage builds gave wrong gradients (V block 16) or an illegal
+# address (another operand order) on the H100; with bf16 tiles 3 stages beat 2 in every kernel with a loop,
+# e.g. bwd_state 478 -> 380 us at B64 (~200 KB of shared memory; see `num_stages` for fp32). The chunk kernels
+# part ways: bwd_out gains from a V block of 64 (614 -> 569 us at B64) where bwd_wy loses (556 -> 803), and
+# bwd_wy from a 4th stage (556 -> 530) where bwd_out loses with the L2 norm (877 -> 891).
+CONFIG = dict(prep_warps=4, state_bv=64, state_warps=4, state_stages=3, out_bv=64, out_stages=3, wy_bv=32,
+              wy_stages=4, chunk_warps=4)  # fmt: skip
 
 
 @triton.jit
@@ -312,9 +315,9 @@ def pow2(x: int) -> int:
 
 
 def num_stages(kind: str, x: torch.Tensor) -> int:
-    """Pipeline stages of the "state" (sequential) or "chunk" kernels for inputs like x: CONFIG's for 2-byte
-    inputs; 2 for fp32, whose tiles take twice the shared memory (at 3 stages the sequential kernels would need
-    ~300 KB, over the H100's 227 KB)."""
+    """Pipeline stages of the "state" (sequential), "out" or "wy" (chunk) kernels for inputs like x: CONFIG's
+    for 2-byte inputs; 2 for fp32, whose tiles take twice the shared memory (at 3 stages the sequential kernels
+    would need ~300 KB, over the H100's 227 KB)."""
     return CONFIG[f"{kind}_stages"] if x.element_size() == 2 else 2
 
 
