@@ -183,7 +183,7 @@ def resource_report():
 
 # one change of the launch configuration (triton_fwd.CONFIG) per entry, each timed against the default
 SWEEP = [dict(state_bv=32), dict(state_bv=128, state_warps=8), dict(state_stages=3), dict(prep_warps=8),
-         dict(chunk_bv=64), dict(chunk_warps=8)]  # fmt: skip
+         dict(out_bv=32), dict(wy_bv=64), dict(chunk_warps=8)]  # fmt: skip
 
 
 def run_sweep(fn, reps, rounds=3):
