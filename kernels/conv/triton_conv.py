@@ -50,12 +50,12 @@ def _channels(i_c, CP, BC: tl.constexpr):
 
 
 @triton.jit
-def _conv_at(x_ptr, w_ptr, rows, cols, ok, T, C, W: tl.constexpr):
-    """z[rows, cols] = sum_i w[cols, i] x[rows - W + 1 + i, cols] in fp32 (x rows < 0 read as 0)."""
+def _conv_at(x_ptr, w_ptr, rows, cols, ok, T, SXT, W: tl.constexpr):
+    """z[rows, cols] = sum_i w[cols, i] x[rows - W + 1 + i, cols] in fp32 (x rows SXT apart; rows < 0 read as 0)."""
     z = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
     for i in tl.static_range(W):
         src = rows - (W - 1) + i
-        xi = tl.load(x_ptr + src[:, None] * C + cols[None, :], mask=((src >= 0) & (src < T))[:, None] & ok[None, :],
+        xi = tl.load(x_ptr + src[:, None] * SXT + cols[None, :], mask=((src >= 0) & (src < T))[:, None] & ok[None, :],
                      other=0.0).to(tl.float32)  # fmt: skip
         wi = tl.load(w_ptr + cols * W + i, mask=ok, other=0.0).to(tl.float32)
         z += xi * wi[None, :]
@@ -63,12 +63,13 @@ def _conv_at(x_ptr, w_ptr, rows, cols, ok, T, C, W: tl.constexpr):
 
 
 @triton.jit
-def _conv_silu_fwd_kernel(x, w, y0, y1, y2, T, C, CP, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """y = silu(conv(x)) written as C / CP chunks of CP channels, chunk j to y_j [B, T, CP]."""
+def _conv_silu_fwd_kernel(x, w, y0, y1, y2, T, SXB, SXT, CP, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """y = silu(conv(x)) written as C / CP chunks of CP channels, chunk j to y_j [B, T, CP] (x: sequences SXB
+    and rows SXT elements apart)."""
     i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     j, local, ok, cols = _channels(i_c, CP, BC)
     rows = i_t * BT + tl.arange(0, BT)
-    z = _conv_at(x + i_b.to(tl.int64) * T * C, w, rows, cols, ok, T, C, W)
+    z = _conv_at(x + i_b.to(tl.int64) * SXB, w, rows, cols, ok, T, SXT, W)
     y = _chunk(y0, y1, y2, j) + i_b.to(tl.int64) * T * CP
     tl.store(y + rows[:, None] * CP + local[None, :], (z * tl.sigmoid(z)).to(y.dtype.element_ty),
              mask=(rows < T)[:, None] & ok[None, :])  # fmt: skip
@@ -81,23 +82,22 @@ def _row(x, r, cols, ok, T, stride):
 
 
 @triton.jit
-def _dz_at(x, dy, w0, w1, w2, w3, r, cols, local, ok, T, C, CP):
+def _dz_at(x, dy, w0, w1, w2, w3, r, cols, local, ok, T, SXT, CP):
     """dz[r] = dy[r] silu'(z[r]) for one row, z[r] recomputed from x[r - 3 .. r] (0 for r >= T)."""
-    z = w0 * _row(x, r - 3, cols, ok, T, C) + w1 * _row(x, r - 2, cols, ok, T, C)
-    z += w2 * _row(x, r - 1, cols, ok, T, C) + w3 * _row(x, r, cols, ok, T, C)
+    z = w0 * _row(x, r - 3, cols, ok, T, SXT) + w1 * _row(x, r - 2, cols, ok, T, SXT)
+    z += w2 * _row(x, r - 1, cols, ok, T, SXT) + w3 * _row(x, r, cols, ok, T, SXT)
     s = tl.sigmoid(z)
     return _row(dy, r, local, ok, T, CP) * s * (1 + z * (1 - s))
 
 
 @triton.jit
-def _conv_silu_bwd_kernel(x, w, dy0, dy1, dy2, dx, dw_part, T, C, CP, S: tl.constexpr, BC: tl.constexpr):
+def _conv_silu_bwd_kernel(x, w, dy0, dy1, dy2, dx, dw_part, T, C, SXB, SXT, CP, S: tl.constexpr, BC: tl.constexpr):
     """Width 4. One program walks the rows t_hi - 1 .. t_lo of one segment and channel block backwards in
     time, carrying x[t - 3 .. t] and dz[t + 1 .. t + 3] in registers: each x and dy row is read once.
-    dy comes in chunks as the forward wrote y."""
+    dy comes in chunks as the forward wrote y; x strided as in the forward, dx contiguous."""
     i_c, i_b, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     j, local, ok, cols = _channels(i_c, CP, BC)
-    base = i_b.to(tl.int64) * T * C
-    x, dx = x + base, dx + base
+    x, dx = x + i_b.to(tl.int64) * SXB, dx + i_b.to(tl.int64) * T * C
     dy = _chunk(dy0, dy1, dy2, j) + i_b.to(tl.int64) * T * CP
     w0 = tl.load(w + cols * 4, mask=ok, other=0.0).to(tl.float32)
     w1 = tl.load(w + cols * 4 + 1, mask=ok, other=0.0).to(tl.float32)
@@ -106,13 +106,13 @@ def _conv_silu_bwd_kernel(x, w, dy0, dy1, dy2, dx, dw_part, T, C, CP, S: tl.cons
     t_lo = i_s * S
     t_hi = tl.minimum(t_lo + S, T)
     # dz of the three rows after the segment (0 past T), and the x window of its last row
-    dz1 = _dz_at(x, dy, w0, w1, w2, w3, t_hi, cols, local, ok, T, C, CP)
-    dz2 = _dz_at(x, dy, w0, w1, w2, w3, t_hi + 1, cols, local, ok, T, C, CP)
-    dz3 = _dz_at(x, dy, w0, w1, w2, w3, t_hi + 2, cols, local, ok, T, C, CP)
-    x0, x1 = _row(x, t_hi - 4, cols, ok, T, C), _row(x, t_hi - 3, cols, ok, T, C)
-    x2, x3 = _row(x, t_hi - 2, cols, ok, T, C), _row(x, t_hi - 1, cols, ok, T, C)
+    dz1 = _dz_at(x, dy, w0, w1, w2, w3, t_hi, cols, local, ok, T, SXT, CP)
+    dz2 = _dz_at(x, dy, w0, w1, w2, w3, t_hi + 1, cols, local, ok, T, SXT, CP)
+    dz3 = _dz_at(x, dy, w0, w1, w2, w3, t_hi + 2, cols, local, ok, T, SXT, CP)
+    x0, x1 = _row(x, t_hi - 4, cols, ok, T, SXT), _row(x, t_hi - 3, cols, ok, T, SXT)
+    x2, x3 = _row(x, t_hi - 2, cols, ok, T, SXT), _row(x, t_hi - 1, cols, ok, T, SXT)
     # rows loaded two steps ahead of their use (the loop's loads are not pipelined by the compiler)
-    xa, xb = _row(x, t_hi - 5, cols, ok, T, C), _row(x, t_hi - 6, cols, ok, T, C)
+    xa, xb = _row(x, t_hi - 5, cols, ok, T, SXT), _row(x, t_hi - 6, cols, ok, T, SXT)
     dya, dyb = _row(dy, t_hi - 1, local, ok, T, CP), _row(dy, t_hi - 2, local, ok, T, CP)
     dw0 = tl.zeros([BC], dtype=tl.float32)
     dw1, dw2, dw3 = dw0, dw0, dw0
@@ -126,7 +126,7 @@ def _conv_silu_bwd_kernel(x, w, dy0, dy1, dy2, dx, dw_part, T, C, CP, S: tl.cons
         dw0, dw1, dw2, dw3 = dw0 + dz * x0, dw1 + dz * x1, dw2 + dz * x2, dw3 + dz * x3
         dz1, dz2, dz3 = dz, dz1, dz2
         x0, x1, x2, x3 = xa, x0, x1, x2
-        xa, xb = xb, _row(x, t - 6, cols, ok, T, C)
+        xa, xb = xb, _row(x, t - 6, cols, ok, T, SXT)
         dya, dyb = dyb, _row(dy, t - 2, local, ok, T, CP)
     part = dw_part + ((i_b * tl.num_programs(2) + i_s) * C).to(tl.int64) * 4 + cols * 4
     tl.store(part, dw0, mask=ok)
@@ -136,14 +136,15 @@ def _conv_silu_bwd_kernel(x, w, dy0, dy1, dy2, dx, dw_part, T, C, CP, S: tl.cons
 
 
 def conv_silu_fwd(x: Tensor, w: Tensor, chunks: int = 1) -> list[Tensor]:
-    """x [B, T, C] contiguous, w [C, W] contiguous -> silu(causal depthwise conv) in x's dtype, as `chunks`
-    (<= 3) contiguous [B, T, C / chunks] tensors (what y.chunk(chunks, -1) would give, without the copies)."""
+    """x [B, T, C] with unit channel stride, w [C, W] contiguous -> silu(causal depthwise conv) in x's dtype, as
+    `chunks` (<= 3) contiguous [B, T, C / chunks] tensors (what y.chunk(chunks, -1) would give, without the
+    copies)."""
     (B, T, C), (bt, bc, warps) = x.shape, CONFIG["fwd"]
     CP = C // chunks
     ys = [x.new_empty(B, T, CP) for _ in range(chunks)]
     y0, y1, y2 = (ys * 3)[:3]  # unused pointer slots repeat y0
     _conv_silu_fwd_kernel[triton.cdiv(T, bt), chunks * triton.cdiv(CP, bc), B](
-        x, w, y0, y1, y2, T, C, CP, w.shape[1], bt, bc, num_warps=warps
+        x, w, y0, y1, y2, T, x.stride(0), x.stride(1), CP, w.shape[1], bt, bc, num_warps=warps
     )
     return ys
 
@@ -153,16 +154,19 @@ def conv_silu_bwd(x: Tensor, w: Tensor, dys: list[Tensor]) -> tuple[Tensor, Tens
     of conv_silu_fwd(x, w, len(dys))."""
     (B, T, C), (seg, bc, warps) = x.shape, CONFIG["bwd"]
     CP, ns = C // len(dys), triton.cdiv(T, seg)
-    dx = torch.empty_like(x)
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     dw_part = torch.empty(B * ns, *w.shape, device=x.device, dtype=torch.float32)
     dy0, dy1, dy2 = (dys * 3)[:3]
     _conv_silu_bwd_kernel[len(dys) * triton.cdiv(CP, bc), B, ns](
-        x, w, dy0, dy1, dy2, dx, dw_part, T, C, CP, seg, bc, num_warps=warps
+        x, w, dy0, dy1, dy2, dx, dw_part, T, C, x.stride(0), x.stride(1), CP, seg, bc, num_warps=warps
     )
     return dx, dw_part.sum(0).to(w.dtype)
 
 
-@torch.library.custom_op("hyla::conv_silu_fwd", mutates_args=())
+# needs_fixed_stride_order: under torch.compile x may keep a padded row stride (inductor pads the rows of the
+# 3024-wide projection that produces it to 3072 elements); the default, exact eager strides, copied it twice
+# a layer (forward, and again in the backward) in session 6's trace of the compiled 95m step.
+@torch.library.custom_op("hyla::conv_silu_fwd", mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,))
 def _fwd_op(x: Tensor, w: Tensor, chunks: int) -> list[Tensor]:
     return conv_silu_fwd(x, w, chunks)
 
@@ -173,14 +177,14 @@ def _(x, w, chunks):
     return [x.new_empty(B, T, C // chunks) for _ in range(chunks)]
 
 
-@torch.library.custom_op("hyla::conv_silu_bwd", mutates_args=())
+@torch.library.custom_op("hyla::conv_silu_bwd", mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,))
 def _bwd_op(x: Tensor, w: Tensor, dys: list[Tensor]) -> tuple[Tensor, Tensor]:
     return conv_silu_bwd(x, w, dys)
 
 
 @_bwd_op.register_fake
 def _(x, w, dys):
-    return torch.empty_like(x), torch.empty_like(w)
+    return x.new_empty(x.shape), torch.empty_like(w)
 
 
 def _setup_context(ctx, inputs, output):
@@ -200,5 +204,7 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def triton_causal_conv1d_silu(x: Tensor, weight: Tensor, chunks: int = 1) -> list[Tensor]:
     """silu(causal depthwise conv) with zero left context by the Triton kernels, as `chunks` contiguous channel
-    chunks; inputs validated by `kernels.conv.causal_conv1d_silu`. Non-contiguous inputs are copied."""
-    return torch.ops.hyla.conv_silu_fwd(x.contiguous(), weight.contiguous(), chunks)
+    chunks; inputs validated by `kernels.conv.causal_conv1d_silu`. x is copied unless its channels are
+    contiguous (rows and sequences may be strided, e.g. a slice of a wider buffer)."""
+    x = x if x.stride(2) == 1 else x.contiguous()
+    return torch.ops.hyla.conv_silu_fwd(x, weight.contiguous(), chunks)
