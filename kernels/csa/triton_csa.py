@@ -62,6 +62,19 @@ def _unpack(offs_r, G: tl.constexpr, H: tl.constexpr):
 
 
 @triton.jit
+def _packed_rows(H: tl.constexpr, HKV: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's block of packed rows (forward and dq kernels): batch b (int64), KV head hk, each row's
+    token t, head g within the group and t H + g (`_unpack`), and the block's first and last token."""
+    G: tl.constexpr = H // HKV
+    pid_bk, row_block = _row_block()
+    r0 = row_block * BLOCK_M
+    b64 = (pid_bk // HKV).to(tl.int64)
+    hk = pid_bk % HKV
+    t, g, th = _unpack(r0 + tl.arange(0, BLOCK_M), G, H)
+    return b64, hk, t, g, th, r0 // G, (r0 + BLOCK_M - 1) // G
+
+
+@triton.jit
 def _row_block():
     """(batch x KV head, row block) of this program in a grid (B Hkv, row blocks): the linear program id
     (axis 0 fastest, the hardware's launch order) runs over the row blocks of one (b, hk), from the last
@@ -101,12 +114,7 @@ def _csa_fwd(
     SAVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NL: tl.constexpr,
 ):
     G = H // HKV
-    pid_bk, row_block = _row_block()
-    r0 = row_block * BLOCK_M
-    b64 = (pid_bk // HKV).to(tl.int64)
-    hk = pid_bk % HKV
-    t, g, th = _unpack(r0 + tl.arange(0, BLOCK_M), G, H)
-    t0, t1 = r0 // G, (r0 + BLOCK_M - 1) // G  # first and last token of the block
+    b64, hk, t, g, th, t0, t1 = _packed_rows(H, HKV, BLOCK_M)  # t0, t1: first and last token of the block
     offs_d = tl.arange(0, D)
     in_t = t < T
     row_offs = (b64 * T * H + hk * G + th[:, None]) * D + offs_d[None, :]  # q, o, dcl, blend rows
@@ -175,12 +183,7 @@ def _csa_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NL: tl.constexpr,
 ):
     G = H // HKV
-    pid_bk, row_block = _row_block()
-    r0 = row_block * BLOCK_M
-    b64 = (pid_bk // HKV).to(tl.int64)
-    hk = pid_bk % HKV
-    t, g, th = _unpack(r0 + tl.arange(0, BLOCK_M), G, H)
-    t0, t1 = r0 // G, (r0 + BLOCK_M - 1) // G  # first and last token of the block
+    b64, hk, t, g, th, t0, t1 = _packed_rows(H, HKV, BLOCK_M)  # t0, t1: first and last token of the block
     offs_d = tl.arange(0, D)
     in_t = t < T
     row = in_t[:, None]
