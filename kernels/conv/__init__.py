@@ -71,8 +71,9 @@ def causal_conv1d_silu(
         reason = None if past is None else "no past context (decoding runs the reference)"
         if W != TRITON_WIDTH:
             reason = f"width {TRITON_WIDTH}, got {W}"
-        if T * C >= 2**31:  # the kernels index one sequence in int32
-            reason = f"T * C < 2^31, got {T} * {C}"
+        row = x.stride(1) if x.stride(2) == 1 else C  # the row stride the kernels read x with (else a copy's)
+        if T * max(row, C) >= 2**31:  # the kernels index one sequence in int32
+            reason = f"T * (row stride) < 2^31, got {T} * {max(row, C)}"
         if x.dtype not in SUPPORTED_DTYPES:
             reason = f"x in {SUPPORTED_DTYPES}, got {x.dtype}"
         if n > TRITON_MAX_CHUNKS:
