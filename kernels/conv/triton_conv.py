@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.common import cdiv
+
 Tensor = torch.Tensor
 # Per program: fwd (time rows, channels, warps); bwd (time segment walked row by row, channels, warps).
 # From bench/conv.py --sweep on an H100 (B32, fwd+bwd): bwd (64, 64, 1) 0.80 ms, (64, 128, 1) 0.94 ms.
@@ -143,7 +145,7 @@ def conv_silu_fwd(x: Tensor, w: Tensor, chunks: int = 1) -> list[Tensor]:
     CP = C // chunks
     ys = [x.new_empty(B, T, CP) for _ in range(chunks)]
     y0, y1, y2 = (ys * 3)[:3]  # unused pointer slots repeat y0
-    _conv_silu_fwd_kernel[triton.cdiv(T, bt), chunks * triton.cdiv(CP, bc), B](
+    _conv_silu_fwd_kernel[cdiv(T, bt), chunks * cdiv(CP, bc), B](
         x, w, y0, y1, y2, T, x.stride(0), x.stride(1), CP, w.shape[1], bt, bc, num_warps=warps
     )
     return ys
@@ -153,11 +155,11 @@ def conv_silu_bwd(x: Tensor, w: Tensor, dys: list[Tensor]) -> tuple[Tensor, Tens
     """(dx [B, T, C] in x's dtype, dw [C, 4] in w's dtype) for the gradients dys (contiguous, one per chunk)
     of conv_silu_fwd(x, w, len(dys))."""
     (B, T, C), (seg, bc, warps) = x.shape, CONFIG["bwd"]
-    CP, ns = C // len(dys), triton.cdiv(T, seg)
+    CP, ns = C // len(dys), cdiv(T, seg)
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     dw_part = torch.empty(B * ns, *w.shape, device=x.device, dtype=torch.float32)
     dy0, dy1, dy2 = (dys * 3)[:3]
-    _conv_silu_bwd_kernel[len(dys) * triton.cdiv(CP, bc), B, ns](
+    _conv_silu_bwd_kernel[len(dys) * cdiv(CP, bc), B, ns](
         x, w, dy0, dy1, dy2, dx, dw_part, T, C, x.stride(0), x.stride(1), CP, seg, bc, num_warps=warps
     )
     return dx, dw_part.sum(0).to(w.dtype)
