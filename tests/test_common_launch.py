@@ -39,3 +39,22 @@ def test_cached_launch_matches_triton():
             torch.testing.assert_close(y, (2.0 * x.float() + 0.5 * n).to(x.dtype))
     key_ints = {k[-3] for k in common._COMPILED if k[0] == id(_axpb)}  # n by value below 2^31
     assert {1, 16, 17} <= key_ints
+
+
+@pytest.mark.gpu
+def test_keyed_launch_matches_triton():
+    """launch_keyed binds (key, device) at its first 16-byte aligned call and relaunches that compiled kernel;
+    a misaligned view under a bound key goes through `launch` (its own specialization), every time."""
+    base = torch.randn(4096 + 7, device="cuda")
+    for dtype in (torch.float32, torch.bfloat16):
+        for offset in (0, 1, 0, 4, 0):
+            for n in (16, 17, 1000):
+                x = base.to(dtype)[offset : offset + n]
+                y = torch.full((n,), float("nan"), device="cuda", dtype=dtype)
+                first = lambda n=n: (_axpb, (triton.cdiv(n, 256),), dict(BLOCK=256))
+                common.launch_keyed(("axpb", n, dtype), first, (x, y), (n, 2.0, 0.5))
+                torch.testing.assert_close(y, (2.0 * x.float() + 0.5 * n).to(dtype))
+    device = torch.cuda.current_device()
+    assert {(("axpb", n, d), device) for n in (16, 17, 1000) for d in (torch.float32, torch.bfloat16)} <= set(
+        common._BOUND
+    )

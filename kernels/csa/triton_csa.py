@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import cdiv, launch
+from kernels.common import cdiv, launch_keyed
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -345,10 +345,14 @@ def csa_fwd(
         lse = q.new_empty((B, H, 2, T), dtype=torch.float32)
     else:
         dcl, lse = q.new_empty(0), q.new_empty(0, dtype=torch.float32)
-    cfg, Hkv = CONFIG["fwd"], k.shape[2]
-    launch(
-        _csa_fwd, (B * Hkv, cdiv(T * H // Hkv, cfg["BLOCK_M"]), 1), q, k, v, kc, vc, blend, o, dcl, lse, T,
-        kc.shape[1], scale * LOG2E, H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window, SAVE=save, **cfg,
+    cfg, Hkv, Tc = CONFIG["fwd"], k.shape[2], kc.shape[1]
+    first = lambda: (  # kernel, grid and constexprs: built only for a new key
+        _csa_fwd, (B * Hkv, cdiv(T * H // Hkv, cfg["BLOCK_M"]), 1),
+        dict(H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window, SAVE=save, **cfg),
+    )
+    launch_keyed(
+        ("fwd", save, *_facts(q, k, v, kc, vc, blend, window, stride), *cfg.items()), first,
+        (q, k, v, kc, vc, blend, o, dcl, lse), (T, Tc, scale * LOG2E),
     )
     return o, dcl, lse
 
@@ -364,21 +368,36 @@ def csa_bwd(
     B, T, H, D = q.shape
     Hkv, Tc = k.shape[2], kc.shape[1]
     cfg_dq, cfg_dkv = CONFIG["bwd_dq"], CONFIG["bwd_dkv"]
+    facts = (*_facts(q, k, v, kc, vc, blend, window, stride), do.dtype)
     dq, dblend = torch.empty_like(q), torch.empty_like(blend)
     dx = q.new_empty((B, T, H, 2, D))  # dC = blend dO, dL = dO - dC for the key-block launch
     delta = torch.empty_like(lse)
-    launch(
-        _csa_bwd_dq, (B * Hkv, cdiv(T * H // Hkv, cfg_dq["BLOCK_M"]), 1), q, k, v, kc, vc, blend, o, dcl, do, lse,
-        dq, dblend, dx, delta, T, Tc, scale * LOG2E, scale, H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window,
-        **cfg_dq,
+    first = lambda: (
+        _csa_bwd_dq, (B * Hkv, cdiv(T * H // Hkv, cfg_dq["BLOCK_M"]), 1),
+        dict(H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window, **cfg_dq),
+    )
+    launch_keyed(
+        ("dq", *facts, *cfg_dq.items()), first, (q, k, v, kc, vc, blend, o, dcl, do, lse, dq, dblend, dx, delta),
+        (T, Tc, scale * LOG2E, scale),
     )
     dk, dv, dkc, dvc = torch.empty_like(k), torch.empty_like(v), torch.empty_like(kc), torch.empty_like(vc)
-    n_blocks = cdiv(Tc, cfg_dkv["BLOCK_N"]) + cdiv(T, cfg_dkv["BLOCK_NR"])  # compressed, then raw key blocks
-    launch(
-        _csa_bwd_dkv, (B * Hkv, n_blocks, 1), q, kc, vc, k, v, dx, lse, delta, dkc, dvc, dk, dv, T, Tc,
-        scale * LOG2E, scale, H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window, **cfg_dkv,
+    first = lambda: (  # compressed, then raw key blocks
+        _csa_bwd_dkv, (B * Hkv, cdiv(Tc, cfg_dkv["BLOCK_N"]) + cdiv(T, cfg_dkv["BLOCK_NR"]), 1),
+        dict(H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window, **cfg_dkv),
+    )
+    launch_keyed(
+        ("dkv", *facts, *cfg_dkv.items()), first, (q, kc, vc, k, v, dx, lse, delta, dkc, dvc, dk, dv),
+        (T, Tc, scale * LOG2E, scale),
     )
     return dq, dk, dv, dkc, dvc, dblend
+
+
+def _facts(q, k, v, kc, vc, blend, window: int, stride: int) -> tuple:
+    """What fixes a launch's specialization besides CONFIG (`kernels.common.launch_keyed`): shapes (grids,
+    constexprs, the integers T and Tc), dtypes and options. o, dcl and the backward's outputs take the
+    inputs' dtypes; LSE and delta are fp32."""
+    return (q.shape, k.shape[2], kc.shape[1], q.dtype, k.dtype, v.dtype, kc.dtype, vc.dtype, blend.dtype, window,
+            stride)
 
 
 # torch.library ops: opaque to torch.compile (fullgraph works), differentiable through register_autograd.
