@@ -130,36 +130,37 @@ def _launch_cached(kernel, grid: tuple[int, ...], args: tuple, meta: dict) -> tu
     return entry
 
 
-def launch_keyed(key: tuple, first: Callable[[], tuple], tensors: Sequence[torch.Tensor], scalars: tuple) -> None:
-    """kernel[grid](*tensors, *scalars, **meta), where (kernel, grid, meta) = first(), for a call site that
-    names its own cache key: cheaper than `launch`, which builds its key from every argument (about 4 us
-    per launch on the CPU machine, on the path of every step).
+def launch_keyed(key: tuple, first: Callable[[], tuple], addresses: Sequence[int], scalars: tuple) -> None:
+    """kernel[grid](*args, **meta), where (kernel, grid, args, meta) = first(), for a call site that names its
+    own cache key: cheaper than `launch`, which builds its key from every argument (about 4 us per launch on
+    the CPU machine, on the path of every step).
 
-    `key` must determine everything Triton specializes on apart from the 16-byte alignment of the tensors'
-    addresses: the kernel, grid and meta, the tensors' dtypes and the integers in `scalars` (an op's shapes,
-    dtypes and options, say). `first` is called only when (key, current device) is new, or when an address
-    is not 16-byte aligned: such calls go through `launch`, and the first aligned one binds the key to the
-    compiled kernel and its grid. Tensors come first among the kernel's runtime parameters, then scalars;
-    same fast-path conditions and caveats as `launch` (FAST_LAUNCH, CUDA tensors, hooks not called).
+    `addresses` are the device addresses (ints) of the tensors that come first in `args`, `scalars` the rest
+    of `args`; `first` builds `args` itself, so a caller may pass addresses inside one buffer (such as a
+    workspace holding several arrays) and make the typed views only there. `key` must determine the tensors'
+    device and everything Triton specializes on apart from the 16-byte alignment of the addresses: the
+    kernel, grid and meta, the tensors' dtypes and the integers in `scalars` (an op's shapes, dtypes and
+    options, say). `first` is called only when (key, current device) is new, or when an address is not
+    16-byte aligned: such calls go through `launch`, and the first aligned one binds the key to the compiled
+    kernel and its grid. Same fast-path conditions and caveats as `launch` (FAST_LAUNCH, CUDA tensors, hooks
+    not called).
     """
-    if not (FAST_LAUNCH and tensors[0].is_cuda):
-        kernel, grid, meta = first()
-        kernel[grid](*tensors, *scalars, **meta)
-        return
-    ptrs = [t.data_ptr() for t in tensors]
-    device = torch.cuda.current_device()
+    device = torch.cuda.current_device() if FAST_LAUNCH and torch.cuda.is_initialized() else None
     bound = _BOUND.get((key, device))
-    aligned = not functools.reduce(operator.or_, ptrs) & 15
+    aligned = not functools.reduce(operator.or_, addresses) & 15
     if bound is None or not aligned:
-        kernel, grid, meta = first()
-        entry = _launch_cached(kernel, grid, (*tensors, *scalars), meta)
+        kernel, grid, args, meta = first()
+        if not (FAST_LAUNCH and args[0].is_cuda):
+            kernel[grid](*args, **meta)
+            return
+        entry = _launch_cached(kernel, grid, args, meta)
         if entry is not None and aligned:
             if len(_BOUND) >= _MAX_ENTRIES:
                 _BOUND.clear()
             _BOUND[key, device] = (*entry, *(*grid, 1, 1)[:3])
         return
     run, function, metadata, constexprs, gx, gy, gz = bound
-    run(gx, gy, gz, _current_stream(device), function, metadata, None, None, None, *ptrs, *scalars, *constexprs)
+    run(gx, gy, gz, _current_stream(device), function, metadata, None, None, None, *addresses, *scalars, *constexprs)
 
 
 _current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what Triton's own launch uses

@@ -43,18 +43,20 @@ def test_cached_launch_matches_triton():
 
 @pytest.mark.gpu
 def test_keyed_launch_matches_triton():
-    """launch_keyed binds (key, device) at its first 16-byte aligned call and relaunches that compiled kernel;
-    a misaligned view under a bound key goes through `launch` (its own specialization), every time."""
+    """launch_keyed binds (key, device) at its first 16-byte aligned call and relaunches that compiled kernel
+    on the addresses it is given (here: the output written at an offset inside a larger buffer); a
+    misaligned input under a bound key goes through `launch` (its own specialization), every time."""
     base = torch.randn(4096 + 7, device="cuda")
     for dtype in (torch.float32, torch.bfloat16):
         for offset in (0, 1, 0, 4, 0):
             for n in (16, 17, 1000):
                 x = base.to(dtype)[offset : offset + n]
-                y = torch.full((n,), float("nan"), device="cuda", dtype=dtype)
-                first = lambda n=n: (_axpb, (triton.cdiv(n, 256),), dict(BLOCK=256))
-                common.launch_keyed(("axpb", n, dtype), first, (x, y), (n, 2.0, 0.5))
+                out = torch.full((n + 64,), float("nan"), device="cuda", dtype=dtype)
+                y = out[64:]  # 128 bytes in: aligned, passed by address
+                first = lambda x=x, y=y, n=n: (_axpb, (triton.cdiv(n, 256),), (x, y, n, 2.0, 0.5), dict(BLOCK=256))
+                common.launch_keyed(("axpb", "cuda", n, dtype), first, (x.data_ptr(), y.data_ptr()), (n, 2.0, 0.5))
                 torch.testing.assert_close(y, (2.0 * x.float() + 0.5 * n).to(dtype))
+                assert out[:64].isnan().all()
     device = torch.cuda.current_device()
-    assert {(("axpb", n, d), device) for n in (16, 17, 1000) for d in (torch.float32, torch.bfloat16)} <= set(
-        common._BOUND
-    )
+    keys = {(("axpb", "cuda", n, d), device) for n in (16, 17, 1000) for d in (torch.float32, torch.bfloat16)}
+    assert keys <= set(common._BOUND)

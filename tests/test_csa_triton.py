@@ -129,8 +129,7 @@ def test_no_grad_forward_saves_nothing():
     xs = [x.detach() for x in make_inputs(1, 9, 3, 1, 16, device=DEVICE)]
     with torch.no_grad():
         out = triton_fn(*xs)
-    _, dcl, lse = triton_csa.csa_fwd(*xs, 64, 4, 0.25, False)
-    assert dcl.numel() == lse.numel() == 0
+    assert triton_csa.csa_fwd(*xs, 64, 4, 0.25, False)[1] is None
     assert relerr(out.cpu(), reference.csa_attention(*(x.cpu().double() for x in xs))) < 2e-3  # tf32 on GPU
 
 

@@ -12,7 +12,8 @@ packed rows and runs two online softmaxes with separate normalizers:
             BLOCK_M / G + window - 1 keys, so the window band wastes less the more heads share a tile
     o     = local + blend * (comp - local)                                                     (3)
 
-Nothing of size T x T or T x T/stride exists; the forward saves the two log2-sum-exps and dcl = comp - local.
+Nothing of size T x T or T x T/stride exists; the forward saves dcl = comp - local and the two log2-sum-exps
+(in one buffer: `saved_views`).
 Every tensor is contiguous, so the kernels take no strides: row offsets come from T and the constexpr
 head counts and head dim. The forward and dq programs of one (batch, KV head) start one after the other,
 costliest row block first (`_row_block`): the programs in flight together then read the K/V tiles of a
@@ -334,35 +335,36 @@ CONFIG = {
 def csa_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
     blend: torch.Tensor, window: int, stride: int, scale: float, save: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward on contiguous inputs (k, v, kc, vc in q's dtype); returns o [B, T, H, D] and,
-    when `save`, dcl = comp - local and the two log2-sum-exps [B, H, 2, T] (fp32; compressed path first,
-    +inf for rows without a visible compressed block), else empty ones."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the forward on contiguous inputs (k, v, kc, vc in q's dtype); returns o [B, T, H, D] and, when
+    `save`, the bytes the backward reads (`saved_views`: dcl = comp - local, then the two log2-sum-exps), else
+    None. One buffer for both: an allocation costs microseconds of the host time a small step is made of."""
     B, T, H, D = q.shape
+    Hkv, Tc = k.shape[2], kc.shape[1]
     o = torch.empty_like(q)
-    if save:
-        dcl = torch.empty_like(q)
-        lse = q.new_empty((B, H, 2, T), dtype=torch.float32)
-    else:
-        dcl, lse = q.new_empty(0), q.new_empty(0, dtype=torch.float32)
-    cfg, Hkv, Tc = CONFIG["fwd"], k.shape[2], kc.shape[1]
-    first = lambda: (  # kernel, grid and constexprs: built only for a new key
-        _csa_fwd, (B * Hkv, cdiv(T * H // Hkv, cfg["BLOCK_M"]), 1),
-        dict(H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window, SAVE=save, **cfg),
-    )
-    launch_keyed(
-        ("fwd", save, *_facts(q, k, v, kc, vc, blend, window, stride), *cfg.items()), first,
-        (q, k, v, kc, vc, blend, o, dcl, lse), (T, Tc, scale * LOG2E),
-    )
-    return o, dcl, lse
+    ws = torch.empty(_nbytes(q) + 8 * B * H * T, dtype=torch.uint8, device=q.device) if save else None
+    o_ptr = o.data_ptr()
+    # without `save` the kernel touches neither DCL nor LSE: o's address stands in for both
+    dcl_ptr, lse_ptr = (ws.data_ptr(), ws.data_ptr() + _nbytes(q)) if save else (o_ptr, o_ptr)
+    cfg = CONFIG["fwd"]
+
+    def first():  # the launch with tensors, for Triton's front end (a new key, CPU tensors)
+        dcl, lse = saved_views(ws, q) if save else (o, o)
+        grid = (B * Hkv, cdiv(T * H // Hkv, cfg["BLOCK_M"]), 1)
+        meta = dict(H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window, SAVE=save, **cfg)
+        return _csa_fwd, grid, (q, k, v, kc, vc, blend, o, dcl, lse, T, Tc, scale * LOG2E), meta
+
+    addresses = (*map(torch.Tensor.data_ptr, (q, k, v, kc, vc, blend)), o_ptr, dcl_ptr, lse_ptr)
+    launch_keyed(("fwd", save, *_facts(q, k, v, kc, vc, blend, window, stride), *cfg.items()), first, addresses,
+                 (T, Tc, scale * LOG2E))
+    return o, ws
 
 
 def csa_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
-    blend: torch.Tensor, o: torch.Tensor, dcl: torch.Tensor, lse: torch.Tensor, window: int, stride: int,
-    scale: float,
+    blend: torch.Tensor, o: torch.Tensor, ws: torch.Tensor, window: int, stride: int, scale: float,
 ) -> tuple[torch.Tensor, ...]:
-    """Launch the backward (inputs as `csa_fwd` took them and its saved outputs; `do` any layout);
+    """Launch the backward (inputs as `csa_fwd` took them, its o and saved bytes `ws`; `do` any layout);
     returns dq, dk, dv, dkc, dvc, dblend (contiguous, in the inputs' dtypes)."""
     do = do.contiguous()
     B, T, H, D = q.shape
@@ -370,34 +372,57 @@ def csa_bwd(
     cfg_dq, cfg_dkv = CONFIG["bwd_dq"], CONFIG["bwd_dkv"]
     facts = (*_facts(q, k, v, kc, vc, blend, window, stride), do.dtype)
     dq, dblend = torch.empty_like(q), torch.empty_like(blend)
-    dx = q.new_empty((B, T, H, 2, D))  # dC = blend dO, dL = dO - dC for the key-block launch
-    delta = torch.empty_like(lse)
-    first = lambda: (
-        _csa_bwd_dq, (B * Hkv, cdiv(T * H // Hkv, cfg_dq["BLOCK_M"]), 1),
-        dict(H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window, **cfg_dq),
-    )
-    launch_keyed(
-        ("dq", *facts, *cfg_dq.items()), first, (q, k, v, kc, vc, blend, o, dcl, do, lse, dq, dblend, dx, delta),
-        (T, Tc, scale * LOG2E, scale),
-    )
+    # dX [B, T, H, 2, D] (dC = blend dO, dL = dO - dC, for the key-block launch), then delta [B, H, 2, T] fp32
+    n_dx = 2 * _nbytes(q)
+    tmp = torch.empty(n_dx + 8 * B * H * T, dtype=torch.uint8, device=q.device)
+    dcl_ptr, dx_ptr = ws.data_ptr(), tmp.data_ptr()
+    lse_ptr, delta_ptr = dcl_ptr + _nbytes(q), dx_ptr + n_dx
+    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr = map(torch.Tensor.data_ptr, (q, k, v, kc, vc))
+    scalars = (T, Tc, scale * LOG2E, scale)
+
+    def first():
+        dcl, lse = saved_views(ws, q)
+        dx = tmp[:n_dx].view(q.dtype).view(B, T, H, 2, D)
+        delta = tmp[n_dx:].view(torch.float32).view(B, H, 2, T)
+        grid = (B * Hkv, cdiv(T * H // Hkv, cfg_dq["BLOCK_M"]), 1)
+        meta = dict(H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window, **cfg_dq)
+        return _csa_bwd_dq, grid, (q, k, v, kc, vc, blend, o, dcl, do, lse, dq, dblend, dx, delta, *scalars), meta
+
+    addresses = (q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, blend.data_ptr(), o.data_ptr(), dcl_ptr, do.data_ptr(), lse_ptr,
+                 dq.data_ptr(), dblend.data_ptr(), dx_ptr, delta_ptr)
+    launch_keyed(("dq", *facts, *cfg_dq.items()), first, addresses, scalars)
     dk, dv, dkc, dvc = torch.empty_like(k), torch.empty_like(v), torch.empty_like(kc), torch.empty_like(vc)
-    first = lambda: (  # compressed, then raw key blocks
-        _csa_bwd_dkv, (B * Hkv, cdiv(Tc, cfg_dkv["BLOCK_N"]) + cdiv(T, cfg_dkv["BLOCK_NR"]), 1),
-        dict(H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window, **cfg_dkv),
-    )
-    launch_keyed(
-        ("dkv", *facts, *cfg_dkv.items()), first, (q, kc, vc, k, v, dx, lse, delta, dkc, dvc, dk, dv),
-        (T, Tc, scale * LOG2E, scale),
-    )
+
+    def first():
+        dx = tmp[:n_dx].view(q.dtype).view(B, T, H, 2, D)
+        lse, delta = saved_views(ws, q)[1], tmp[n_dx:].view(torch.float32).view(B, H, 2, T)
+        grid = (B * Hkv, cdiv(Tc, cfg_dkv["BLOCK_N"]) + cdiv(T, cfg_dkv["BLOCK_NR"]), 1)  # compressed, then raw
+        meta = dict(H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window, **cfg_dkv)
+        return _csa_bwd_dkv, grid, (q, kc, vc, k, v, dx, lse, delta, dkc, dvc, dk, dv, *scalars), meta
+
+    addresses = (q_ptr, kc_ptr, vc_ptr, k_ptr, v_ptr, dx_ptr, lse_ptr, delta_ptr,
+                 *map(torch.Tensor.data_ptr, (dkc, dvc, dk, dv)))
+    launch_keyed(("dkv", *facts, *cfg_dkv.items()), first, addresses, scalars)
     return dq, dk, dv, dkc, dvc, dblend
 
 
+def saved_views(ws: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's saved bytes as dcl [B, T, H, D] (q's dtype) and the log2-sum-exps [B, H, 2, T] (fp32;
+    compressed path first, +inf for rows without a visible compressed block)."""
+    B, T, H, D = q.shape
+    return ws[: _nbytes(q)].view(q.dtype).view(q.shape), ws[_nbytes(q) :].view(torch.float32).view(B, H, 2, T)
+
+
+def _nbytes(x: torch.Tensor) -> int:
+    return x.numel() * x.element_size()
+
+
 def _facts(q, k, v, kc, vc, blend, window: int, stride: int) -> tuple:
-    """What fixes a launch's specialization besides CONFIG (`kernels.common.launch_keyed`): shapes (grids,
-    constexprs, the integers T and Tc), dtypes and options. o, dcl and the backward's outputs take the
-    inputs' dtypes; LSE and delta are fp32."""
-    return (q.shape, k.shape[2], kc.shape[1], q.dtype, k.dtype, v.dtype, kc.dtype, vc.dtype, blend.dtype, window,
-            stride)
+    """What fixes a launch's specialization besides CONFIG (`kernels.common.launch_keyed`): device, shapes
+    (grids, constexprs, the integers T and Tc), dtypes and options. o, dcl and the backward's outputs take
+    the inputs' dtypes; LSE and delta are fp32."""
+    return (q.device, q.shape, k.shape[2], kc.shape[1], q.dtype, k.dtype, v.dtype, kc.dtype, vc.dtype, blend.dtype,
+            window, stride)
 
 
 # torch.library ops: opaque to torch.compile (fullgraph works), differentiable through register_autograd.
@@ -405,46 +430,39 @@ def _facts(q, k, v, kc, vc, blend, window: int, stride: int) -> tuple:
 def _csa_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
     blend: torch.Tensor, window: int, stride: int, scale: float, save: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return csa_fwd(q, k, v, kc, vc, blend, window, stride, scale, save)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    o, ws = csa_fwd(q, k, v, kc, vc, blend, window, stride, scale, save)
+    return o, q.new_empty(0, dtype=torch.uint8) if ws is None else ws
 
 
 @_csa_fwd_op.register_fake
 def _(q, k, v, kc, vc, blend, window, stride, scale, save):
     B, T, H, D = q.shape
-    o = q.new_empty(B, T, H, D)
-    if not save:
-        return o, q.new_empty(0), q.new_empty(0, dtype=torch.float32)
-    return o, torch.empty_like(o), q.new_empty(B, H, 2, T, dtype=torch.float32)
+    n = _nbytes(q) + 8 * B * H * T if save else 0
+    return torch.empty_like(q), q.new_empty(n, dtype=torch.uint8)
 
 
 @torch.library.custom_op("hyla::csa_bwd", mutates_args=())
 def _csa_bwd_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
-    blend: torch.Tensor, o: torch.Tensor, dcl: torch.Tensor, lse: torch.Tensor, window: int, stride: int,
-    scale: float,
+    blend: torch.Tensor, o: torch.Tensor, ws: torch.Tensor, window: int, stride: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return csa_bwd(do, q, k, v, kc, vc, blend, o, dcl, lse, window, stride, scale)
+    return csa_bwd(do, q, k, v, kc, vc, blend, o, ws, window, stride, scale)
 
 
 @_csa_bwd_op.register_fake
-def _(do, q, k, v, kc, vc, blend, o, dcl, lse, window, stride, scale):
-    B, T, H, D = q.shape
-    return (
-        q.new_empty(B, T, H, D), k.new_empty(k.shape), v.new_empty(v.shape), kc.new_empty(kc.shape),
-        vc.new_empty(vc.shape), blend.new_empty(B, T, H * D),
-    )
+def _(do, q, k, v, kc, vc, blend, o, ws, window, stride, scale):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(kc),
+            torch.empty_like(vc), torch.empty_like(blend))
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, kc, vc, blend, ctx.window, ctx.stride, ctx.scale, save = inputs
-    o, dcl, lse = output
-    ctx.save_for_backward(q, k, v, kc, vc, blend, o, dcl, lse)
+    ctx.save_for_backward(q, k, v, kc, vc, blend, *output)
 
 
 def _backward(ctx, do, *unused):
-    q, k, v, kc, vc, blend, o, dcl, lse = ctx.saved_tensors
-    grads = _csa_bwd_op(do, q, k, v, kc, vc, blend, o, dcl, lse, ctx.window, ctx.stride, ctx.scale)
+    grads = _csa_bwd_op(do, *ctx.saved_tensors, ctx.window, ctx.stride, ctx.scale)
     return (*grads, None, None, None, None)
 
 
@@ -468,8 +486,8 @@ class _CSAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, kc, vc, blend, window, stride, scale):
-        o, dcl, lse = csa_fwd(q, k, v, kc, vc, blend, window, stride, scale, True)
-        ctx.save_for_backward(q, k, v, kc, vc, blend, o, dcl, lse)
+        o, ws = csa_fwd(q, k, v, kc, vc, blend, window, stride, scale, True)
+        ctx.save_for_backward(q, k, v, kc, vc, blend, o, ws)
         ctx.args = window, stride, scale
         return o
 
