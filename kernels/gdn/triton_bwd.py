@@ -79,14 +79,15 @@ def _bwd_state_kernel(
         Gb, G_end = _gates(G, bh, t0, Tp, BT)
         rq, rk = _rstd(Rn, bh, 0, t0, Tp, BT, L2NORM), _rstd(Rn, bh, 1, t0, Tp, BT, L2NORM)
 
+        # the row scales of K_d and diag(e^G) Q go on the V-block-wide factors (K_d dS' = diag(.) (K dS'),
+        # Q^T diag(.) dO), so that the K-wide tiles feed the products as loaded
         dSd = dS.to(dt)
         P = tl.load(Pm + _tile_offsets(bh, n, NT, BT))
-        kd = (kb.to(tl.float32) * (rk * tl.exp(G_end - Gb))[:, None]).to(dt)
-        dw = tl.dot(tl.trans(P), dob, input_precision=PREC)  # (7); P holds the scale
-        dw = tl.dot(kd, dSd, dw, input_precision=PREC).to(dt)
+        dw = tl.dot(kb, dSd, input_precision=PREC) * (rk * tl.exp(G_end - Gb))[:, None]
+        dw = tl.dot(tl.trans(P), dob, dw, input_precision=PREC).to(dt)  # (7); P holds the scale
         _store_buf(dW, dw, bh, t0, Tp, V, BT, BV, v0)
-        qd = (qb.to(tl.float32) * (scale * rq * tl.exp(Gb))[:, None]).to(dt)
-        dS = tl.dot(tl.trans(qd), dob, dS * tl.exp(G_end), input_precision=PREC)  # (8)
+        dod = (dob.to(tl.float32) * (scale * rq * tl.exp(Gb))[:, None]).to(dt)
+        dS = tl.dot(tl.trans(qb), dod, dS * tl.exp(G_end), input_precision=PREC)  # (8)
         dS -= tl.dot(tl.trans(wb), dw, input_precision=PREC)
     if STORE_DH0:
         _store_state(dh0, dS, bh, K, V, BK, BV, v0)

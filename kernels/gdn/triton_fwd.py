@@ -286,7 +286,8 @@ def _state_out_kernel(
         Gb, G_end = _gates(G, bh, t0, Tp, BT)
 
         Sd = S.to(dt)
-        w = (ub.to(tl.float32) - tl.dot(wb, Sd, input_precision=PREC)).to(dt)  # W = U - W_k S
+        wf = ub.to(tl.float32) - tl.dot(wb, Sd, input_precision=PREC)  # W = U - W_k S
+        w = wf.to(dt)
         if SAVE:
             _store_buf(Wb, w, bh, t0, Tp, V, BT, BV, v0)
         # (4): O = scale (diag(e^G) Q S + (Q K^T * Gamma) W)
@@ -295,10 +296,11 @@ def _state_out_kernel(
         ob = tl.dot(qb, Sd, input_precision=PREC) * (scale * rq * tl.exp(Gb))[:, None]
         ob = tl.dot(P, w, ob, input_precision=PREC)  # P holds the scale
         _store_io(o, ob.to(o.dtype.element_ty), bh, t0, T, H, V, BT, BV, v0)
-        # (5): S <- e^{G_C} S + (e^{G_C - G} K)^T W
+        # (5): S <- e^{G_C} S + (e^{G_C - G} K)^T W = e^{G_C} S + K^T (diag(e^{G_C - G}) W): the row scales on
+        # the V-block-wide W, not on the K-wide tile, which then feeds the product as loaded
         rk = _rstd(Rn, bh, 1, t0, Tp, BT, L2NORM)
-        kd = (kb.to(tl.float32) * (rk * tl.exp(G_end - Gb))[:, None]).to(dt)
-        S = tl.dot(tl.trans(kd), w, S * tl.exp(G_end), input_precision=PREC)
+        wd = (wf * (rk * tl.exp(G_end - Gb))[:, None]).to(dt)
+        S = tl.dot(tl.trans(kb), wd, S * tl.exp(G_end), input_precision=PREC)
     if STORE_HT:
         _store_state(ht, S, bh, K, V, BK, BV, v0)
 
