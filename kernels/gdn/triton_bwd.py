@@ -87,8 +87,8 @@ def _bwd_state_kernel(
         dw = tl.dot(tl.trans(P), dob, dw, input_precision=PREC).to(dt)  # (7); P holds the scale
         _store_buf(dW, dw, bh, t0, Tp, V, BT, BV, v0)
         dod = (dob.to(tl.float32) * (scale * rq * tl.exp(Gb))[:, None]).to(dt)
-        dS = tl.dot(tl.trans(qb), dod, dS * tl.exp(G_end), input_precision=PREC)  # (8)
-        dS -= tl.dot(tl.trans(wb), dw, input_precision=PREC)
+        dS = tl.dot(tl.trans(qb), dod, dS * tl.exp(G_end), input_precision=PREC)  # (8); wb holds -W_k
+        dS = tl.dot(tl.trans(wb), dw, dS, input_precision=PREC)
     if STORE_DH0:
         _store_state(dh0, dS, bh, K, V, BK, BV, v0)
 
@@ -251,7 +251,7 @@ def chunk_bwd(
     need_dh0: bool,
     l2norm: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """Backward launches on the forward's saved (G, T, P, W_k, states, W, and, used when `l2norm`, the inverse
+    """Backward launches on the forward's saved (G, T, P, -W_k, states, W, and, used when `l2norm`, the inverse
     norms of q and k and the output o). Returns (dq, dk, dv, dg, dbeta, dh0); dh0 is a placeholder unless
     `need_dh0`."""
     B, T, H, K = q.shape
