@@ -171,7 +171,7 @@ def _bwd_wy_kernel(
     b = _rows(beta, bh, t0, T, H, BT)
     Tt = tl.trans(tl.load(Tinv + _tile_offsets(bh, n, NT, BT)))  # in the input dtype
 
-    # sums over V: dW S^T, dU (beta V)^T; dv = beta T^T dU directly
+    # sums over V: dW S^T, dU V^T (times diag(beta) after the loop); dv = beta T^T dU directly
     dWk = tl.zeros([BT, BK], dtype=tl.float32)
     dT = tl.zeros([BT, BT], dtype=tl.float32)
     db = tl.zeros([BT], dtype=tl.float32)
@@ -180,7 +180,7 @@ def _bwd_wy_kernel(
         S = _load_state(hs, bh * NT + n, K, V, BK, BV, v0)
         dwb = _load_buf(dW, bh, t0, Tp, V, BT, BV, v0)
         dWk = tl.dot(dwb, tl.trans(S), dWk, input_precision=PREC)
-        dT += tl.dot(dwb, tl.trans(vb), input_precision=PREC) * b[None, :]
+        dT = tl.dot(dwb, tl.trans(vb), dT, input_precision=PREC)
         du = tl.dot(Tt, dwb, input_precision=PREC)  # d(diag(beta) V) = T^T dU
         _store_io(dv, (b[:, None] * du).to(dv.dtype.element_ty), bh, t0, T, H, V, BT, BV, v0)
         db += tl.sum(du * vb.to(tl.float32), 1)
@@ -191,7 +191,7 @@ def _bwd_wy_kernel(
     eG = tl.exp(Gb)
     be = b * eG
     dWk = -dWk
-    dT += _dot_f32_lowp(dWk, tl.trans(kb), PREC) * (be * rk)[None, :]
+    dT = dT * b[None, :] + _dot_f32_lowp(dWk, tl.trans(kb), PREC) * (be * rk)[None, :]
     dKw = _dot_f32_lowp(Tt, dWk, PREC)
     dkb = _load_buf(dk_o, bh, t0, Tp, K, BT, BK).to(tl.float32) + be[:, None] * dKw
     s_k = rk * tl.sum(kf * dKw, 1)
