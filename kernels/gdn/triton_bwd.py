@@ -79,16 +79,15 @@ def _bwd_state_kernel(
         Gb, G_end = _gates(G, bh, t0, Tp, BT)
         rq, rk = _rstd(Rn, bh, 0, t0, Tp, BT, L2NORM), _rstd(Rn, bh, 1, t0, Tp, BT, L2NORM)
 
-        # the row scales of K_d and diag(e^G) Q go on the V-block-wide factors (K_d dS' = diag(.) (K dS'),
-        # Q^T diag(.) dO), so that the K-wide tiles feed the products as loaded
         dSd = dS.to(dt)
         P = tl.load(Pm + _tile_offsets(bh, n, NT, BT))
-        dw = tl.dot(kb, dSd, input_precision=PREC) * (rk * tl.exp(G_end - Gb))[:, None]
-        dw = tl.dot(tl.trans(P), dob, dw, input_precision=PREC).to(dt)  # (7); P holds the scale
+        kd = (kb.to(tl.float32) * (rk * tl.exp(G_end - Gb))[:, None]).to(dt)
+        dw = tl.dot(tl.trans(P), dob, input_precision=PREC)  # (7); P holds the scale
+        dw = tl.dot(kd, dSd, dw, input_precision=PREC).to(dt)
         _store_buf(dW, dw, bh, t0, Tp, V, BT, BV, v0)
-        dod = (dob.to(tl.float32) * (scale * rq * tl.exp(Gb))[:, None]).to(dt)
-        dS = tl.dot(tl.trans(qb), dod, dS * tl.exp(G_end), input_precision=PREC)  # (8); wb holds -W_k
-        dS = tl.dot(tl.trans(wb), dw, dS, input_precision=PREC)
+        qd = (qb.to(tl.float32) * (scale * rq * tl.exp(Gb))[:, None]).to(dt)
+        dS = tl.dot(tl.trans(qd), dob, dS * tl.exp(G_end), input_precision=PREC)  # (8)
+        dS -= tl.dot(tl.trans(wb), dw, input_precision=PREC)
     if STORE_DH0:
         _store_state(dh0, dS, bh, K, V, BK, BV, v0)
 
@@ -171,7 +170,7 @@ def _bwd_wy_kernel(
     b = _rows(beta, bh, t0, T, H, BT)
     Tt = tl.trans(tl.load(Tinv + _tile_offsets(bh, n, NT, BT)))  # in the input dtype
 
-    # sums over V: dW S^T, dU V^T (times diag(beta) after the loop); dv = beta T^T dU directly
+    # sums over V: dW S^T, dU (beta V)^T; dv = beta T^T dU directly
     dWk = tl.zeros([BT, BK], dtype=tl.float32)
     dT = tl.zeros([BT, BT], dtype=tl.float32)
     db = tl.zeros([BT], dtype=tl.float32)
@@ -180,7 +179,7 @@ def _bwd_wy_kernel(
         S = _load_state(hs, bh * NT + n, K, V, BK, BV, v0)
         dwb = _load_buf(dW, bh, t0, Tp, V, BT, BV, v0)
         dWk = tl.dot(dwb, tl.trans(S), dWk, input_precision=PREC)
-        dT = tl.dot(dwb, tl.trans(vb), dT, input_precision=PREC)
+        dT += tl.dot(dwb, tl.trans(vb), input_precision=PREC) * b[None, :]
         du = tl.dot(Tt, dwb, input_precision=PREC)  # d(diag(beta) V) = T^T dU
         _store_io(dv, (b[:, None] * du).to(dv.dtype.element_ty), bh, t0, T, H, V, BT, BV, v0)
         db += tl.sum(du * vb.to(tl.float32), 1)
@@ -191,7 +190,7 @@ def _bwd_wy_kernel(
     eG = tl.exp(Gb)
     be = b * eG
     dWk = -dWk
-    dT = dT * b[None, :] + _dot_f32_lowp(dWk, tl.trans(kb), PREC) * (be * rk)[None, :]
+    dT += _dot_f32_lowp(dWk, tl.trans(kb), PREC) * (be * rk)[None, :]
     dKw = _dot_f32_lowp(Tt, dWk, PREC)
     dkb = _load_buf(dk_o, bh, t0, Tp, K, BT, BK).to(tl.float32) + be[:, None] * dKw
     s_k = rk * tl.sum(kf * dKw, 1)
@@ -251,7 +250,7 @@ def chunk_bwd(
     need_dh0: bool,
     l2norm: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """Backward launches on the forward's saved (G, T, P, -W_k, states, W, and, used when `l2norm`, the inverse
+    """Backward launches on the forward's saved (G, T, P, W_k, states, W, and, used when `l2norm`, the inverse
     norms of q and k and the output o). Returns (dq, dk, dv, dg, dbeta, dh0); dh0 is a placeholder unless
     `need_dh0`."""
     B, T, H, K = q.shape

@@ -3,8 +3,7 @@
 Notation and equations (3)-(5) are those of `reference.chunk_gated_delta_rule`.
 
 1. `_prep_kernel`, one program per (chunk, head), all independent: the cumulative gate G, the strictly
-   lower A of (3), T = (I + A)^-1, and the WY factors U = T diag(beta) V, W_k = T diag(beta e^G) K (saved
-   negated, so that the sequential kernels add -W_k S and -W_k^T dW into their products' accumulators).
+   lower A of (3), T = (I + A)^-1, and the WY factors U = T diag(beta) V, W_k = T diag(beta e^G) K.
    With the optional q/k L2 norm it also saves each row's r = (|x|^2 + eps)^-1/2 of q and k (fp32).
    q_hat = diag(r_q) Q and k_hat = diag(r_k) K are never formed: every kernel (forward and backward) keeps
    the raw q, k tiles as matmul operands and applies r to the fp32 factors around them (row scales of the
@@ -255,11 +254,11 @@ def _prep_kernel(
     P = (scale * rq)[:, None] * tl.dot(qb, tl.trans(kb), input_precision=PREC) * rk[None, :] * _decay(Gc, True)
     tl.store(Pm + p_tile, P.to(Pm.dtype.element_ty))
 
-    # WY factors: U = T diag(beta) V, -W_k = T diag(-beta e^G) K
+    # WY factors: U = T diag(beta) V, W_k = T diag(beta e^G) K
     vb = _load_io(v, bh, t0, T, H, V, BT, BV)
     u = _dot_f32_lowp(Tm * b[None, :], vb, PREC)
     _store_buf(U, u.to(U.dtype.element_ty), bh, t0, Tp, V, BT, BV)
-    w = _dot_f32_lowp(Tm * (-b * tl.exp(Gc) * rk)[None, :], kb, PREC)
+    w = _dot_f32_lowp(Tm * (b * tl.exp(Gc) * rk)[None, :], kb, PREC)
     _store_buf(Wk, w.to(Wk.dtype.element_ty), bh, t0, Tp, K, BT, BK)
 
 
@@ -287,7 +286,7 @@ def _state_out_kernel(
         Gb, G_end = _gates(G, bh, t0, Tp, BT)
 
         Sd = S.to(dt)
-        wf = tl.dot(wb, Sd, ub.to(tl.float32), input_precision=PREC)  # W = U - W_k S (wb: -W_k)
+        wf = ub.to(tl.float32) - tl.dot(wb, Sd, input_precision=PREC)  # W = U - W_k S
         w = wf.to(dt)
         if SAVE:
             _store_buf(Wb, w, bh, t0, Tp, V, BT, BV, v0)
@@ -354,7 +353,7 @@ def chunk_fwd(
     l2norm: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Forward launches, on q and k L2-normalized inside the kernels when `l2norm`. Returns (o, final state,
-    G, T, P, -W_k, states, W, inverse norms): states and W only when `save`, the [B*H, 2, Tp] inverse norms of
+    G, T, P, W_k, states, W, inverse norms): states and W only when `save`, the [B*H, 2, Tp] inverse norms of
     q and k only when `l2norm` (placeholders otherwise); the final state is an empty tensor unless
     `output_final_state`."""
     B, T, H, K = q.shape
