@@ -5,8 +5,10 @@ behind PyTorch's `l2norm` as the unfused comparison), reported as extra rows and
 
     PYTHONPATH=. python3 bench/gdn.py --out profiles   # writes gdn.json and gdn.md there
 
-Timing: CUDA events around each call, warm-up first, median of --reps calls, inputs rotated over three
-sets so repeated calls do not run from L2. The forward is timed with inputs that require grad (a training
+Timing: warm-up first, then the median of --reps samples, each CUDA events around CALLS = 10 calls back to
+back (fwd_ms, fwdbwd_ms: the host runs ahead as in a training step, as bench/csa.py times; the summary's
+ratios) and around single calls (*_latency_ms: host launch cost included, `summary_latency`); inputs rotated
+over three sets so repeated calls do not run from L2. The forward is timed with inputs that require grad (a training
 forward, which saves what the backward needs). Roofline: matmul FLOPs of the chunked algorithm over the
 bf16 matmul rate, and the fewest bytes (each input read once, each output written once) over the copy
 bandwidth, both measured in this run; the larger time is the floor, `roofline` is floor / measured.
@@ -36,6 +38,7 @@ SHAPES = [(16, 1024, 9, 112), (64, 1024, 9, 112), (8, 4096, 16, 128)]
 L2NORM_SHAPES = SHAPES[:2]
 L2NORM_METHODS = ("ours_l2norm", "fla_l2norm", "ours_l2norm_torch")  # inputs: raw q, k
 C = 64
+CALLS = 10  # back-to-back calls per timing sample (the headline columns; `median_ms`)
 
 
 def load_fla():
@@ -53,7 +56,11 @@ def load_fla():
     return chunk_gated_delta_rule, fla.__version__, lifted
 
 
-def median_ms(fn, sets, reps, warmup=5):
+def median_ms(fn, sets, reps, warmup=5, calls=1):
+    """Median milliseconds per call of fn over `reps` samples, each `calls` back-to-back calls between two
+    CUDA events (inputs rotated over `sets`). calls=1 is the latency of one call, its host launch cost
+    included; calls=CALLS lets the host run ahead as in a training step, so a GPU-bound method shows its GPU
+    time and a host-bound one its host cost (as bench/csa.py times)."""
     for i in range(warmup):
         fn(*sets[i % len(sets)])
     torch.cuda.synchronize()
@@ -61,10 +68,11 @@ def median_ms(fn, sets, reps, warmup=5):
     for i in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn(*sets[i % len(sets)])
+        for c in range(calls):
+            fn(*sets[(i * calls + c) % len(sets)])
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(a.elapsed_time(b) / calls)
     return statistics.median(times)
 
 
@@ -269,7 +277,7 @@ def main():
     rows, acc, cases, host = [], {}, {}, {}
 
     def build_result(complete):
-        summary, summary_l2norm = summarize(rows)
+        summary, summary_l2norm, summary_latency = summarize(rows)
         return dict(
             device=torch.cuda.get_device_name(),
             versions=dict(
@@ -289,6 +297,7 @@ def main():
             kernels=resource_report(),
             summary=summary,
             summary_l2norm=summary_l2norm,
+            summary_latency=summary_latency,
         )
 
     for B, T, H, K in SHAPES:
@@ -312,12 +321,19 @@ def main():
                 acc[(name, K)] = accuracy(fn, cases[(K, norm)])
             x = raw_sets if norm else sets
             try:
-                t_f = median_ms(forward(fn), x, args.reps)
-                t_fb = median_ms(forward_backward(fn), x, args.reps)
+                calls = 1 if name == "reference" else CALLS  # the reference: seconds per call
+                t_f = median_ms(forward(fn), x, args.reps, calls=calls)
+                t_fb = median_ms(forward_backward(fn), x, args.reps, calls=calls)
+                lat_f, lat_fb = (
+                    (t_f, t_fb)
+                    if calls == 1
+                    else (median_ms(forward(fn), x, args.reps), median_ms(forward_backward(fn), x, args.reps))
+                )
             except RuntimeError as e:  # e.g. out of memory in the reference
                 print(f"{name} {B, T, H, K}: {e}")
                 continue
-            row = dict(method=name, B=B, T=T, H=H, K=K, V=V, fwd_ms=t_f, fwdbwd_ms=t_fb,
+            row = dict(method=name, B=B, T=T, H=H, K=K, V=V, fwd_ms=t_f, fwdbwd_ms=t_fb, fwd_latency_ms=lat_f,
+                       fwdbwd_latency_ms=lat_fb,
                        fwd_tokens_per_s=B * T / (t_f * 1e-3), fwdbwd_tokens_per_s=B * T / (t_fb * 1e-3),
                        fwd_roofline=floor_f / (t_f * 1e-3), fwdbwd_roofline=floor_fb / (t_fb * 1e-3),
                        fwd_live_mib=live_mb(fn, x[0]))  # fmt: skip
@@ -350,8 +366,8 @@ def summarize(rows):
     """The summary keys (ours vs fla, no norm) and the L2-norm ones, from the rows measured so far (None
     where a row is missing)."""
 
-    def speedup(B, base="fla", new="ours"):
-        t = {r["method"]: r["fwdbwd_ms"] for r in rows if r["B"] == B and r["K"] == 112}
+    def speedup(B, base="fla", new="ours", key="fwdbwd_ms"):
+        t = {r["method"]: r[key] for r in rows if r["B"] == B and r["K"] == 112}
         return t[base] / t[new] if base in t and new in t else None
 
     def worst(method, key):
@@ -375,7 +391,11 @@ def summarize(rows):
         max_relerr_fwd=worst("ours_l2norm", "relerr_fwd"),
         max_relerr_bwd=worst("ours_l2norm", "relerr_bwd"),
     )
-    return summary, summary_l2norm
+    summary_latency = dict(  # single synced calls: the host's launch path before the first kernel counts
+        speedup_fwdbwd_vs_fla_B16=speedup(16, key="fwdbwd_latency_ms"),
+        speedup_fwdbwd_vs_fla_B64=speedup(64, key="fwdbwd_latency_ms"),
+    )
+    return summary, summary_l2norm, summary_latency
 
 
 def write(result, out_dir):
@@ -398,27 +418,33 @@ def markdown(res):
         f"Command: `{res['command']}`",
         "",
         *([] if res.get("complete", True) else ["**Incomplete run**: written after the last shape measured.", ""]),
-        "bf16 q/k/v/beta, fp32 g, K = V, no initial state. Medians of CUDA-event timings; fwd is a training "
-        "forward (inputs require grad). Roofline = max(FLOPs / matmul rate, fewest bytes / copy bandwidth) "
-        "/ measured (FLOPs and bytes without the L2 norm). Errors: relative to the float64 chunked reference "
-        "(bwd = worst of dq, dk, dv, dg, dbeta). Live MiB: what a training forward leaves allocated (output "
-        "and saved tensors). *_l2norm rows: q, k of row norms 0.1-5, normalized by the op (ours in its "
-        "kernels, fla by use_qk_l2norm_in_kernel, ours_l2norm_torch by PyTorch `l2norm` in front of ours); "
-        "their reference normalizes in float64.",
+        f"bf16 q/k/v/beta, fp32 g, K = V, no initial state. Medians of CUDA-event timings per call, {CALLS} "
+        "calls back to back per sample (the host runs ahead as in a training step; the summary's ratios), and"
+        " the latency of single synced calls (lat. columns: host launch cost included; summary_latency); fwd "
+        "is a training forward (inputs require grad). Roofline = max(FLOPs / matmul rate, fewest bytes / copy"
+        " bandwidth) / measured (FLOPs and bytes without the L2 norm). Errors: relative to the float64 "
+        "chunked reference (bwd = worst of dq, dk, dv, dg, dbeta). Live MiB: what a training forward leaves "
+        "allocated (output and saved tensors). *_l2norm rows: q, k of row norms 0.1-5, normalized by the op "
+        "(ours in its kernels, fla by use_qk_l2norm_in_kernel, ours_l2norm_torch by PyTorch `l2norm` in front"
+        " of ours); their reference normalizes in float64.",
         "",
-        "| method | B | T | H | K | fwd ms | fwd+bwd ms | fwd+bwd tok/s | roofline fwd | roofline fwd+bwd "
-        "| relerr fwd | relerr bwd | live MiB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | B | T | H | K | fwd ms | fwd+bwd ms | fwd lat. ms | fwd+bwd lat. ms | fwd+bwd tok/s "
+        "| roofline fwd | roofline fwd+bwd | relerr fwd | relerr bwd | live MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in res["rows"]:
         lines.append(
             f"| {r['method']} | {r['B']} | {r['T']} | {r['H']} | {r['K']} | {r['fwd_ms']:.3f} | "
-            f"{r['fwdbwd_ms']:.3f} | {r['fwdbwd_tokens_per_s']:.3g} | {r['fwd_roofline']:.3f} | "
+            f"{r['fwdbwd_ms']:.3f} | {r['fwd_latency_ms']:.3f} | {r['fwdbwd_latency_ms']:.3f} | "
+            f"{r['fwdbwd_tokens_per_s']:.3g} | {r['fwd_roofline']:.3f} | "
             f"{r['fwdbwd_roofline']:.3f} | {r.get('relerr_fwd', float('nan')):.1e} | "
             f"{r.get('relerr_bwd', float('nan')):.1e} | {r.get('fwd_live_mib', float('nan')):.0f} |"
         )
     fmt = [f"{k} = {v:.4g}" if v is not None else f"{k} = n/a" for k, v in s.items()]
     lines += ["", "Summary: " + ", ".join(fmt)]
+    if res.get("summary_latency"):
+        fmt = [f"{k} = {v:.4g}" if v is not None else f"{k} = n/a" for k, v in res["summary_latency"].items()]
+        lines += ["", "Single synced calls (summary_latency): " + ", ".join(fmt)]
     if res.get("summary_l2norm"):
         fmt = [f"{k} = {v:.4g}" if v is not None else f"{k} = n/a" for k, v in res["summary_l2norm"].items()]
         lines += ["", "With the q/k L2 norm (summary_l2norm): " + ", ".join(fmt)]
