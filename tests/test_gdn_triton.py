@@ -7,6 +7,7 @@ through the public dispatch, and torch.compile(fullgraph=True) through the custo
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -163,6 +164,30 @@ def test_bad_input_fails_before_launch():
         gdn.gated_delta_rule(q, k[:, :4], v, g, beta)
     with pytest.raises(ValueError, match="shape"):
         gdn.gated_delta_rule(q, k, v, g, beta, initial_state=torch.zeros(1, 1, 16, 8))
+    with pytest.raises(ValueError, match="beta must have shape"):
+        gdn.gated_delta_rule(q, k, v, g, beta[..., None])
+    with pytest.raises(ValueError, match="g must be a torch.Tensor"):
+        gdn.gated_delta_rule(q, k, v, g.tolist(), beta)
+    with pytest.raises(ValueError, match="dtype"):
+        gdn.gated_delta_rule(q, k, v.int(), g, beta)
+
+
+@pytest.mark.parametrize("K, V, l2norm, save", [(112, 112, True, True), (3, 5, False, True), (16, 7, True, False)])
+def test_workspace_layout(K, V, l2norm, save):
+    """The forward's saved arrays and the backward's temporaries: each at a 16-byte boundary (the alignment
+    Triton specializes on), disjoint, inside the workspace, with the shapes the kernels index."""
+    from kernels.gdn import triton_bwd, triton_fwd
+
+    for size, layout, offsets in (
+        triton_fwd.saved_layout(2, 70, 3, K, V, torch.bfloat16, l2norm, save),
+        triton_bwd._temp_layout(2, 70, 3, K, V, torch.bfloat16),
+    ):
+        spans = sorted((off, off + math.prod(shape) * dtype.itemsize) for off, dtype, shape in layout.values())
+        assert all(a % 16 == 0 for a, _ in spans) and spans[-1][1] <= size
+        assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:], strict=False))
+        assert [o for o in offsets if o is not None] == [off for off, _, _ in layout.values()]
+    names = set(triton_fwd.saved_layout(2, 70, 3, K, V, torch.bfloat16, l2norm, save)[1])
+    assert ("Rn" in names) == l2norm and ({"W", "hs"} <= names) == save and names >= {"G", "Tinv", "Pm", "Wk"}
 
 
 def test_unsupported_dtypes():

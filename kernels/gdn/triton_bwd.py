@@ -26,14 +26,17 @@ so <q_hat_i, d q_hat_i> = <O_i, dO_i>.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from kernels.common import cdiv, launch
+from kernels.common import cdiv, launch_keyed
 from kernels.gdn.triton_fwd import (
     BT,
     CONFIG,
+    SAVED,
     _decay,
     _dot_f32_lowp,
     _gates,
@@ -48,10 +51,15 @@ from kernels.gdn.triton_fwd import (
     _store_io,
     _store_state,
     _tile_offsets,
+    addresses,
+    carve,
     num_stages,
+    op_facts,
     pick_bv,
     placeholder,
     pow2,
+    saved_layout,
+    views,
 )
 
 
@@ -237,53 +245,90 @@ def chunk_bwd(
     g: torch.Tensor,
     beta: torch.Tensor,
     scale: float,
-    G: torch.Tensor,
-    Tinv: torch.Tensor,
-    Pm: torch.Tensor,
-    Wk: torch.Tensor,
-    hs: torch.Tensor,
-    W: torch.Tensor,
-    Rn: torch.Tensor,
+    ws: torch.Tensor,
     o: torch.Tensor | None,
     do: torch.Tensor,
     dht: torch.Tensor | None,
     need_dh0: bool,
     l2norm: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """Backward launches on the forward's saved (G, T, P, W_k, states, W, and, used when `l2norm`, the inverse
-    norms of q and k and the output o). Returns (dq, dk, dv, dg, dbeta, dh0); dh0 is a placeholder unless
-    `need_dh0`."""
+    """Backward launches on the forward's inputs and workspace `ws` (`saved_layout` with `save`: G, T, P, W_k,
+    the states, W and, used when `l2norm`, the inverse norms of q and k; the output o too when `l2norm`), with
+    contiguous do and dht. Returns (dq, dk, dv, dg, dbeta, dh0): dh0 [B, H, K, V] fp32 when `need_dh0`, else
+    None."""
     B, T, H, K = q.shape
-    V = v.shape[-1]
-    NT = cdiv(T, BT)
-    Tp, BH = NT * BT, B * H
-    BK = pow2(K)
-    dev, prec = q.device, _prec(q)
-    f32 = torch.float32
+    V = v.shape[3]
+    dev, dt, scale = q.device, q.dtype, float(scale)
+    _, saved, offsets = saved_layout(B, T, H, K, V, dt, l2norm, True)
+    facts = op_facts(q, k, v, g, beta, do.dtype, None if dht is None else dht.dtype, need_dh0, l2norm)
+    size, layout, tmp_offsets = _temp_layout(B, T, H, K, V, dt)
+    G, Tinv, Pm, Wk, Rn, W, hs = addresses(ws, offsets)
+    tmp = torch.empty(size, dtype=torch.uint8, device=dev)
+    dhs, dW, dk_o, dG_o = addresses(tmp, tmp_offsets)
+    q_ptr, k_ptr, do_ptr = q.data_ptr(), k.data_ptr(), do.data_ptr()
+
+    def typed():  # the workspaces' arrays as typed views and the constexprs all kernels take, for a new key
+        arrays = dict(zip(SAVED + TEMP, views(ws, saved, SAVED) + views(tmp, layout, TEMP), strict=True))
+        return arrays, dict(H=H, K=K, V=V, BT=BT, L2NORM=l2norm, PREC=_prec(q))
 
     # the sequential kernel first: at small batches the GPU waits for this launch
-    BV = pick_bv(V)
-    dhs = torch.empty_like(hs)
-    dW = torch.empty(BH, Tp, V, device=dev, dtype=q.dtype)
-    dh0 = torch.empty(B, H, K, V, device=dev, dtype=f32) if need_dh0 else placeholder(dev)
-    launch(
-        _bwd_state_kernel, (cdiv(V, BV), BH), q, k, G, Pm, Wk, Rn, do,
-        dht if dht is not None else placeholder(dev), dhs, dW, dh0, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        USE_DHT=dht is not None, STORE_DH0=need_dh0, L2NORM=l2norm, PREC=prec, num_warps=CONFIG["state_warps"],
-        num_stages=num_stages("state", q),
-    )  # fmt: skip
+    ph = placeholder(dev)
+    dh0 = torch.empty(B, H, K, V, device=dev, dtype=torch.float32) if need_dh0 else None
+    dht_t, dh0_t = (dht if dht is not None else ph), (dh0 if need_dh0 else ph)
+    ptrs = (q_ptr, k_ptr, G, Pm, Wk, Rn, do_ptr, dht_t.data_ptr(), dhs, dW, dh0_t.data_ptr())
+
+    def first():
+        x, meta = typed()
+        meta.update(BK=pow2(K), BV=pick_bv(V), USE_DHT=dht is not None, STORE_DH0=need_dh0,
+                    num_warps=CONFIG["state_warps"], num_stages=num_stages("state", q))  # fmt: skip
+        args = (q, k, x["G"], x["Pm"], x["Wk"], x["Rn"], do, dht_t, x["dhs"], x["dW"], dh0_t, scale, T)
+        return _bwd_state_kernel, (cdiv(V, meta["BV"]), B * H), args, meta
+
+    launch_keyed(("bwd_state", *facts), first, ptrs, (scale, T))
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dg, dbeta = torch.empty_like(g), torch.empty_like(beta)
-    BKH = min(BK, 64)  # key columns per `_bwd_out_kernel` program
-    NK = cdiv(K, BKH)
-    # bwd_out's part of dk in the input dtype (half the bytes of its round trip), dG's parts in fp32
-    dk_o, dG_o = torch.empty(BH, Tp, K, device=dev, dtype=q.dtype), torch.empty(NK, BH, Tp, device=dev, dtype=f32)
-    opts = dict(H=H, K=K, V=V, BT=BT, BKH=BKH, L2NORM=l2norm, PREC=prec, num_warps=CONFIG["chunk_warps"])
-    # a chunk's K slices adjacent in the grid: they read the same dO, W (and O) tiles, all but the first from L2
-    o = o if l2norm else placeholder(dev)  # the eager Function saves None for it without the norm
-    launch(_bwd_out_kernel, (NT * NK, BH), q, k, G, hs, dhs, W, do, o, Rn, dq, dk_o, dG_o, scale, T,
-           BV=pick_bv_chunk("out", V), num_stages=num_stages("out", q), **opts)  # fmt: skip
-    launch(_bwd_wy_kernel, (NT, BH), k, v, beta, G, Tinv, hs, dW, dk_o, dG_o, Rn, dk, dv, dg, dbeta, T,
-           BK=BK, BV=pick_bv_chunk("wy", V), num_stages=num_stages("wy", q), **opts)  # fmt: skip
+    o = o if l2norm else ph  # read for (9) only
+    ptrs = (q_ptr, k_ptr, G, hs, dhs, W, do_ptr, o.data_ptr(), Rn, dq.data_ptr(), dk_o, dG_o)
+
+    def first():
+        x, meta = typed()
+        meta.update(BKH=_bkh(K), BV=pick_bv_chunk("out", V), num_warps=CONFIG["chunk_warps"],
+                    num_stages=num_stages("out", q))  # fmt: skip
+        args = (q, k, x["G"], x["hs"], x["dhs"], x["W"], do, o, x["Rn"], dq, x["dk_o"], x["dG_o"], scale, T)
+        # a chunk's K slices adjacent in the grid: they read the same dO, W (and O) tiles, all but the first from L2
+        return _bwd_out_kernel, (cdiv(T, BT) * cdiv(K, _bkh(K)), B * H), args, meta
+
+    launch_keyed(("bwd_out", *facts), first, ptrs, (scale, T))
+    ptrs = (k_ptr, v.data_ptr(), beta.data_ptr(), G, Tinv, hs, dW, dk_o, dG_o, Rn,
+            dk.data_ptr(), dv.data_ptr(), dg.data_ptr(), dbeta.data_ptr())  # fmt: skip
+
+    def first():
+        x, meta = typed()
+        meta.update(BK=pow2(K), BKH=_bkh(K), BV=pick_bv_chunk("wy", V), num_warps=CONFIG["chunk_warps"],
+                    num_stages=num_stages("wy", q))  # fmt: skip
+        args = (k, v, beta, x["G"], x["Tinv"], x["hs"], x["dW"], x["dk_o"], x["dG_o"], x["Rn"], dk, dv, dg, dbeta, T)
+        return _bwd_wy_kernel, (cdiv(T, BT), B * H), args, meta
+
+    launch_keyed(("bwd_wy", *facts), first, ptrs, (T,))
     return dq, dk, dv, dg, dbeta, dh0
+
+
+def _bkh(K: int) -> int:
+    """Key columns per `_bwd_out_kernel` program."""
+    return min(pow2(K), 64)
+
+
+TEMP = ("dhs", "dW", "dk_o", "dG_o")  # the backward's workspace, `_temp_layout`
+
+
+@functools.lru_cache(maxsize=256)
+def _temp_layout(B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype) -> tuple:
+    """The backward's temporaries in one workspace (`carve`), and their offsets in TEMP's order: dS' per chunk
+    and dW (as the states and W), `_bwd_out_kernel`'s part of dk (input dtype: half the bytes of its round
+    trip) and its parts of dG (fp32, one per 64 key columns)."""
+    NT = cdiv(T, BT)
+    Tp, BH = NT * BT, B * H
+    size, layout = carve([("dhs", dtype, (BH, NT, K, V)), ("dW", dtype, (BH, Tp, V)), ("dk_o", dtype, (BH, Tp, K)),
+                          ("dG_o", torch.float32, (cdiv(K, _bkh(K)), BH, Tp))])  # fmt: skip
+    return size, layout, tuple(layout[n][0] for n in TEMP)

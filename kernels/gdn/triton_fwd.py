@@ -21,11 +21,14 @@ buffers are head-major and padded to whole chunks, [B*H, NT*BT, D], so their til
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import triton
 import triton.language as tl
 
-from kernels.common import cdiv, launch
+from kernels.common import cdiv, launch_keyed
 
 BT = 64  # chunk length
 BS = 16  # diagonal block of the triangular solve
@@ -330,7 +333,7 @@ def pick_bv(V: int) -> int:
 
 def placeholder(device: torch.device) -> torch.Tensor:
     """An empty fp32 tensor for a pointer argument that a kernel does not touch (no initial state, ...): one
-    per device, reused; the launchers may return it in place of a buffer nobody asked for, the op never does."""
+    per device, reused; never returned to a caller."""
     t = _PLACEHOLDERS.get(device)
     if t is None:
         t = _PLACEHOLDERS[device] = torch.empty(0, device=device)
@@ -338,6 +341,65 @@ def placeholder(device: torch.device) -> torch.Tensor:
 
 
 _PLACEHOLDERS: dict[torch.device, torch.Tensor] = {}
+
+
+def carve(parts: list[tuple[str, torch.dtype, tuple]]) -> tuple[int, dict[str, tuple[int, torch.dtype, tuple]]]:
+    """Arrays (name, dtype, shape) placed one after another in one uint8 workspace, each at a 16-byte boundary
+    (Triton specializes pointers on that alignment, which every array then keeps): (total bytes, name ->
+    (byte offset, dtype, shape)). One allocation instead of one per array: each costs microseconds of host
+    time, and at small batches the op is host-bound."""
+    size, layout = 0, {}
+    for name, dtype, shape in parts:
+        layout[name] = (size, dtype, shape)
+        size += -(-math.prod(shape) * dtype.itemsize // 16) * 16
+    return size, layout
+
+
+def views(ws: torch.Tensor, layout: dict, names: tuple[str, ...]) -> list[torch.Tensor]:
+    """Typed views of the arrays `names` that `carve` placed in ws (the placeholder for one it did not): made
+    only for Triton's front end, on a launch with a new key; the other launches pass addresses."""
+    out = []
+    for name in names:
+        if name not in layout:
+            out.append(placeholder(ws.device))
+            continue
+        off, dtype, shape = layout[name]
+        out.append(ws[off : off + math.prod(shape) * dtype.itemsize].view(dtype).view(shape))
+    return out
+
+
+def addresses(ws: torch.Tensor, offsets: tuple[int | None, ...]) -> list[int]:
+    """Device addresses of `carve`'s arrays at `offsets` (None: the placeholder's address)."""
+    base, none = ws.data_ptr(), placeholder(ws.device).data_ptr()
+    return [none if off is None else base + off for off in offsets]
+
+
+SAVED = ("G", "Tinv", "Pm", "Wk", "Rn", "W", "hs")  # the forward's workspace, `saved_layout`
+
+
+def saved_parts(B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype, l2norm: bool, save: bool) -> list:
+    """The forward's intermediates for `carve`: the cumulative gate G [B*H, Tp] (fp32), T and P [B*H, NT, BT,
+    BT] and W_k [B*H, Tp, K] (input dtype); the inverse norms of q and k [B*H, 2, Tp] (fp32) when `l2norm`;
+    W [B*H, Tp, V] and the states entering each chunk [B*H, NT, K, V] (input dtype) when `save`."""
+    NT = cdiv(T, BT)
+    Tp, BH, f32 = NT * BT, B * H, torch.float32
+    parts = [("G", f32, (BH, Tp)), ("Tinv", dtype, (BH, NT, BT, BT)), ("Pm", dtype, (BH, NT, BT, BT))]
+    parts += [("Wk", dtype, (BH, Tp, K))] + [("Rn", f32, (BH, 2, Tp))] * l2norm
+    return parts + [("W", dtype, (BH, Tp, V)), ("hs", dtype, (BH, NT, K, V))] * save
+
+
+@functools.lru_cache(maxsize=256)
+def saved_layout(B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype, l2norm: bool, save: bool) -> tuple:
+    """`carve(saved_parts(...))` and the offsets of SAVED (None where absent), per shape."""
+    size, layout = carve(saved_parts(B, T, H, K, V, dtype, l2norm, save))
+    return size, layout, tuple(layout[n][0] if n in layout else None for n in SAVED)
+
+
+def op_facts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, *flags) -> tuple:
+    """What fixes the launches' specialization besides the addresses' alignment (the key of
+    `kernels.common.launch_keyed`): device, shapes (grids, constexprs and the integer T), dtypes, CONFIG, and
+    the caller's `flags` (options, dtypes of optional tensors)."""
+    return (q.device, q.shape, v.shape[3], q.dtype, k.dtype, v.dtype, g.dtype, beta.dtype, *flags, *CONFIG.values())
 
 
 def chunk_fwd(
@@ -351,38 +413,59 @@ def chunk_fwd(
     output_final_state: bool,
     save: bool,
     l2norm: bool = False,
-) -> tuple[torch.Tensor, ...]:
-    """Forward launches, on q and k L2-normalized inside the kernels when `l2norm`. Returns (o, final state,
-    G, T, P, W_k, states, W, inverse norms): states and W only when `save`, the [B*H, 2, Tp] inverse norms of
-    q and k only when `l2norm` (placeholders otherwise); the final state is an empty tensor unless
-    `output_final_state`."""
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Forward launches on contiguous inputs (q, k, v of one dtype), q and k L2-normalized inside the kernels
+    when `l2norm`. Returns (o, the final state or None unless `output_final_state`, the uint8 workspace of
+    `saved_layout`, which the backward takes)."""
     B, T, H, K = q.shape
-    V = v.shape[-1]
-    NT = cdiv(T, BT)
-    Tp, BH = NT * BT, B * H
-    BK = pow2(K)
-    dev, dt, prec = q.device, q.dtype, _prec(q)
-    f32 = torch.float32
+    V = v.shape[3]
+    dev, dt, scale = q.device, q.dtype, float(scale)
+    size, layout, offsets = saved_layout(B, T, H, K, V, dt, l2norm, save)
+    h0_dtype = initial_state.dtype if initial_state is not None else None
+    facts = op_facts(q, k, v, g, beta, h0_dtype, output_final_state, save, l2norm)
+    ws = torch.empty(size, dtype=torch.uint8, device=dev)
+    U = torch.empty(B * H, cdiv(T, BT) * BT, V, dtype=dt, device=dev)  # not saved: its own, freed on return
+    G, Tinv, Pm, Wk, Rn, W, hs = addresses(ws, offsets)
+    io = [x.data_ptr() for x in (q, k, v, g, beta)]
+    _prep(q, k, v, g, beta, ws, layout, U, scale, l2norm, facts, (*io, G, Tinv, Pm, Wk, U.data_ptr(), Rn))
 
-    G = torch.empty(BH, Tp, device=dev, dtype=f32)
-    Tinv = torch.empty(BH, NT, BT, BT, device=dev, dtype=dt)
-    Pm = torch.empty(BH, NT, BT, BT, device=dev, dtype=dt)
-    Wk = torch.empty(BH, Tp, K, device=dev, dtype=dt)
-    U = torch.empty(BH, Tp, V, device=dev, dtype=dt)
-    Rn = torch.empty(BH, 2, Tp, device=dev, dtype=f32) if l2norm else placeholder(dev)
-    launch(_prep_kernel, (NT, BH), q, k, v, g, beta, G, Tinv, Pm, Wk, U, Rn, scale, NORM_EPS, T, H=H, K=K, V=V,
-           BT=BT, BS=BS, BK=BK, BV=pow2(V), L2NORM=l2norm, PREC=prec, num_warps=CONFIG["prep_warps"],
-           num_stages=1)  # fmt: skip
-
-    BV = pick_bv(V)
     o = torch.empty_like(v)
-    ht = torch.empty(B, H, K, V, device=dev, dtype=f32) if output_final_state else G.new_empty(0)
-    hs = torch.empty(BH, NT, K, V, device=dev, dtype=dt) if save else placeholder(dev)
-    W = torch.empty(BH, Tp, V, device=dev, dtype=dt) if save else placeholder(dev)
+    ht = torch.empty(B, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     h0 = initial_state if initial_state is not None else placeholder(dev)
-    launch(
-        _state_out_kernel, (cdiv(V, BV), BH), q, k, G, Pm, Wk, U, Rn, h0, o, ht, hs, W, scale, T,
-        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_H0=initial_state is not None, STORE_HT=output_final_state,
-        SAVE=save, L2NORM=l2norm, PREC=prec, num_warps=CONFIG["state_warps"], num_stages=num_stages("state", q),
-    )  # fmt: skip
-    return o, ht, G, Tinv, Pm, Wk, hs, W, Rn
+    ptrs = (io[0], io[1], G, Pm, Wk, U.data_ptr(), Rn, h0.data_ptr(), o.data_ptr(),
+            G if ht is None else ht.data_ptr(), hs, W)  # fmt: skip
+    _state_out(q, k, ws, layout, U, h0, o, ht, scale, initial_state is not None, save, l2norm, facts, ptrs)
+    return o, ht, ws
+
+
+def _prep(q, k, v, g, beta, ws, layout, U, scale: float, l2norm: bool, facts: tuple, ptrs: tuple) -> None:
+    """`_prep_kernel`: G, T, P, W_k, (inverse norms) into the workspace, U."""
+    B, T, H, K = q.shape
+    V = v.shape[3]
+
+    def first():
+        G, Tinv, Pm, Wk, Rn = views(ws, layout, ("G", "Tinv", "Pm", "Wk", "Rn"))
+        meta = dict(H=H, K=K, V=V, BT=BT, BS=BS, BK=pow2(K), BV=pow2(V), L2NORM=l2norm, PREC=_prec(q),
+                    num_warps=CONFIG["prep_warps"], num_stages=1)  # fmt: skip
+        args = (q, k, v, g, beta, G, Tinv, Pm, Wk, U, Rn, scale, NORM_EPS, T)
+        return _prep_kernel, (cdiv(T, BT), B * H), args, meta
+
+    launch_keyed(("prep", *facts), first, ptrs, (scale, NORM_EPS, T))
+
+
+def _state_out(q, k, ws, layout, U, h0, o, ht, scale: float, use_h0: bool, save: bool, l2norm: bool,
+               facts: tuple, ptrs: tuple) -> None:  # fmt: skip
+    """`_state_out_kernel`: o, the final state (ht, when given), and when `save` W and the states."""
+    B, T, H, K = q.shape
+    V = o.shape[3]
+
+    def first():
+        G, Pm, Wk, Rn, hs, W = views(ws, layout, ("G", "Pm", "Wk", "Rn", "hs", "W"))
+        BV = pick_bv(V)
+        meta = dict(H=H, K=K, V=V, BT=BT, BK=pow2(K), BV=BV, USE_H0=use_h0, STORE_HT=ht is not None, SAVE=save,
+                    L2NORM=l2norm, PREC=_prec(q), num_warps=CONFIG["state_warps"],
+                    num_stages=num_stages("state", q))  # fmt: skip
+        args = (q, k, G, Pm, Wk, U, Rn, h0, o, G if ht is None else ht, hs, W, scale, T)  # G: ht not written
+        return _state_out_kernel, (cdiv(V, BV), B * H), args, meta
+
+    launch_keyed(("state_out", *facts), first, ptrs, (scale, T))

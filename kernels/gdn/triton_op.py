@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.common import cdiv
 from kernels.gdn.triton_bwd import chunk_bwd
-from kernels.gdn.triton_fwd import BT, chunk_fwd
+from kernels.gdn.triton_fwd import carve, chunk_fwd, saved_parts
 
 Tensor = torch.Tensor
 # bf16 and fp32 (exact "ieee" products, slow to compile) q/k/v; both checked on an H100 with Triton 3.6.
@@ -24,91 +23,97 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor) -> str | None:
     return None
 
 
-def _grads(saved: tuple[Tensor, ...], scale: float, has_h0: bool, l2norm: bool, do: Tensor, dht: Tensor | None):
-    q, k, v, g, beta, h0, G, Tinv, Pm, Wk, hs, W, Rn, o = saved
+def _grads(saved: tuple[Tensor, ...], scale: float, h0_dtype, l2norm: bool, do: Tensor, dht: Tensor | None):
+    """chunk_bwd on the saved (q, k, v, g, beta, workspace, o); dh0 in the initial state's dtype (None without)."""
+    q, k, v, g, beta, ws, o = saved
     dht = dht.contiguous() if dht is not None else None  # the gradient of S_T.sum() is a stride-0 expand
-    dq, dk, dv, dg, dbeta, dh0 = chunk_bwd(q, k, v, g, beta, scale, G, Tinv, Pm, Wk, hs, W, Rn, o,
-                                           do.contiguous(), dht, has_h0, l2norm)  # fmt: skip
-    return dq, dk, dv, dg, dbeta, (dh0.to(h0.dtype) if has_h0 else None)
+    dq, dk, dv, dg, dbeta, dh0 = chunk_bwd(q, k, v, g, beta, scale, ws, o, do.contiguous(), dht, h0_dtype is not None,
+                                           l2norm)  # fmt: skip
+    return dq, dk, dv, dg, dbeta, (dh0.to(h0_dtype) if dh0 is not None else None)
 
 
 class GatedDeltaRuleFunction(torch.autograd.Function):
-    """Eager-mode autograd wrapper of the forward (`chunk_fwd`) and backward (`chunk_bwd`) launchers; with
-    `l2norm` the raw q and k and the output are saved (the kernels normalize q and k)."""
+    """Eager-mode autograd wrapper of the forward (`chunk_fwd`) and backward (`chunk_bwd`) launchers: saves the
+    inputs and the forward's workspace; with `l2norm` (the kernels normalize q and k) the output too."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, l2norm):
         save = any(ctx.needs_input_grad)
-        outs = chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, save, l2norm)
-        o, ht, G, Tinv, Pm, Wk, hs, W, Rn = outs
+        o, ht, ws = chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, save, l2norm)
         if save:
-            ctx.save_for_backward(q, k, v, g, beta, initial_state, G, Tinv, Pm, Wk, hs, W, Rn, o if l2norm else None)
-        ctx.scale, ctx.has_h0, ctx.l2norm = scale, initial_state is not None, l2norm
-        return o, (ht if output_final_state else None)
+            ctx.save_for_backward(q, k, v, g, beta, ws, o if l2norm else None)
+        ctx.scale, ctx.l2norm = scale, l2norm
+        ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
+        return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        grads = _grads(ctx.saved_tensors, ctx.scale, ctx.has_h0, ctx.l2norm, do, dht)
+        grads = _grads(ctx.saved_tensors, ctx.scale, ctx.h0_dtype, ctx.l2norm, do, dht)
         return (*grads[:5], None, grads[5], None, None)
+
+
+# Function.apply's C implementation bound to GatedDeltaRuleFunction: outside functorch transforms the Python
+# `Function.apply` only adds a pytree pass over the arguments before calling it (about 10 us per call on the
+# H100 hosts, profiles/csa.md)
+_C_APPLY = (
+    torch._C._FunctionBase.__dict__["apply"].__get__(None, GatedDeltaRuleFunction)
+    if "apply" in getattr(torch._C, "_FunctionBase", object).__dict__
+    else GatedDeltaRuleFunction.apply
+)
 
 
 @torch.library.custom_op("hyla::gdn_chunk_fwd", mutates_args=())
 def _fwd_op(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float,
     initial_state: Tensor | None, output_final_state: bool, l2norm: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    outs = chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, True, l2norm)
-    return outs if l2norm else (*outs[:-1], q.new_empty(0, dtype=torch.float32))  # never the placeholder
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    o, ht, ws = chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, True, l2norm)
+    return o, (ht if ht is not None else q.new_empty(0, dtype=torch.float32)), ws
 
 
 @_fwd_op.register_fake
 def _(q, k, v, g, beta, scale, initial_state, output_final_state, l2norm):
     B, T, H, K = q.shape
     V = v.shape[-1]
-    NT = cdiv(T, BT)
-    f32 = torch.float32
-    ht = q.new_empty(B, H, K, V, dtype=f32) if output_final_state else q.new_empty(0, dtype=f32)
-    Rn = q.new_empty(B * H, 2, NT * BT, dtype=f32) if l2norm else q.new_empty(0, dtype=f32)
-    return (
-        torch.empty_like(v), ht,
-        q.new_empty(B * H, NT * BT, dtype=f32), q.new_empty(B * H, NT, BT, BT),
-        q.new_empty(B * H, NT, BT, BT), q.new_empty(B * H, NT * BT, K),
-        q.new_empty(B * H, NT, K, V), q.new_empty(B * H, NT * BT, V), Rn,
-    )  # fmt: skip
+    ht = q.new_empty(B, H, K, V, dtype=torch.float32) if output_final_state else q.new_empty(0, dtype=torch.float32)
+    size, _ = carve(saved_parts(B, T, H, K, V, q.dtype, l2norm, True))  # (saved_layout's cache: symbolic sizes)
+    return torch.empty_like(v), ht, q.new_empty(size, dtype=torch.uint8)
 
 
 @torch.library.custom_op("hyla::gdn_chunk_bwd", mutates_args=())
 def _bwd_op(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, h0: Tensor, G: Tensor, Tinv: Tensor, Pm: Tensor,
-    Wk: Tensor, hs: Tensor, W: Tensor, Rn: Tensor, o: Tensor, do: Tensor, dht: Tensor | None, scale: float,
-    has_h0: bool, l2norm: bool,
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, ws: Tensor, o: Tensor, do: Tensor,
+    dht: Tensor | None, scale: float, has_h0: bool, l2norm: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    saved = (q, k, v, g, beta, h0, G, Tinv, Pm, Wk, hs, W, Rn, o)
-    dq, dk, dv, dg, dbeta, dh0 = _grads(saved, scale, has_h0, l2norm, do, dht)
-    return dq, dk, dv, dg, dbeta, (dh0 if has_h0 else h0.new_empty(0))
+    dht = dht.contiguous() if dht is not None else None
+    dq, dk, dv, dg, dbeta, dh0 = chunk_bwd(q, k, v, g, beta, scale, ws, o, do.contiguous(), dht, has_h0, l2norm)
+    return dq, dk, dv, dg, dbeta, (dh0 if has_h0 else q.new_empty(0, dtype=torch.float32))
 
 
 @_bwd_op.register_fake
-def _(q, k, v, g, beta, h0, G, Tinv, Pm, Wk, hs, W, Rn, o, do, dht, scale, has_h0, l2norm):
+def _(q, k, v, g, beta, ws, o, do, dht, scale, has_h0, l2norm):
+    B, _, H, K = q.shape
+    dh0 = q.new_empty(B, H, K, v.shape[-1], dtype=torch.float32) if has_h0 else q.new_empty(0, dtype=torch.float32)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
-            torch.empty_like(beta), torch.empty_like(h0) if has_h0 else h0.new_empty(0))  # fmt: skip
+            torch.empty_like(beta), dh0)  # fmt: skip
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, g, beta, scale, initial_state, _, l2norm = inputs
-    h0 = initial_state if initial_state is not None else q.new_empty(0)
     o = output[0] if l2norm else q.new_empty(0)  # (9) in the backward takes <dO, O> for dq
-    ctx.save_for_backward(q, k, v, g, beta, h0, *output[2:], o)
-    ctx.mark_non_differentiable(*output[2:])
-    ctx.scale, ctx.has_h0, ctx.l2norm = scale, initial_state is not None, l2norm
+    ctx.save_for_backward(q, k, v, g, beta, output[2], o)
+    ctx.mark_non_differentiable(output[2])
+    ctx.scale, ctx.l2norm = scale, l2norm
+    ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
 
 
-def _backward(ctx, do, dht, *_):
+def _backward(ctx, do, dht, _):
     has_dht = dht is not None and dht.numel() > 0
     dq, dk, dv, dg, dbeta, dh0 = torch.ops.hyla.gdn_chunk_bwd(
-        *ctx.saved_tensors, do, dht if has_dht else None, ctx.scale, ctx.has_h0, ctx.l2norm
+        *ctx.saved_tensors, do, dht if has_dht else None, ctx.scale, ctx.h0_dtype is not None, ctx.l2norm
     )
-    return dq, dk, dv, dg, dbeta, None, (dh0 if ctx.has_h0 else None), None, None
+    dh0 = dh0.to(ctx.h0_dtype) if ctx.h0_dtype is not None else None
+    return dq, dk, dv, dg, dbeta, None, dh0, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -128,12 +133,13 @@ def triton_gated_delta_rule(
     """(o, final state or None) by the Triton kernels; inputs as `kernels.gdn.gated_delta_rule` takes them,
     validated there, with `unsupported_reason` None; `use_qk_l2norm` normalizes q and k inside the kernels
     (as `kernels.gdn.l2norm` does). Non-contiguous inputs are copied."""
-    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    q, k, v, g, beta = q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous()
     if initial_state is not None:
         initial_state = initial_state.contiguous()
     if torch.compiler.is_compiling():
-        o, ht, *_ = torch.ops.hyla.gdn_chunk_fwd(
+        o, ht, _ = torch.ops.hyla.gdn_chunk_fwd(
             q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm
         )
         return o, (ht if output_final_state else None)
-    return GatedDeltaRuleFunction.apply(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm)
+    apply = GatedDeltaRuleFunction.apply if torch._C._are_functorch_transforms_active() else _C_APPLY
+    return apply(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm)
