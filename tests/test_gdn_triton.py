@@ -153,6 +153,38 @@ def test_custom_op_autograd_matches_function(l2norm):
         assert torch.equal(a.grad, b.grad), name
 
 
+@interpreter_only
+@pytest.mark.parametrize("h0, l2norm", [(False, False), (True, True)], ids=["plain", "h0-l2norm"])
+def test_launch_addresses_match_first_call(monkeypatch, h0, l2norm):
+    """The addresses and scalars each launcher hands `launch_keyed` (its fast path: no tensors) are those of the
+    arguments of the tensor launch `first()` builds, in the kernel's order."""
+    from kernels.gdn import triton_bwd, triton_fwd
+
+    seen = []
+
+    def checked(key, first, addresses, scalars):
+        kernel, grid, args, meta = first()
+        n = len(addresses)
+        assert [a.data_ptr() for a in args[:n]] == list(addresses), key[0]
+        assert all(isinstance(a, torch.Tensor) for a in args[:n]) and tuple(args[n:]) == tuple(scalars), key[0]
+        assert [name for name in kernel.arg_names if name not in meta] == kernel.arg_names[: len(args)], key[0]
+        seen.append(key[0])
+        kernel[grid](*args, **meta)
+
+    monkeypatch.setattr(triton_fwd, "launch_keyed", checked)
+    monkeypatch.setattr(triton_bwd, "launch_keyed", checked)
+    xs = make_inputs(2, 70, 2, 16, 32, h0, raw_qk=l2norm)
+    norm = gdn.l2norm if l2norm else (lambda x: x)
+    (o, ht, grads), (ro, rht, rgrads) = run_both(
+        xs,
+        lambda q, k, v, g, b, h: triton_gated_delta_rule(q, k, v, g, b, 0.25, h, True, l2norm),
+        lambda q, k, v, g, b, h: reference.chunk_gated_delta_rule(norm(q), norm(k), v, g, b, 0.25, h, True),
+    )
+    assert seen == ["prep", "state_out", "bwd_state", "bwd_out", "bwd_wy"]
+    assert relerr(o, ro) < 1e-5 and relerr(ht, rht) < 1e-5
+    assert all(relerr(a, r) < 1e-5 for a, r in zip(grads, rgrads, strict=True) if r is not None)
+
+
 def test_bad_input_fails_before_launch():
     q, k, v, g, beta, _ = make_inputs(1, 8, 1, 16, 16, False)
     with pytest.raises(ValueError, match="not available"):
