@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import cdiv, launch_keyed
+from kernels.common import cdiv, fast_apply, launch_keyed
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -521,17 +521,9 @@ def csa_attention_triton(
     if torch.compiler.is_compiling():  # opaque ops in the graph
         return _csa_fwd_op(q, k, v, kc, vc, blend, window, stride, scale, save)[0]
     if save:
-        apply = _CSAFunction.apply if torch._C._are_functorch_transforms_active() else _C_APPLY
-        return apply(q, k, v, kc, vc, blend, window, stride, scale)
+        return _APPLY(q, k, v, kc, vc, blend, window, stride, scale)
     return csa_fwd(q, k, v, kc, vc, blend, window, stride, scale, False)[0]
 
 
 _DTYPES = set(SUPPORTED_DTYPES)
-# autograd.Function.apply's C implementation bound to _CSAFunction. Outside functorch transforms the Python
-# `Function.apply` only adds a pytree pass over the arguments (unwrapping dead functorch wrappers, which
-# plain tensors are not) before calling it: about 10 us per call on the H100 hosts (profiles/csa.md).
-_C_APPLY = (
-    torch._C._FunctionBase.__dict__["apply"].__get__(None, _CSAFunction)
-    if "apply" in getattr(torch._C, "_FunctionBase", object).__dict__
-    else _CSAFunction.apply
-)
+_APPLY = fast_apply(_CSAFunction)

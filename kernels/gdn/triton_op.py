@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.common import fast_apply
 from kernels.gdn.triton_bwd import chunk_bwd
 from kernels.gdn.triton_fwd import carve, chunk_fwd, saved_parts
 
@@ -52,14 +53,7 @@ class GatedDeltaRuleFunction(torch.autograd.Function):
         return (*grads[:5], None, grads[5], None, None)
 
 
-# Function.apply's C implementation bound to GatedDeltaRuleFunction: outside functorch transforms the Python
-# `Function.apply` only adds a pytree pass over the arguments before calling it (about 10 us per call on the
-# H100 hosts, profiles/csa.md)
-_C_APPLY = (
-    torch._C._FunctionBase.__dict__["apply"].__get__(None, GatedDeltaRuleFunction)
-    if "apply" in getattr(torch._C, "_FunctionBase", object).__dict__
-    else GatedDeltaRuleFunction.apply
-)
+_APPLY = fast_apply(GatedDeltaRuleFunction)
 
 
 @torch.library.custom_op("hyla::gdn_chunk_fwd", mutates_args=())
@@ -141,5 +135,4 @@ def triton_gated_delta_rule(
             q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm
         )
         return o, (ht if output_final_state else None)
-    apply = GatedDeltaRuleFunction.apply if torch._C._are_functorch_transforms_active() else _C_APPLY
-    return apply(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm)
+    return _APPLY(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm)
