@@ -1,4 +1,4 @@
-"""Shared test utilities: relative error, Triton compile-only checks for Hopper."""
+"""Shared test utilities: relative error, Triton compile-only checks for Hopper, a checked launch_keyed."""
 
 from __future__ import annotations
 
@@ -16,6 +16,25 @@ def relerr(out: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(out).all():
         return float("inf")
     return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def checking_launch_keyed(seen: list):
+    """A stand-in for `kernels.common.launch_keyed` that checks what a launcher hands the fast path (device
+    addresses and scalars, no tensors: a swapped or stale address would go unnoticed off the GPU) against the
+    tensor launch its `first()` builds: the addresses are those tensor arguments' data pointers and the scalars
+    the remaining arguments, in the kernel's parameter order. Appends each key's first element to `seen`, then
+    launches through Triton's front end."""
+
+    def checked(key, first, addresses, scalars):
+        kernel, grid, args, meta = first()
+        n = len(addresses)
+        assert [a.data_ptr() for a in args[:n]] == list(addresses), key[0]
+        assert all(isinstance(a, torch.Tensor) for a in args[:n]) and tuple(args[n:]) == tuple(scalars), key[0]
+        assert [name for name in kernel.arg_names if name not in meta] == kernel.arg_names[: len(args)], key[0]
+        seen.append(key[0])
+        kernel[grid](*args, **meta)
+
+    return checked
 
 
 def compile_for_hopper(kernel, signature: dict[str, str], constexprs: dict[str, object]):

@@ -13,7 +13,7 @@ import torch
 
 import kernels.csa as csa
 from kernels.csa import reference, triton_compress, triton_csa
-from tests.helpers import compile_for_hopper, relerr, run_without_interpreter
+from tests.helpers import checking_launch_keyed, compile_for_hopper, relerr, run_without_interpreter
 
 GRAD_NAMES = ("dq", "dk", "dv", "dkc", "dvc", "dblend")
 # Tests below that take no `device` run their kernels where they can: the GPU if there is one, else the
@@ -94,6 +94,22 @@ def test_small_tiles_interpreter(monkeypatch):
     monkeypatch.setitem(triton_csa.CONFIG, "bwd_dkv", {**dkv, "num_warps": 1, "num_stages": 1})
     xs = make_inputs(1, 150, 6, 2, 16, strided=True, seed=5)
     out, grads, ref, ref_grads = run_both(xs, triton_fn)
+    assert relerr(out, ref) < 1e-5
+    for name, g, r in zip(GRAD_NAMES, grads, ref_grads, strict=True):
+        assert grad_error(g, r) < 1e-5, name
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="interpreter check of the GPU fast path's arguments")
+def test_launch_addresses_match_first_call(monkeypatch):
+    """What each launcher hands `launch_keyed` (addresses into the workspaces, scalars) matches the tensor launch
+    `first()` builds, for the saving forward, both backward launches and the forward without grad."""
+    seen = []
+    monkeypatch.setattr(triton_csa, "launch_keyed", checking_launch_keyed(seen))
+    xs = make_inputs(2, 37, 6, 2, 16, seed=3)
+    out, grads, ref, ref_grads = run_both(xs, triton_fn)
+    with torch.no_grad():
+        triton_fn(*xs)
+    assert seen == ["fwd", "dq", "dkv", "fwd"]
     assert relerr(out, ref) < 1e-5
     for name, g, r in zip(GRAD_NAMES, grads, ref_grads, strict=True):
         assert grad_error(g, r) < 1e-5, name

@@ -18,7 +18,7 @@ import torch
 import kernels.gdn as gdn
 from kernels.gdn import reference
 from kernels.gdn.triton_op import triton_gated_delta_rule, unsupported_reason
-from tests.helpers import compile_for_hopper, relerr
+from tests.helpers import checking_launch_keyed, compile_for_hopper, relerr
 
 GRAD_NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
 # fp32 tests for the interpreter; on a GPU their exact-fp32 kernels take minutes to compile (they passed on an
@@ -161,16 +161,7 @@ def test_launch_addresses_match_first_call(monkeypatch, h0, l2norm):
     from kernels.gdn import triton_bwd, triton_fwd
 
     seen = []
-
-    def checked(key, first, addresses, scalars):
-        kernel, grid, args, meta = first()
-        n = len(addresses)
-        assert [a.data_ptr() for a in args[:n]] == list(addresses), key[0]
-        assert all(isinstance(a, torch.Tensor) for a in args[:n]) and tuple(args[n:]) == tuple(scalars), key[0]
-        assert [name for name in kernel.arg_names if name not in meta] == kernel.arg_names[: len(args)], key[0]
-        seen.append(key[0])
-        kernel[grid](*args, **meta)
-
+    checked = checking_launch_keyed(seen)
     monkeypatch.setattr(triton_fwd, "launch_keyed", checked)
     monkeypatch.setattr(triton_bwd, "launch_keyed", checked)
     xs = make_inputs(2, 70, 2, 16, 32, h0, raw_qk=l2norm)

@@ -13,7 +13,7 @@ packed rows and runs two online softmaxes with separate normalizers:
     o     = local + blend * (comp - local)                                                     (3)
 
 Nothing of size T x T or T x T/stride exists; the forward saves dcl = comp - local and the two log2-sum-exps
-(in one buffer: `saved_views`).
+(in one buffer: `_saved_layout`).
 Every tensor is contiguous, so the kernels take no strides: row offsets come from T and the constexpr
 head counts and head dim. The forward and dq programs of one (batch, KV head) start one after the other,
 costliest row block first (`_row_block`): the programs in flight together then read the K/V tiles of a
@@ -30,13 +30,14 @@ Backward (two launches):
                query blocks that see it; dV = P^T dX, dK = scale dS^T Q. No atomics: deterministic.
 """
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.common import cdiv, fast_apply, launch_keyed
+from kernels.common import addresses, carve, cdiv, fast_apply, launch_keyed, views
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -337,25 +338,26 @@ def csa_fwd(
     blend: torch.Tensor, window: int, stride: int, scale: float, save: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the forward on contiguous inputs (k, v, kc, vc in q's dtype); returns o [B, T, H, D] and, when
-    `save`, the bytes the backward reads (`saved_views`: dcl = comp - local, then the two log2-sum-exps), else
-    None. One buffer for both: an allocation costs microseconds of the host time a small step is made of."""
+    `save`, the bytes the backward reads (`_saved_layout`: dcl = comp - local, then the two log2-sum-exps),
+    else None. One buffer for both: an allocation costs microseconds of the host time a small step is made of."""
     B, T, H, D = q.shape
     Hkv, Tc = k.shape[2], kc.shape[1]
     o = torch.empty_like(q)
-    ws = torch.empty(_nbytes(q) + 8 * B * H * T, dtype=torch.uint8, device=q.device) if save else None
+    size, saved, offsets = _saved_layout(B, T, H, D, q.dtype)
+    ws = torch.empty(size, dtype=torch.uint8, device=q.device) if save else None
     o_ptr = o.data_ptr()
     # without `save` the kernel touches neither DCL nor LSE: o's address stands in for both
-    dcl_ptr, lse_ptr = (ws.data_ptr(), ws.data_ptr() + _nbytes(q)) if save else (o_ptr, o_ptr)
+    dcl_ptr, lse_ptr = addresses(ws, offsets) if save else (o_ptr, o_ptr)
     cfg = CONFIG["fwd"]
 
     def first():  # the launch with tensors, for Triton's front end (a new key, CPU tensors)
-        dcl, lse = saved_views(ws, q) if save else (o, o)
+        dcl, lse = views(ws, saved, SAVED) if save else (o, o)
         grid = (B * Hkv, cdiv(T * H // Hkv, cfg["BLOCK_M"]), 1)
         meta = dict(H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window, SAVE=save, **cfg)
         return _csa_fwd, grid, (q, k, v, kc, vc, blend, o, dcl, lse, T, Tc, scale * LOG2E), meta
 
-    addresses = (*map(torch.Tensor.data_ptr, (q, k, v, kc, vc, blend)), o_ptr, dcl_ptr, lse_ptr)
-    launch_keyed(("fwd", save, *_facts(q, k, v, kc, vc, blend, window, stride), *cfg.items()), first, addresses,
+    ptrs = (*map(torch.Tensor.data_ptr, (q, k, v, kc, vc, blend)), o_ptr, dcl_ptr, lse_ptr)
+    launch_keyed(("fwd", save, *_facts(q, k, v, kc, vc, blend, window, stride), *cfg.items()), first, ptrs,
                  (T, Tc, scale * LOG2E))
     return o, ws
 
@@ -372,49 +374,59 @@ def csa_bwd(
     cfg_dq, cfg_dkv = CONFIG["bwd_dq"], CONFIG["bwd_dkv"]
     facts = (*_facts(q, k, v, kc, vc, blend, window, stride), do.dtype)
     dq, dblend = torch.empty_like(q), torch.empty_like(blend)
-    # dX [B, T, H, 2, D] (dC = blend dO, dL = dO - dC, for the key-block launch), then delta [B, H, 2, T] fp32
-    n_dx = 2 * _nbytes(q)
-    tmp = torch.empty(n_dx + 8 * B * H * T, dtype=torch.uint8, device=q.device)
-    dcl_ptr, dx_ptr = ws.data_ptr(), tmp.data_ptr()
-    lse_ptr, delta_ptr = dcl_ptr + _nbytes(q), dx_ptr + n_dx
+    _, saved, offsets = _saved_layout(B, T, H, D, q.dtype)
+    size, temp, tmp_offsets = _temp_layout(B, T, H, D, q.dtype)
+    tmp = torch.empty(size, dtype=torch.uint8, device=q.device)
+    dcl_ptr, lse_ptr = addresses(ws, offsets)
+    dx_ptr, delta_ptr = addresses(tmp, tmp_offsets)
     q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr = map(torch.Tensor.data_ptr, (q, k, v, kc, vc))
     scalars = (T, Tc, scale * LOG2E, scale)
 
     def first():
-        dcl, lse = saved_views(ws, q)
-        dx = tmp[:n_dx].view(q.dtype).view(B, T, H, 2, D)
-        delta = tmp[n_dx:].view(torch.float32).view(B, H, 2, T)
+        (dcl, lse), (dx, delta) = views(ws, saved, SAVED), views(tmp, temp, TEMP)
         grid = (B * Hkv, cdiv(T * H // Hkv, cfg_dq["BLOCK_M"]), 1)
         meta = dict(H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window, **cfg_dq)
         return _csa_bwd_dq, grid, (q, k, v, kc, vc, blend, o, dcl, do, lse, dq, dblend, dx, delta, *scalars), meta
 
-    addresses = (q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, blend.data_ptr(), o.data_ptr(), dcl_ptr, do.data_ptr(), lse_ptr,
+    ptrs = (q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, blend.data_ptr(), o.data_ptr(), dcl_ptr, do.data_ptr(), lse_ptr,
                  dq.data_ptr(), dblend.data_ptr(), dx_ptr, delta_ptr)
-    launch_keyed(("dq", *facts, *cfg_dq.items()), first, addresses, scalars)
+    launch_keyed(("dq", *facts, *cfg_dq.items()), first, ptrs, scalars)
     dk, dv, dkc, dvc = torch.empty_like(k), torch.empty_like(v), torch.empty_like(kc), torch.empty_like(vc)
 
     def first():
-        dx = tmp[:n_dx].view(q.dtype).view(B, T, H, 2, D)
-        lse, delta = saved_views(ws, q)[1], tmp[n_dx:].view(torch.float32).view(B, H, 2, T)
+        (_, lse), (dx, delta) = views(ws, saved, SAVED), views(tmp, temp, TEMP)
         grid = (B * Hkv, cdiv(Tc, cfg_dkv["BLOCK_N"]) + cdiv(T, cfg_dkv["BLOCK_NR"]), 1)  # compressed, then raw
         meta = dict(H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window, **cfg_dkv)
         return _csa_bwd_dkv, grid, (q, kc, vc, k, v, dx, lse, delta, dkc, dvc, dk, dv, *scalars), meta
 
-    addresses = (q_ptr, kc_ptr, vc_ptr, k_ptr, v_ptr, dx_ptr, lse_ptr, delta_ptr,
+    ptrs = (q_ptr, kc_ptr, vc_ptr, k_ptr, v_ptr, dx_ptr, lse_ptr, delta_ptr,
                  *map(torch.Tensor.data_ptr, (dkc, dvc, dk, dv)))
-    launch_keyed(("dkv", *facts, *cfg_dkv.items()), first, addresses, scalars)
+    launch_keyed(("dkv", *facts, *cfg_dkv.items()), first, ptrs, scalars)
     return dq, dk, dv, dkc, dvc, dblend
 
 
-def saved_views(ws: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward's saved bytes as dcl [B, T, H, D] (q's dtype) and the log2-sum-exps [B, H, 2, T] (fp32;
-    compressed path first, +inf for rows without a visible compressed block)."""
-    B, T, H, D = q.shape
-    return ws[: _nbytes(q)].view(q.dtype).view(q.shape), ws[_nbytes(q) :].view(torch.float32).view(B, H, 2, T)
+SAVED, TEMP = ("dcl", "lse"), ("dx", "delta")  # the forward's saved workspace, the backward's temporaries
 
 
-def _nbytes(x: torch.Tensor) -> int:
-    return x.numel() * x.element_size()
+def _saved_parts(B: int, T: int, H: int, D: int, dtype: torch.dtype) -> list:
+    """The forward's saved arrays for `carve`: dcl [B, T, H, D] (q's dtype), then the two log2-sum-exps
+    [B, H, 2, T] (fp32; compressed path first, +inf for rows without a visible compressed block)."""
+    return [("dcl", dtype, (B, T, H, D)), ("lse", torch.float32, (B, H, 2, T))]
+
+
+@functools.lru_cache(maxsize=256)
+def _saved_layout(B: int, T: int, H: int, D: int, dtype: torch.dtype) -> tuple:
+    """`carve(_saved_parts(...))` and the offsets of SAVED, per shape."""
+    size, layout = carve(_saved_parts(B, T, H, D, dtype))
+    return size, layout, tuple(layout[n][0] for n in SAVED)
+
+
+@functools.lru_cache(maxsize=256)
+def _temp_layout(B: int, T: int, H: int, D: int, dtype: torch.dtype) -> tuple:
+    """The backward's temporaries (`carve`) and their offsets in TEMP's order: dX [B, T, H, 2, D] (dC = blend dO,
+    dL = dO - dC, for the key-block launch), then delta [B, H, 2, T] (fp32)."""
+    size, layout = carve([("dx", dtype, (B, T, H, 2, D)), ("delta", torch.float32, (B, H, 2, T))])
+    return size, layout, tuple(layout[n][0] for n in TEMP)
 
 
 def _facts(q, k, v, kc, vc, blend, window: int, stride: int) -> tuple:
@@ -437,9 +449,8 @@ def _csa_fwd_op(
 
 @_csa_fwd_op.register_fake
 def _(q, k, v, kc, vc, blend, window, stride, scale, save):
-    B, T, H, D = q.shape
-    n = _nbytes(q) + 8 * B * H * T if save else 0
-    return torch.empty_like(q), q.new_empty(n, dtype=torch.uint8)
+    size = carve(_saved_parts(*q.shape, q.dtype))[0] if save else 0  # (not the cached layout: symbolic sizes)
+    return torch.empty_like(q), q.new_empty(size, dtype=torch.uint8)
 
 
 @torch.library.custom_op("hyla::csa_bwd", mutates_args=())

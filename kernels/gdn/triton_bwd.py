@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import cdiv, launch_keyed
+from kernels.common import addresses, carve, cdiv, launch_keyed, placeholder, views
 from kernels.gdn.triton_fwd import (
     BT,
     CONFIG,
@@ -51,15 +51,11 @@ from kernels.gdn.triton_fwd import (
     _store_io,
     _store_state,
     _tile_offsets,
-    addresses,
-    carve,
     num_stages,
     op_facts,
     pick_bv,
-    placeholder,
     pow2,
     saved_layout,
-    views,
 )
 
 
@@ -253,9 +249,11 @@ def chunk_bwd(
     l2norm: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Backward launches on the forward's inputs and workspace `ws` (`saved_layout` with `save`: G, T, P, W_k,
-    the states, W and, used when `l2norm`, the inverse norms of q and k; the output o too when `l2norm`), with
-    contiguous do and dht. Returns (dq, dk, dv, dg, dbeta, dh0): dh0 [B, H, K, V] fp32 when `need_dh0`, else
+    the states, W and, used when `l2norm`, the inverse norms of q and k; the output o too when `l2norm`), do and
+    dht in any layout. Returns (dq, dk, dv, dg, dbeta, dh0): dh0 [B, H, K, V] fp32 when `need_dh0`, else
     None."""
+    do = do.contiguous()
+    dht = dht.contiguous() if dht is not None else None  # the gradient of S_T.sum() is a stride-0 expand
     B, T, H, K = q.shape
     V = v.shape[3]
     dev, dt, scale = q.device, q.dtype, float(scale)

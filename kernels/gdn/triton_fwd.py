@@ -22,13 +22,12 @@ buffers are head-major and padded to whole chunks, [B*H, NT*BT, D], so their til
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.common import cdiv, launch_keyed
+from kernels.common import addresses, carve, cdiv, launch_keyed, placeholder, views
 
 BT = 64  # chunk length
 BS = 16  # diagonal block of the triangular solve
@@ -329,49 +328,6 @@ def num_stages(kind: str, x: torch.Tensor) -> int:
 def pick_bv(V: int) -> int:
     """V block of the sequential kernels."""
     return min(CONFIG["state_bv"], pow2(V))
-
-
-def placeholder(device: torch.device) -> torch.Tensor:
-    """An empty fp32 tensor for a pointer argument that a kernel does not touch (no initial state, ...): one
-    per device, reused; never returned to a caller."""
-    t = _PLACEHOLDERS.get(device)
-    if t is None:
-        t = _PLACEHOLDERS[device] = torch.empty(0, device=device)
-    return t
-
-
-_PLACEHOLDERS: dict[torch.device, torch.Tensor] = {}
-
-
-def carve(parts: list[tuple[str, torch.dtype, tuple]]) -> tuple[int, dict[str, tuple[int, torch.dtype, tuple]]]:
-    """Arrays (name, dtype, shape) placed one after another in one uint8 workspace, each at a 16-byte boundary
-    (Triton specializes pointers on that alignment, which every array then keeps): (total bytes, name ->
-    (byte offset, dtype, shape)). One allocation instead of one per array: each costs microseconds of host
-    time, and at small batches the op is host-bound."""
-    size, layout = 0, {}
-    for name, dtype, shape in parts:
-        layout[name] = (size, dtype, shape)
-        size += -(-math.prod(shape) * dtype.itemsize // 16) * 16
-    return size, layout
-
-
-def views(ws: torch.Tensor, layout: dict, names: tuple[str, ...]) -> list[torch.Tensor]:
-    """Typed views of the arrays `names` that `carve` placed in ws (the placeholder for one it did not): made
-    only for Triton's front end, on a launch with a new key; the other launches pass addresses."""
-    out = []
-    for name in names:
-        if name not in layout:
-            out.append(placeholder(ws.device))
-            continue
-        off, dtype, shape = layout[name]
-        out.append(ws[off : off + math.prod(shape) * dtype.itemsize].view(dtype).view(shape))
-    return out
-
-
-def addresses(ws: torch.Tensor, offsets: tuple[int | None, ...]) -> list[int]:
-    """Device addresses of `carve`'s arrays at `offsets` (None: the placeholder's address)."""
-    base, none = ws.data_ptr(), placeholder(ws.device).data_ptr()
-    return [none if off is None else base + off for off in offsets]
 
 
 SAVED = ("G", "Tinv", "Pm", "Wk", "Rn", "W", "hs")  # the forward's workspace, `saved_layout`

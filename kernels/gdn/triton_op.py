@@ -24,15 +24,6 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor) -> str | None:
     return None
 
 
-def _grads(saved: tuple[Tensor, ...], scale: float, h0_dtype, l2norm: bool, do: Tensor, dht: Tensor | None):
-    """chunk_bwd on the saved (q, k, v, g, beta, workspace, o); dh0 in the initial state's dtype (None without)."""
-    q, k, v, g, beta, ws, o = saved
-    dht = dht.contiguous() if dht is not None else None  # the gradient of S_T.sum() is a stride-0 expand
-    dq, dk, dv, dg, dbeta, dh0 = chunk_bwd(q, k, v, g, beta, scale, ws, o, do.contiguous(), dht, h0_dtype is not None,
-                                           l2norm)  # fmt: skip
-    return dq, dk, dv, dg, dbeta, (dh0.to(h0_dtype) if dh0 is not None else None)
-
-
 class GatedDeltaRuleFunction(torch.autograd.Function):
     """Eager-mode autograd wrapper of the forward (`chunk_fwd`) and backward (`chunk_bwd`) launchers: saves the
     inputs and the forward's workspace; with `l2norm` (the kernels normalize q and k) the output too."""
@@ -49,8 +40,10 @@ class GatedDeltaRuleFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        grads = _grads(ctx.saved_tensors, ctx.scale, ctx.h0_dtype, ctx.l2norm, do, dht)
-        return (*grads[:5], None, grads[5], None, None)
+        q, k, v, g, beta, ws, o = ctx.saved_tensors
+        dq, dk, dv, dg, dbeta, dh0 = chunk_bwd(q, k, v, g, beta, ctx.scale, ws, o, do, dht, ctx.h0_dtype is not None,
+                                               ctx.l2norm)  # fmt: skip
+        return dq, dk, dv, dg, dbeta, None, (dh0.to(ctx.h0_dtype) if dh0 is not None else None), None, None
 
 
 _APPLY = fast_apply(GatedDeltaRuleFunction)
@@ -79,8 +72,7 @@ def _bwd_op(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, ws: Tensor, o: Tensor, do: Tensor,
     dht: Tensor | None, scale: float, has_h0: bool, l2norm: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    dht = dht.contiguous() if dht is not None else None
-    dq, dk, dv, dg, dbeta, dh0 = chunk_bwd(q, k, v, g, beta, scale, ws, o, do.contiguous(), dht, has_h0, l2norm)
+    dq, dk, dv, dg, dbeta, dh0 = chunk_bwd(q, k, v, g, beta, scale, ws, o, do, dht, has_h0, l2norm)
     return dq, dk, dv, dg, dbeta, (dh0 if has_h0 else q.new_empty(0, dtype=torch.float32))
 
 
