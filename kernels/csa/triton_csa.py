@@ -389,7 +389,7 @@ def csa_bwd(
         return _csa_bwd_dq, grid, (q, k, v, kc, vc, blend, o, dcl, do, lse, dq, dblend, dx, delta, *scalars), meta
 
     ptrs = (q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, blend.data_ptr(), o.data_ptr(), dcl_ptr, do.data_ptr(), lse_ptr,
-                 dq.data_ptr(), dblend.data_ptr(), dx_ptr, delta_ptr)
+            dq.data_ptr(), dblend.data_ptr(), dx_ptr, delta_ptr)
     launch_keyed(("dq", *facts, *cfg_dq.items()), first, ptrs, scalars)
     dk, dv, dkc, dvc = torch.empty_like(k), torch.empty_like(v), torch.empty_like(kc), torch.empty_like(vc)
 
@@ -400,7 +400,7 @@ def csa_bwd(
         return _csa_bwd_dkv, grid, (q, kc, vc, k, v, dx, lse, delta, dkc, dvc, dk, dv, *scalars), meta
 
     ptrs = (q_ptr, kc_ptr, vc_ptr, k_ptr, v_ptr, dx_ptr, lse_ptr, delta_ptr,
-                 *map(torch.Tensor.data_ptr, (dkc, dvc, dk, dv)))
+            *map(torch.Tensor.data_ptr, (dkc, dvc, dk, dv)))
     launch_keyed(("dkv", *facts, *cfg_dkv.items()), first, ptrs, scalars)
     return dq, dk, dv, dkc, dvc, dblend
 
