@@ -244,11 +244,11 @@ def compile_all_for_hopper(D: int, l2norm: bool) -> list[str]:
     import triton
 
     from kernels.gdn import triton_bwd, triton_fwd
-    from kernels.gdn.triton_fwd import BS, BT, pick_bv
+    from kernels.gdn.triton_fwd import BT, pick_bv
 
     base = dict(H=9, K=D, V=D, BT=BT, BK=triton.next_power_of_2(D), L2NORM=l2norm, PREC="tf32")
     specs = [
-        (triton_fwd._prep_kernel, dict(base, BS=BS, BV=triton.next_power_of_2(D))),
+        (triton_fwd._prep_kernel, dict(base, BV=triton.next_power_of_2(D))),
         (triton_fwd._state_out_kernel, dict(base, BV=pick_bv(D), USE_H0=True, STORE_HT=True, SAVE=True)),
         (triton_bwd._bwd_state_kernel, dict(base, BV=pick_bv(D), USE_DHT=True, STORE_DH0=True)),
         (triton_bwd._bwd_out_kernel, dict(base, BKH=64, BV=triton_bwd.pick_bv_chunk("out", D))),

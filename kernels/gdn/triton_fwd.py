@@ -2,15 +2,15 @@
 
 Notation and equations (3)-(5) are those of `reference.chunk_gated_delta_rule`.
 
-1. `_prep_kernel`, one program per (chunk, head), all independent: the cumulative gate G, the strictly
-   lower A of (3), T = (I + A)^-1, and the WY factors U = T diag(beta) V, W_k = T diag(beta e^G) K.
+1. `_prep_kernel`, one program per (chunk, head), all independent: the cumulative gate G, P of (4), the
+   strictly lower A of (3), T = (I + A)^-1, and the WY factors U = T diag(beta) V, W_k = T diag(beta e^G) K.
    With the optional q/k L2 norm it also saves each row's r = (|x|^2 + eps)^-1/2 of q and k (fp32).
    q_hat = diag(r_q) Q and k_hat = diag(r_k) K are never formed: every kernel (forward and backward) keeps
    the raw q, k tiles as matmul operands and applies r to the fp32 factors around them (row scales of the
    products, or of the elementwise factors the tiles already get), so only the raw q and k are saved.
-   T is built from fp32 inverses of the 16x16 diagonal blocks (by doubling) merged in one step:
-   with D = (I + A_diag)^-1 and N = D A_off (strictly block lower, so N^4 = 0),
-       (I + A)^-1 = (I + N)^-1 D = (I - N)(I + N^2) D.                                      (6)
+   T is formed by doubling: N = -A is strictly lower, so N^BT = 0 and
+       (I + A)^-1 = I + N + N^2 + ... + N^(BT-1) = (I + N)(I + N^2)(I + N^4) ... (I + N^(BT/2)),   (6)
+   2 log2(BT) - 2 = 10 [BT, BT] products on the tensor cores (tf32 for 2-byte inputs).
    The forward uses T in fp32; the backward gets it rounded to the input dtype (bf16: half the bytes).
 2. `_state_out_kernel`, one program per (head, V block), sequential over chunks: W = U - W_k S,
    the output (4) and the state update (5); it also saves S per chunk and W for the backward.
@@ -30,7 +30,6 @@ import triton.language as tl
 from kernels.common import addresses, carve, cdiv, launch_keyed, placeholder, views
 
 BT = 64  # chunk length
-BS = 16  # diagonal block of the triangular solve
 NORM_EPS = 1e-6  # of the q/k L2 norm, as `kernels.gdn.l2norm`
 # Launch configuration (H100, K = V = 112 / 128, from interleaved sweeps): warps, software-pipeline stages and
 # V block of the sequential kernels (forward and backward: "state"), of the prep kernel and of the backward's
@@ -39,9 +38,11 @@ NORM_EPS = 1e-6  # of the q/k L2 norm, as `kernels.gdn.l2norm`
 # address (another operand order) on the H100; with bf16 tiles 3 stages beat 2 in every kernel with a loop,
 # e.g. bwd_state 478 -> 380 us at B64 (~200 KB of shared memory; see `num_stages` for fp32). The chunk kernels
 # part ways: bwd_out gains from a V block of 64 (614 -> 569 us at B64) where bwd_wy loses (556 -> 803), and
-# bwd_wy from a 4th stage (556 -> 530) where bwd_out loses with the L2 norm (877 -> 891).
-CONFIG = dict(prep_warps=4, state_bv=64, state_warps=4, state_stages=3, out_bv=64, out_stages=3, wy_bv=32,
-              wy_stages=4, chunk_warps=4)  # fmt: skip
+# bwd_wy from a 4th stage (556 -> 530) where bwd_out loses with the L2 norm (877 -> 891). prep has no loop and is
+# latency-bound: capped at 168 registers it runs 3 programs per SM instead of 2 (it needs 176; ptxas spills 46-54
+# B), with the doubling inverse 524 -> 399 us at B64.
+CONFIG = dict(prep_warps=4, prep_maxnreg=168, state_bv=64, state_warps=4, state_stages=3, out_bv=64, out_stages=3,
+              wy_bv=32, wy_stages=4, chunk_warps=4)  # fmt: skip
 
 
 @triton.jit
@@ -193,43 +194,24 @@ def _dot_f32_lowp(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def _unit_lower_inverse(A, k, rk, b, Gc, BS: tl.constexpr, PREC: tl.constexpr):
-    """T = (I + A)^-1 for the strictly lower A of (3), [BT, BT] fp32 (k, rk, b, Gc: the chunk's raw keys,
-    their inverse norms, beta, G).
-
-    The diagonal BS x BS blocks A_d are recomputed from k as one batched product and inverted exactly in fp32
-    by doubling: with N = -A_d (nilpotent, N^16 = 0), (I - N)^-1 = (I + N)(I + N^2)(I + N^4)(I + N^8).
-    The blocks are then merged by (6)."""
+def _unit_lower_inverse(A, PREC: tl.constexpr):
+    """T = (I + A)^-1 for the strictly lower A of (3), [BT, BT] fp32, by the doubling (6): log2(BT) - 1 steps
+    N <- N^2, X <- X (I + N) from N = -A, X = I + N."""
     BT: tl.constexpr = A.shape[0]
-    NB: tl.constexpr = BT // BS
-    kr = tl.reshape(k, [NB, BS, k.shape[1]])
-    Ad = tl.dot(kr, tl.permute(kr, (0, 2, 1)), input_precision=PREC)
-    Gr, br, rr = tl.reshape(Gc, [NB, BS]), tl.reshape(b, [NB, BS]), tl.reshape(rk, [NB, BS])
-    s = tl.arange(0, BS)
-    lower = (s[:, None] > s[None, :])[None, :, :]
-    Ad = (br * rr)[:, :, None] * Ad * rr[:, None, :]
-    Ad *= tl.exp(tl.where(lower, Gr[:, :, None] - Gr[:, None, :], float("-inf")))
-    N = -Ad
-    X = tl.where((s[:, None] == s[None, :])[None, :, :], 1.0, 0.0) + N
-    for _ in tl.static_range(3):
-        N = tl.dot(N, N, input_precision="ieee")
-        X += tl.dot(X, N, input_precision="ieee")
-    # block-diagonal D = (I + A_diag)^-1 as a [BT, BT] tile, then (6) with N = D A_off
-    i = tl.arange(0, NB)
-    same = i[:, None, None, None] == i[None, None, :, None]
-    D = tl.reshape(tl.where(same, tl.broadcast_to(X[:, :, None, :], [NB, BS, NB, BS]), 0.0), [BT, BT])
-    blk = tl.arange(0, BT) // BS
-    N = tl.dot(D, tl.where(blk[:, None] > blk[None, :], A, 0.0), input_precision=PREC)
-    N2 = tl.dot(N, N, input_precision=PREC)
-    eye = tl.where(tl.arange(0, BT)[:, None] == tl.arange(0, BT)[None, :], 1.0, 0.0)
-    return tl.dot(eye - N + N2 - tl.dot(N, N2, input_precision=PREC), D, input_precision=PREC)
+    r = tl.arange(0, BT)
+    N = -A
+    X = tl.where(r[:, None] == r[None, :], 1.0, 0.0) + N
+    for _ in tl.static_range(tl.constexpr(BT).value.bit_length() - 2):  # log2(BT) - 1, compiled or interpreted
+        N = tl.dot(N, N, input_precision=PREC)
+        X = tl.dot(X, N, X, input_precision=PREC)
+    return X
 
 
 @triton.jit
 def _prep_kernel(
     q, k, v, g, beta, G, Tinv, Pm, Wk, U, Rn, scale, eps, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, L2NORM: tl.constexpr, PREC: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    L2NORM: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     n, bh = tl.program_id(0), tl.program_id(1)
     NT = tl.cdiv(T, BT)
@@ -241,20 +223,22 @@ def _prep_kernel(
     tl.store(G + bh.to(tl.int64) * Tp + t0 + r, Gc)
     b = _rows(beta, bh, t0, T, H, BT)
     kb = _load_io(k, bh, t0, T, H, K, BT, BK)
-    # (3): A_ij = beta_i exp(G_i - G_j) k_i . k_j for j < i (bf16 products are exact in the fp32 accumulator);
+    qb = _load_io(q, bh, t0, T, H, K, BT, BK)
     # with the norm, |k_i|^2 is the diagonal of K K^T (fewer registers than a sum over the fp32 k tile)
     KK = tl.dot(kb, tl.trans(kb), input_precision=PREC)
     rk = _inverse_norm(tl.sum(tl.where(r[:, None] == r[None, :], KK, 0.0), 1), Rn, bh, 1, t0, Tp, eps, L2NORM)
-    A = (b * rk)[:, None] * KK * rk[None, :] * _decay(Gc, False)
-    Tm = _unit_lower_inverse(A, kb, rk, b, Gc, BS, PREC)
-    p_tile = _tile_offsets(bh, n, NT, BT)
-    tl.store(Tinv + p_tile, Tm.to(Tinv.dtype.element_ty))  # saved in the input dtype, for the backward
-    # P = scale (Q K^T * Gamma) of (4), used by both sequential kernels
-    qb = _load_io(q, bh, t0, T, H, K, BT, BK)
     qf = qb.to(tl.float32)
     rq = _inverse_norm(tl.sum(qf * qf, 1), Rn, bh, 0, t0, Tp, eps, L2NORM)
-    P = (scale * rq)[:, None] * tl.dot(qb, tl.trans(kb), input_precision=PREC) * rk[None, :] * _decay(Gc, True)
+    # P = scale (Q K^T * Gamma) of (4), used by both sequential kernels, stored before the inverse: its Gamma
+    # (j <= i) serves A too, and nothing of it stays live across the inverse (176 registers instead of 255)
+    gam = _decay(Gc, True)
+    P = (scale * rq)[:, None] * tl.dot(qb, tl.trans(kb), input_precision=PREC) * rk[None, :] * gam
+    p_tile = _tile_offsets(bh, n, NT, BT)
     tl.store(Pm + p_tile, P.to(Pm.dtype.element_ty))
+    # (3): A_ij = beta_i exp(G_i - G_j) k_i . k_j for j < i (bf16 products are exact in the fp32 accumulator)
+    A = tl.where(r[:, None] > r[None, :], (b * rk)[:, None] * KK * rk[None, :] * gam, 0.0)
+    Tm = _unit_lower_inverse(A, PREC)
+    tl.store(Tinv + p_tile, Tm.to(Tinv.dtype.element_ty))  # saved in the input dtype, for the backward
 
     # WY factors: U = T diag(beta) V, W_k = T diag(beta e^G) K
     vb = _load_io(v, bh, t0, T, H, V, BT, BV)
@@ -401,8 +385,8 @@ def _prep(q, k, v, g, beta, ws, layout, U, scale: float, l2norm: bool, facts: tu
 
     def first():
         G, Tinv, Pm, Wk, Rn = views(ws, layout, ("G", "Tinv", "Pm", "Wk", "Rn"))
-        meta = dict(H=H, K=K, V=V, BT=BT, BS=BS, BK=pow2(K), BV=pow2(V), L2NORM=l2norm, PREC=_prec(q),
-                    num_warps=CONFIG["prep_warps"], num_stages=1)  # fmt: skip
+        meta = dict(H=H, K=K, V=V, BT=BT, BK=pow2(K), BV=pow2(V), L2NORM=l2norm, PREC=_prec(q),
+                    num_warps=CONFIG["prep_warps"], num_stages=1, maxnreg=CONFIG["prep_maxnreg"])  # fmt: skip
         args = (q, k, v, g, beta, G, Tinv, Pm, Wk, U, Rn, scale, NORM_EPS, T)
         return _prep_kernel, (cdiv(T, BT), B * H), args, meta
 
