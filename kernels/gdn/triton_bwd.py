@@ -13,8 +13,8 @@ K_d = diag(e^{G_C - G}) K (equations (3)-(5) of `reference.chunk_gated_delta_rul
 3. `_bwd_wy_kernel`, one program per (chunk, head): dv, dbeta and the rest of dk and dG through the WY
    factors and (3), with dU = dW, dW_k = -dW S^T, dT = dU (diag(beta) V)^T + dW_k (diag(beta e^G) K)^T and
    dA = -(T^T dT T^T) on the strictly lower part (T = (I + A)^-1, saved in the input dtype: with bf16, its
-   products take the fp32 factors rounded to bf16; split in two bf16 terms (`triton_fwd._dot_f32_lowp`)
-   they took 46 us more at B64 on an H100 for gradients' errors at most 1.3% lower); dg is the reversed
+   products take the fp32 factors rounded to bf16; split in two bf16 terms, x = hi + lo, they took 46 us
+   more at B64 on an H100 for gradients' errors at most 1.3% lower); dg is the reversed
    in-chunk cumulative sum of dG. Two chunk kernels instead of one keep each under the register file (fewer
    live accumulators; one kernel doing both per chunk spilled and took 1402 us at B64 against 567 + 525).
 
