@@ -10,10 +10,11 @@ Notation and equations (3)-(5) are those of `reference.chunk_gated_delta_rule`.
    products, or of the elementwise factors the tiles already get), so only the raw q and k are saved.
    T is formed by doubling: N = -A is strictly lower, so N^BT = 0 and
        (I + A)^-1 = I + N + N^2 + ... + N^(BT-1) = (I + N)(I + N^2)(I + N^4) ... (I + N^(BT/2)),   (6)
-   2 log2(BT) - 2 = 10 [BT, BT] products on the tensor cores (tf32 for 2-byte inputs). U and W_k take
-   T diag(...) rounded to the input dtype, one tensor-core product each (as flash-linear-attention; its two-term
-   bf16 split cost 25 us more at B64 on an H100 for errors 0.2% lower); the backward gets T itself rounded to
-   the input dtype (bf16: half the bytes).
+   2 log2(BT) - 2 = 10 [BT, BT] products on the tensor cores, their operands rounded to the input dtype (fp32
+   accumulation; for bf16 an error in T ~5e-5 against the 2e-4 of T's own rounding, see `_unit_lower_inverse`).
+   U and W_k take T diag(...) rounded to the input dtype, one tensor-core product each (as
+   flash-linear-attention; its two-term bf16 split cost 25 us more at B64 on an H100 for errors 0.2% lower); the
+   backward gets T itself rounded to the input dtype (bf16: half the bytes).
 2. `_state_out_kernel`, one program per (head, V block), sequential over chunks: W = U - W_k S,
    the output (4) and the state update (5); it also saves S per chunk and W for the backward.
 
@@ -41,8 +42,9 @@ NORM_EPS = 1e-6  # of the q/k L2 norm, as `kernels.gdn.l2norm`
 # e.g. bwd_state 478 -> 380 us at B64 (~200 KB of shared memory; see `num_stages` for fp32). The chunk kernels
 # part ways: bwd_out gains from a V block of 64 (614 -> 569 us at B64) where bwd_wy loses (556 -> 803), and
 # bwd_wy from a 4th stage (556 -> 530) where bwd_out loses with the L2 norm (877 -> 891). prep has no loop and is
-# latency-bound: capped at 168 registers it runs 3 programs per SM instead of 2 (it needs 176; ptxas spills 46-54
-# B), with the doubling inverse 524 -> 399 us at B64.
+# latency-bound: capped at 168 registers it runs 3 programs per SM instead of 2 (it needs 176; ptxas spills 0-16
+# B), with the bf16 doubling inverse 303 us at B64 against 432 uncapped; a cap of 128 (4 per SM) spills 52-62 B
+# and gives 402, 104 gives 660, 8 warps at 80 1464.
 CONFIG = dict(prep_warps=4, prep_maxnreg=168, state_bv=64, state_warps=4, state_stages=3, out_bv=64, out_stages=3,
               wy_bv=32, wy_stages=4, chunk_warps=4)  # fmt: skip
 
@@ -180,16 +182,21 @@ def _decay(G, INCLUSIVE: tl.constexpr):
 
 
 @triton.jit
-def _unit_lower_inverse(A, PREC: tl.constexpr):
+def _unit_lower_inverse(A, dt: tl.constexpr, PREC: tl.constexpr):
     """T = (I + A)^-1 for the strictly lower A of (3), [BT, BT] fp32, by the doubling (6): log2(BT) - 1 steps
-    N <- N^2, X <- X (I + N) from N = -A, X = I + N."""
+    N <- N^2, X <- X (I + N) from N = -A, X = I + N. The powers of N are kept in dt (the input dtype) and X is
+    rounded to it as an operand, X itself accumulating in fp32: with bf16 inputs, products on bf16 tensor cores
+    instead of tf32 ones (half the shared-memory bytes, no transposes: 64 warpgroup MMAs in the kernel instead of
+    104; prep 373 -> 303 us at B64 on an H100). Each product adds X N^(2^i) to X, small against X where N is (A of (3)
+    with unit keys: rms 0.017, at most 0.4), so T's error stays under its own final rounding to bf16 (emulated on
+    the bench's inputs: 5e-5 against 6e-6 with tf32, 2.2e-4 after the rounding either way)."""
     BT: tl.constexpr = A.shape[0]
     r = tl.arange(0, BT)
-    N = -A
-    X = tl.where(r[:, None] == r[None, :], 1.0, 0.0) + N
+    N = (-A).to(dt)
+    X = tl.where(r[:, None] == r[None, :], 1.0, 0.0) - A
     for _ in tl.static_range(tl.constexpr(BT).value.bit_length() - 2):  # log2(BT) - 1, compiled or interpreted
-        N = tl.dot(N, N, input_precision=PREC)
-        X = tl.dot(X, N, X, input_precision=PREC)
+        N = tl.dot(N, N, input_precision=PREC).to(dt)
+        X = tl.dot(X.to(dt), N, X, input_precision=PREC)
     return X
 
 
@@ -223,7 +230,7 @@ def _prep_kernel(
     tl.store(Pm + p_tile, P.to(Pm.dtype.element_ty))
     # (3): A_ij = beta_i exp(G_i - G_j) k_i . k_j for j < i (bf16 products are exact in the fp32 accumulator)
     A = tl.where(r[:, None] > r[None, :], (b * rk)[:, None] * KK * rk[None, :] * gam, 0.0)
-    Tm = _unit_lower_inverse(A, PREC)
+    Tm = _unit_lower_inverse(A, kb.dtype, PREC)
     tl.store(Tinv + p_tile, Tm.to(Tinv.dtype.element_ty))  # saved in the input dtype, for the backward
 
     # WY factors: U = T diag(beta) V, W_k = T diag(beta e^G) K, with the fp32 factors rounded to the input dtype
