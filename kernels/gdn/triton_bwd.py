@@ -124,10 +124,14 @@ def _bwd_out_kernel(
     dOW = tl.zeros([BT, BT], dtype=tl.float32)
     dGs = tl.zeros([BKH], dtype=tl.float32)
     dOO = tl.zeros([BT], dtype=tl.float32)
+    if L2NORM:  # O's tiles read one V block ahead: the loop's pipelining streams only its products' operands
+        ob = _load_io(o, bh, t0, T, H, V, BT, BV)
     for v0 in range(0, V, BV):
         dob = _load_io(do, bh, t0, T, H, V, BT, BV, v0)
         if L2NORM:  # <dO_i, O_i> = <q_hat_i, d q_hat_i>, for (9)
-            dOO += tl.sum(dob.to(tl.float32) * _load_io(o, bh, t0, T, H, V, BT, BV, v0).to(tl.float32), 1)
+            ob_next = _load_io(o, bh, t0, T, H, V, BT, BV, v0 + BV)  # none past V (masked)
+            dOO += tl.sum(dob.to(tl.float32) * ob.to(tl.float32), 1)
+            ob = ob_next
         S = _load_state(hs, bh * NT + n, K, V, BKH, BV, v0, k0)
         dSn = _load_state(dhs, bh * NT + n, K, V, BKH, BV, v0, k0)
         wb = _load_buf(Wb, bh, t0, Tp, V, BT, BV, v0)
