@@ -8,10 +8,10 @@ Notation and equations (3)-(5) are those of `reference.chunk_gated_delta_rule`.
    q_hat = diag(r_q) Q and k_hat = diag(r_k) K are never formed: every kernel (forward and backward) keeps
    the raw q, k tiles as matmul operands and applies r to the fp32 factors around them (row scales of the
    products, or of the elementwise factors the tiles already get), so only the raw q and k are saved.
-   T is formed by doubling: N = -A is strictly lower, so N^BT = 0 and
-       (I + A)^-1 = I + N + N^2 + ... + N^(BT-1) = (I + N)(I + N^2)(I + N^4) ... (I + N^(BT/2)),   (6)
-   2 log2(BT) - 2 = 10 [BT, BT] products on the tensor cores, their operands rounded to the input dtype (fp32
-   accumulation; for bf16 an error in T ~5e-5 against the 2e-4 of T's own rounding, see `_unit_lower_inverse`).
+   T is formed by merging the inverses of diagonal blocks of doubling size s = 1, 2, .., BT / 2:
+       [[T_1, 0], [A_21, T_2]]^-1 = [[T_1, 0], [-T_2 A_21 T_1, T_2]],  so  T_2s = T_s - (T_s A_s) T_s,      (6)
+   with T_s block diagonal and A_s the blocks of A below the diagonal inside each 2s x 2s diagonal block:
+   2 log2(BT) - 2 = 10 [BT, BT] products on the tensor cores (tf32 for 2-byte inputs), all on bounded operands.
    U and W_k take T diag(...) rounded to the input dtype, one tensor-core product each (as
    flash-linear-attention; its two-term bf16 split cost 25 us more at B64 on an H100 for errors 0.2% lower); the
    backward gets T itself rounded to the input dtype (bf16: half the bytes).
@@ -42,9 +42,9 @@ NORM_EPS = 1e-6  # of the q/k L2 norm, as `kernels.gdn.l2norm`
 # e.g. bwd_state 478 -> 380 us at B64 (~200 KB of shared memory; see `num_stages` for fp32). The chunk kernels
 # part ways: bwd_out gains from a V block of 64 (614 -> 569 us at B64) where bwd_wy loses (556 -> 803), and
 # bwd_wy from a 4th stage (556 -> 530) where bwd_out loses with the L2 norm (877 -> 891). prep has no loop and is
-# latency-bound: capped at 168 registers it runs 3 programs per SM instead of 2 (it needs 176; ptxas spills 0-16
-# B), with the bf16 doubling inverse 303 us at B64 against 432 uncapped; a cap of 128 (4 per SM) spills 52-62 B
-# and gives 402, 104 gives 660, 8 warps at 80 1464.
+# latency-bound: capped at 168 registers it runs 3 programs per SM instead of 2 (it needs ~186 with the inverse of
+# (6); ptxas spills 16-28 B): measured with an earlier inverse of the same product count (303 us at B64 against
+# 432 uncapped; a cap of 128, 4 per SM, gave 402, 104 gave 660, 8 warps at 80 1464).
 CONFIG = dict(prep_warps=4, prep_maxnreg=168, state_bv=64, state_warps=4, state_stages=3, out_bv=64, out_stages=3,
               wy_bv=32, wy_stages=4, chunk_warps=4)  # fmt: skip
 
@@ -183,21 +183,31 @@ def _decay(G, INCLUSIVE: tl.constexpr):
 
 @triton.jit
 def _unit_lower_inverse(A, dt: tl.constexpr, PREC: tl.constexpr):
-    """T = (I + A)^-1 for the strictly lower A of (3), [BT, BT] fp32, by the doubling (6): log2(BT) - 1 steps
-    N <- N^2, X <- X (I + N) from N = -A, X = I + N. The powers of N are kept in dt (the input dtype) and X is
-    rounded to it as an operand, X itself accumulating in fp32: with bf16 inputs, products on bf16 tensor cores
-    instead of tf32 ones (half the shared-memory bytes, no transposes: 64 warpgroup MMAs in the kernel instead of
-    104; prep 373 -> 303 us at B64 on an H100). Each product adds X N^(2^i) to X, small against X where N is (A of (3)
-    with unit keys: rms 0.017, at most 0.4), so T's error stays under its own final rounding to bf16 (emulated on
-    the bench's inputs: 5e-5 against 6e-6 with tf32, 2.2e-4 after the rounding either way)."""
+    """T = (I + A)^-1 for the strictly lower A of (3), [BT, BT] fp32, by merging the inverses of diagonal blocks
+    of doubling size s (6): T_2 = I - A_1, then T_2s = T_s - (T_s A_s) T_s for s = 2 .. BT / 2, with A_s the
+    blocks of A below the diagonal inside each 2s x 2s diagonal block; products on operands in `dt`, fp32
+    accumulation. Every operand is a block of A or the inverse of a unit lower triangular block, both bounded,
+    so the error is that of rounding them. The Neumann series of N = -A in doubling form, (I + N)(I + N^2)...,
+    takes as many products but its partial sums reach ~C(63, 31) ~ 1e17 when a chunk's keys are alike and
+    beta ~ 1: they cancel only in exact arithmetic (session 8 had it for a few commits: inf outputs on such
+    inputs, `tests/test_gdn_triton.py` holds the case). On an H100 at (2, 1024, 9, 112), B64 prep time: tf32
+    operands 404 us, bf16 operands 362 us with the same errors on random inputs but a 27% larger forward error
+    on those alike keys (2.3e-2 against 1.8e-2; fla 0.6.0: 3.1e-2): the kernel takes tf32 (profiles/gdn.md)."""
     BT: tl.constexpr = A.shape[0]
     r = tl.arange(0, BT)
-    N = (-A).to(dt)
-    X = tl.where(r[:, None] == r[None, :], 1.0, 0.0) - A
-    for _ in tl.static_range(tl.constexpr(BT).value.bit_length() - 2):  # log2(BT) - 1, compiled or interpreted
-        N = tl.dot(N, N, input_precision=PREC).to(dt)
-        X = tl.dot(X.to(dt), N, X, input_precision=PREC)
+    X = tl.where(r[:, None] == r[None, :], 1.0, 0.0) - _blocks_below(A, r, 1)
+    for i in tl.static_range(1, tl.constexpr(BT).value.bit_length() - 1):  # s = 2 .. BT / 2
+        Y = tl.dot(X.to(dt), _blocks_below(A, r, 1 << i).to(dt), input_precision=PREC)
+        X -= tl.dot(Y.to(dt), X.to(dt), input_precision=PREC)
     return X
+
+
+@triton.jit
+def _blocks_below(A, r, s: tl.constexpr):
+    """A on the s x s blocks below the diagonal inside each 2s x 2s diagonal block (r: the row/column indices),
+    else 0."""
+    pair = (r[:, None] // (2 * s)) == (r[None, :] // (2 * s))
+    return tl.where(pair & ((r[:, None] // s) > (r[None, :] // s)), A, 0.0)
 
 
 @triton.jit
@@ -230,7 +240,7 @@ def _prep_kernel(
     tl.store(Pm + p_tile, P.to(Pm.dtype.element_ty))
     # (3): A_ij = beta_i exp(G_i - G_j) k_i . k_j for j < i (bf16 products are exact in the fp32 accumulator)
     A = tl.where(r[:, None] > r[None, :], (b * rk)[:, None] * KK * rk[None, :] * gam, 0.0)
-    Tm = _unit_lower_inverse(A, kb.dtype, PREC)
+    Tm = _unit_lower_inverse(A, tl.float32, PREC)  # tf32 operands for 2-byte inputs: see the function's doc
     tl.store(Tinv + p_tile, Tm.to(Tinv.dtype.element_ty))  # saved in the input dtype, for the backward
 
     # WY factors: U = T diag(beta) V, W_k = T diag(beta e^G) K, with the fp32 factors rounded to the input dtype
