@@ -48,6 +48,16 @@ def make_inputs(B, T, H, K, V, with_h0, device="cpu", dtype=torch.float32, raw_q
     return q, k, v, g, beta, h0
 
 
+def assert_errors(results, fwd_bound, grad_bound):
+    """Relative errors of `run_both`'s results: o and the final state under fwd_bound, every gradient under
+    grad_bound (all named in the failure message)."""
+    (o, ht, grads), (ro, rht, rgrads) = results
+    errs = {"o": relerr(o, ro), "ht": relerr(ht, rht)}
+    errs.update((name, relerr(a, r)) for name, a, r in zip(GRAD_NAMES, grads, rgrads, strict=True))
+    bounds = {name: fwd_bound if name in ("o", "ht") else grad_bound for name in errs}
+    assert all(errs[n] < bounds[n] for n in errs), " ".join(f"{n} {e:.2e}" for n, e in errs.items())
+
+
 def run_both(xs, fn, ref_fn):
     """Outputs and gradients of `fn` on xs, and of `ref_fn` on float64 copies (loss uses o and S_T)."""
     q, k, v, g, beta, h0 = xs
@@ -104,14 +114,12 @@ def test_fp32_keys_alike_matches_float64_reference():
     """Keys alike across a chunk with beta ~ 1 and no decay: (I + A) is close to unit lower all-ones, whose
     inverse is bounded while its Neumann series' terms reach ~1e17 (a doubling inverse got T wrong by 1e8)."""
     xs = make_inputs(1, 130, 2, 32, 16, True, alike=True)
-    (o, ht, grads), (ro, rht, rgrads) = run_both(
+    results = run_both(
         xs,
         lambda q, k, v, g, b, h0: triton_gated_delta_rule(q, k, v, g, b, 32**-0.5, h0, True, False),
         lambda q, k, v, g, b, h0: reference.chunk_gated_delta_rule(q, k, v, g, b, None, h0, True),
     )
-    errs = {"o": relerr(o, ro), "ht": relerr(ht, rht)}
-    errs.update((name, relerr(a, r)) for name, a, r in zip(GRAD_NAMES, grads, rgrads, strict=True))
-    assert all(e < 1e-4 for e in errs.values()), " ".join(f"{n} {e:.2e}" for n, e in errs.items())
+    assert_errors(results, 1e-4, 1e-4)
 
 
 @interpreter_only
@@ -326,16 +334,13 @@ def test_bf16_gpu(case):
     B, T, H, K, V, l2norm = case
     xs = make_inputs(B, T, H, K, V, True, device="cuda", dtype=torch.bfloat16, raw_qk=l2norm)
     norm = gdn.l2norm if l2norm else (lambda x: x)
-    (o, ht, grads), (ro, rht, rgrads) = run_both(
+    results = run_both(
         xs,
         lambda *x: gdn.gated_delta_rule(*x[:5], initial_state=x[5], output_final_state=True, use_qk_l2norm=l2norm),
         lambda *x: reference.chunk_gated_delta_rule(norm(x[0]), norm(x[1]), *x[2:5], None, x[5], True),
     )
-    assert o.dtype == torch.bfloat16 and ht.dtype == torch.float32
-    errs = {"o": relerr(o, ro), "ht": relerr(ht, rht)}
-    errs.update((name, relerr(a, r)) for name, a, r in zip(GRAD_NAMES, grads, rgrads, strict=True))
-    bounds = {name: 5e-3 if name in ("o", "ht") else 1e-2 for name in errs}
-    assert all(errs[n] < bounds[n] for n in errs), " ".join(f"{n} {e:.2e}" for n, e in errs.items())
+    assert results[0][0].dtype == torch.bfloat16 and results[0][1].dtype == torch.float32
+    assert_errors(results, 5e-3, 1e-2)
 
 
 @pytest.mark.gpu
@@ -347,15 +352,12 @@ def test_bf16_gpu_keys_alike(l2norm):
     4.7e-2 / 7.1e-2), so the bounds are 5e-2 / 1e-1, not the random inputs' 5e-3 / 1e-2."""
     xs = make_inputs(2, 1024, 9, 112, 112, True, device="cuda", dtype=torch.bfloat16, raw_qk=l2norm, alike=True)
     norm = gdn.l2norm if l2norm else (lambda x: x)
-    (o, ht, grads), (ro, rht, rgrads) = run_both(
+    results = run_both(
         xs,
         lambda *x: gdn.gated_delta_rule(*x[:5], initial_state=x[5], output_final_state=True, use_qk_l2norm=l2norm),
         lambda *x: reference.chunk_gated_delta_rule(norm(x[0]), norm(x[1]), *x[2:5], None, x[5], True),
     )
-    errs = {"o": relerr(o, ro), "ht": relerr(ht, rht)}
-    errs.update((name, relerr(a, r)) for name, a, r in zip(GRAD_NAMES, grads, rgrads, strict=True))
-    bounds = {name: 5e-2 if name in ("o", "ht") else 1e-1 for name in errs}
-    assert all(errs[n] < bounds[n] for n in errs), " ".join(f"{n} {e:.2e}" for n, e in errs.items())
+    assert_errors(results, 5e-2, 1e-1)
 
 
 @pytest.mark.gpu

@@ -182,23 +182,24 @@ def _decay(G, INCLUSIVE: tl.constexpr):
 
 
 @triton.jit
-def _unit_lower_inverse(A, dt: tl.constexpr, PREC: tl.constexpr):
+def _unit_lower_inverse(A, PREC: tl.constexpr):
     """T = (I + A)^-1 for the strictly lower A of (3), [BT, BT] fp32, by merging the inverses of diagonal blocks
     of doubling size s (6): T_2 = I - A_1, then T_2s = T_s - (T_s A_s) T_s for s = 2 .. BT / 2, with A_s the
-    blocks of A below the diagonal inside each 2s x 2s diagonal block; products on operands in `dt`, fp32
-    accumulation. Every operand is a block of A or the inverse of a unit lower triangular block, both bounded,
-    so the error is that of rounding them. The Neumann series of N = -A in doubling form, (I + N)(I + N^2)...,
-    takes as many products but its partial sums reach ~C(63, 31) ~ 1e17 when a chunk's keys are alike and
-    beta ~ 1: they cancel only in exact arithmetic (session 8 had it for a few commits: inf outputs on such
-    inputs, `tests/test_gdn_triton.py` holds the case). On an H100 at (2, 1024, 9, 112), B64 prep time: tf32
-    operands 404 us, bf16 operands 362 us with the same errors on random inputs but a 27% larger forward error
-    on those alike keys (2.3e-2 against 1.8e-2; fla 0.6.0: 3.1e-2): the kernel takes tf32 (profiles/gdn.md)."""
+    blocks of A below the diagonal inside each 2s x 2s diagonal block; fp32 operands at PREC (tf32 for 2-byte
+    inputs), fp32 accumulation. Every operand is a block of A or the inverse of a unit lower triangular block,
+    both bounded, so the error is that of rounding them. The Neumann series of N = -A in doubling form,
+    (I + N)(I + N^2)..., takes as many products but its partial sums reach ~C(63, 31) ~ 1e17 when a chunk's
+    keys are alike and beta ~ 1: they cancel only in exact arithmetic (session 8 had it for a few commits: inf
+    outputs on such inputs; `tests/test_gdn_triton.py` holds the case). On an H100 at (2, 1024, 9, 112), B64
+    prep time: tf32 operands 404 us; bf16 operands 362 us with the same errors on random inputs but a 27%
+    larger forward error on those alike keys (2.3e-2 against 1.8e-2; fla 0.6.0: 3.1e-2), so not taken
+    (profiles/gdn.md)."""
     BT: tl.constexpr = A.shape[0]
     r = tl.arange(0, BT)
     X = tl.where(r[:, None] == r[None, :], 1.0, 0.0) - _blocks_below(A, r, 1)
     for i in tl.static_range(1, tl.constexpr(BT).value.bit_length() - 1):  # s = 2 .. BT / 2
-        Y = tl.dot(X.to(dt), _blocks_below(A, r, 1 << i).to(dt), input_precision=PREC)
-        X -= tl.dot(Y.to(dt), X.to(dt), input_precision=PREC)
+        Y = tl.dot(X, _blocks_below(A, r, 1 << i), input_precision=PREC)
+        X -= tl.dot(Y, X, input_precision=PREC)
     return X
 
 
@@ -240,7 +241,7 @@ def _prep_kernel(
     tl.store(Pm + p_tile, P.to(Pm.dtype.element_ty))
     # (3): A_ij = beta_i exp(G_i - G_j) k_i . k_j for j < i (bf16 products are exact in the fp32 accumulator)
     A = tl.where(r[:, None] > r[None, :], (b * rk)[:, None] * KK * rk[None, :] * gam, 0.0)
-    Tm = _unit_lower_inverse(A, tl.float32, PREC)  # tf32 operands for 2-byte inputs: see the function's doc
+    Tm = _unit_lower_inverse(A, PREC)
     tl.store(Tinv + p_tile, Tm.to(Tinv.dtype.element_ty))  # saved in the input dtype, for the backward
 
     # WY factors: U = T diag(beta) V, W_k = T diag(beta e^G) K, with the fp32 factors rounded to the input dtype
