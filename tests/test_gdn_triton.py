@@ -112,7 +112,7 @@ def test_fp32_matches_float64_reference(case):
 @interpreter_only
 def test_fp32_keys_alike_matches_float64_reference():
     """Keys alike across a chunk with beta ~ 1 and no decay: (I + A) is close to unit lower all-ones, whose
-    inverse is bounded while its Neumann series' terms reach ~1e17 (a doubling inverse got T wrong by 1e8)."""
+    inverse is bounded while its Neumann series' terms reach ~1e17 (that series in doubling form got T wrong by 1e8)."""
     xs = make_inputs(1, 130, 2, 32, 16, True, alike=True)
     results = run_both(
         xs,
