@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.common import fast_apply
+from kernels.common import carve, fast_apply
 from kernels.gdn.triton_bwd import chunk_bwd
-from kernels.gdn.triton_fwd import carve, chunk_fwd, saved_parts
+from kernels.gdn.triton_fwd import chunk_fwd, saved_parts
 
 Tensor = torch.Tensor
 # bf16 and fp32 (exact "ieee" products, slow to compile) q/k/v; both checked on an H100 with Triton 3.6.
