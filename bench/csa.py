@@ -1,7 +1,9 @@
 """Benchmark of the CSA attention core and the whole CSA layer on one GPU, in one run.
 
 Variants, all bf16, layout [B, T, H, D] unless said otherwise:
-  ours        kernels.csa.csa_attention(backend="triton"): fused forward, two-launch backward
+  ours        kernels.csa.csa_attention(backend="triton"): fused forward, two-launch backward, eager autograd
+              through the C++ node (kernels/csa/node.py)
+  ours_python the same kernels through the Python autograd.Function (the node turned off)
   flex        FlexAttention composition, compiled static per shape: sliding-window block mask over the raw
               keys plus a visibility block mask over the compressed keys, rows t < 4 zeroed, blended with
               lerp. Given [B, H, T, D] inputs (its native layout, no transposes timed): the generous setting.
@@ -41,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels.csa as csa  # noqa: E402
 from kernels import common  # noqa: E402
-from kernels.csa import reference, triton_csa  # noqa: E402
+from kernels.csa import node, reference, triton_csa  # noqa: E402
 
 H, HKV, D, STRIDE, WINDOW = 9, 3, 64, 4, 64
 SCALE = D**-0.5
@@ -310,6 +312,19 @@ def layer_bench(B: int, T: int, compiled: bool = False) -> dict:
     return res
 
 
+def python_path(fn):
+    """fn with the C++ autograd node turned off: its calls take the Python autograd.Function."""
+
+    def call(*args, **kwargs):
+        node.ENABLED = False
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            node.ENABLED = True
+
+    return call
+
+
 def graph_ms(step) -> float:
     """Per-call GPU time of step() replayed from a CUDA graph (no CPU launch cost at all)."""
     side = torch.cuda.Stream()
@@ -397,6 +412,7 @@ def graph_rows(B: int, flex_fn, sdpa: dict) -> list[dict]:
         common.FAST_LAUNCH = True
     steps = {
         "ours_step": step,
+        "ours_python_step": python_path(step),
         "passthrough_function_step": lambda: torch.autograd.grad(_Passthrough.apply(*xs), xs, do, allow_unused=True),
         "flex_step": lambda: torch.autograd.grad(flex_fn(*xf), xf, dof),
         "sdpa_step": lambda: torch.autograd.grad(sdpa["default"](*xf[:3]), xf[:3], dof),
@@ -565,6 +581,7 @@ def main() -> None:
         do_bhtd = do.transpose(1, 2).contiguous()
         variants = {
             "ours": (partial(csa.csa_attention, backend="triton"), sets, do, "csa"),
+            "ours_python": (python_path(partial(csa.csa_attention, backend="triton")), sets, do, "csa"),
             "flex": (flex_fn, flex_sets, do_bhtd, "csa"),
             "reference": (partial(csa.csa_attention, backend="reference"), sets, do, "csa"),
         }
@@ -632,6 +649,8 @@ def main() -> None:
         "speedup_fwdbwd_vs_flex_B64": ms("flex", 64) / ms("ours", 64),
         "speedup_fwdbwd_vs_sdpa_full_B16": sdpa_best(16) / ms("ours", 16),
         "speedup_fwdbwd_vs_sdpa_full_B64": sdpa_best(64) / ms("ours", 64),
+        "speedup_fwdbwd_node_vs_python_B16": ms("ours_python", 16) / ms("ours", 16),
+        "speedup_fwdbwd_node_vs_python_B64": ms("ours_python", 64) / ms("ours", 64),
         "speedup_fwd_vs_flex_B16": ms("flex", 16, key="fwd_ms") / ms("ours", 16, key="fwd_ms"),
         "speedup_fwdbwd_vs_reference_B16": ms("reference", 16) / ms("ours", 16),
         "speedup_fwdbwd_vs_flex_B16_T4096": ms("flex", 16, 4096) / ms("ours", 16, 4096),

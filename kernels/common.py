@@ -133,10 +133,10 @@ def _launch_cached(kernel, grid: tuple[int, ...], args: tuple, meta: dict) -> tu
             if len(_COMPILED) >= _MAX_ENTRIES:
                 _COMPILED.clear()
             constexprs = tuple(meta[p.name] for p in tail)
-            _COMPILED[key] = (compiled.run, compiled.function, compiled.packed_metadata, constexprs)
+            _COMPILED[key] = (compiled.run, compiled.function, compiled.packed_metadata, constexprs, compiled)
             return _COMPILED[key]
         return None
-    run, function, metadata, constexprs = entry
+    run, function, metadata, constexprs, _ = entry
     gx, gy, gz = (*grid, 1, 1)[:3]
     # the launcher's arguments: grid, stream, kernel, its metadata, launch metadata and hooks, every parameter
     run(gx, gy, gz, _current_stream(device), function, metadata, None, None, None, *ptrs, *constexprs)
@@ -170,16 +170,45 @@ def launch_keyed(key: tuple, first: Callable[[], tuple], addresses: Sequence[int
         if entry is not None and aligned:
             if len(_BOUND) >= _MAX_ENTRIES:
                 _BOUND.clear()
-            _BOUND[key, device] = (*entry, *(*grid, 1, 1)[:3])
+            _BOUND[key, device] = (*entry[:4], *(*grid, 1, 1)[:3], entry[4])
         return
-    run, function, metadata, constexprs, gx, gy, gz = bound
+    run, function, metadata, constexprs, gx, gy, gz, _ = bound
     run(gx, gy, gz, _current_stream(device), function, metadata, None, None, None, *addresses, *scalars, *constexprs)
+
+
+def bound_kernel(key: tuple, n_args: int) -> tuple | bool | None:
+    """What `launch_keyed` bound to `key` on the current device, for a launch from C++ (csrc/csa/csa_node.cpp):
+    (CUfunction handle, grid, threads per program, dynamic shared memory bytes, the number of trailing scratch
+    pointers Triton appends, the kinds of the first `n_args` parameters in Triton's compiled signature: 0
+    specialized away, 1 pointer, 2 int32, 3 int64, 4 fp32). None while `key` is unbound; False for a kernel
+    that needs more than a plain cuLaunchKernel (scratch memory, clusters, dependent or cooperative launch)."""
+    bound = _BOUND.get((key, torch.cuda.current_device()))
+    if bound is None:
+        return None
+    *_, gx, gy, gz, compiled = bound
+    md = compiled.metadata
+    plain = not (
+        getattr(md, "global_scratch_size", 0)
+        or getattr(md, "profile_scratch_size", 0)
+        or getattr(md, "num_ctas", 1) != 1
+        or getattr(md, "launch_pdl", False)
+        or getattr(md, "launch_cooperative_grid", False)
+    )
+    if not plain:
+        return False
+    types = list(compiled.src.signature.values())[:n_args]
+    kinds = [0 if t == "constexpr" else 1 if t.startswith("*") else _ARG_KINDS.get(t) for t in types]
+    if len(kinds) != n_args or None in kinds:
+        return False
+    scratch = hasattr(md, "global_scratch_size") + hasattr(md, "profile_scratch_size")
+    return compiled.function, (gx, gy, gz), 32 * md.num_warps, md.shared, scratch, kinds
 
 
 _current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what Triton's own launch uses
 _DTYPE, _NONE = itertools.repeat("dtype"), itertools.repeat(None)  # getattr(arg, "dtype", None) over args
 _COMPILED: dict = {}
-_BOUND: dict = {}  # launch_keyed: (caller's key, device) -> _COMPILED's entry and the grid
+_BOUND: dict = {}  # launch_keyed: (caller's key, device) -> _COMPILED's entry with the grid before the compiled kernel
+_ARG_KINDS = {"i32": 2, "i64": 3, "fp32": 4}  # bound_kernel: scalar types of Triton's signatures
 _MAX_ENTRIES = 4096
 FAST_LAUNCH = True  # False: every launch through Triton's JIT front end (bench/csa.py measures both)
 

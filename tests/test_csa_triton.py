@@ -109,7 +109,7 @@ def test_launch_addresses_match_first_call(monkeypatch):
     out, grads, ref, ref_grads = run_both(xs, triton_fn)
     with torch.no_grad():
         triton_fn(*xs)
-    assert seen == ["fwd", "dq", "dkv", "fwd"]
+    assert seen == ["fwd", "bwd_dq", "bwd_dkv", "fwd"]
     assert relerr(out, ref) < 1e-5
     for name, g, r in zip(GRAD_NAMES, grads, ref_grads, strict=True):
         assert grad_error(g, r) < 1e-5, name

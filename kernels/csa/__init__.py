@@ -3,7 +3,8 @@
 Backends, in "auto" order:
 - "triton" (CUDA; fp16/bf16/fp32, head dim 16/32/64/128):
   `triton_csa.py`: one fused forward and a two-launch backward, as torch.library ops (differentiable,
-  torch.compile(fullgraph=True) friendly); `triton_compress.py`: the compressor in one launch forward
+  torch.compile(fullgraph=True) friendly) and, in eager, a C++ autograd node (`node.py`, which launches the
+  same kernels without Python; built on first use); `triton_compress.py`: the compressor in one launch forward
   and one launch plus one batched matmul backward (eager only: under torch.compile the PyTorch
   compressor is traced, which inductor fuses).
 - "reference" (`reference.py`, any device, differentiable by autograd).

@@ -37,7 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import addresses, carve, cdiv, fast_apply, launch_keyed, views
+from kernels.common import addresses, bound_kernel, carve, cdiv, fast_apply, launch_keyed, views
+from kernels.csa import node
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -357,7 +358,7 @@ def csa_fwd(
         return _csa_fwd, grid, (q, k, v, kc, vc, blend, o, dcl, lse, T, Tc, scale * LOG2E), meta
 
     ptrs = (*map(torch.Tensor.data_ptr, (q, k, v, kc, vc, blend)), o_ptr, dcl_ptr, lse_ptr)
-    launch_keyed(("fwd", save, *_facts(q, k, v, kc, vc, blend, window, stride), *cfg.items()), first, ptrs,
+    launch_keyed(_key("fwd", save, *_facts(q, k, v, kc, vc, blend, window, stride)), first, ptrs,
                  (T, Tc, scale * LOG2E))
     return o, ws
 
@@ -390,7 +391,7 @@ def csa_bwd(
 
     ptrs = (q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, blend.data_ptr(), o.data_ptr(), dcl_ptr, do.data_ptr(), lse_ptr,
             dq.data_ptr(), dblend.data_ptr(), dx_ptr, delta_ptr)
-    launch_keyed(("dq", *facts, *cfg_dq.items()), first, ptrs, scalars)
+    launch_keyed(_key("bwd_dq", *facts), first, ptrs, scalars)
     dk, dv, dkc, dvc = torch.empty_like(k), torch.empty_like(v), torch.empty_like(kc), torch.empty_like(vc)
 
     def first():
@@ -401,7 +402,7 @@ def csa_bwd(
 
     ptrs = (q_ptr, kc_ptr, vc_ptr, k_ptr, v_ptr, dx_ptr, lse_ptr, delta_ptr,
             *map(torch.Tensor.data_ptr, (dkc, dvc, dk, dv)))
-    launch_keyed(("dkv", *facts, *cfg_dkv.items()), first, ptrs, scalars)
+    launch_keyed(_key("bwd_dkv", *facts), first, ptrs, scalars)
     return dq, dk, dv, dkc, dvc, dblend
 
 
@@ -427,6 +428,11 @@ def _temp_layout(B: int, T: int, H: int, D: int, dtype: torch.dtype) -> tuple:
     dL = dO - dC, for the key-block launch), then delta [B, H, 2, T] (fp32)."""
     size, layout = carve([("dx", dtype, (B, T, H, 2, D)), ("delta", torch.float32, (B, H, 2, T))])
     return size, layout, tuple(layout[n][0] for n in TEMP)
+
+
+def _key(stage: str, *facts) -> tuple:
+    """`launch_keyed`'s key of a launch: the stage (a CONFIG entry), the facts of the call, the stage's CONFIG."""
+    return (stage, *facts, *CONFIG[stage].items())
 
 
 def _facts(q, k, v, kc, vc, blend, window: int, stride: int) -> tuple:
@@ -492,8 +498,9 @@ def check_inputs(q: torch.Tensor, *others: torch.Tensor) -> None:
 
 
 class _CSAFunction(torch.autograd.Function):
-    """Eager autograd path: the same launches as the custom ops, without their Python dispatch cost
-    (tens of microseconds per call, which is most of the kernels' time at small batch)."""
+    """Eager autograd path in Python: the same launches as the custom ops, without their Python dispatch cost
+    (tens of microseconds per call, which is most of the kernels' time at small batch). The C++ node
+    (`node`) launches the same kernels with no Python at all, once they are bound."""
 
     @staticmethod
     def forward(ctx, q, k, v, kc, vc, blend, window, stride, scale):
@@ -516,7 +523,8 @@ def csa_attention_triton(
     Inputs are made contiguous and k, v, kc, vc cast to q's dtype (one dtype for the matrix units); both
     are no-ops for the model's tensors. Saves dcl and the log-sum-exps for the backward only when some
     input needs a gradient. Under torch.compile it goes through the torch.library ops (hyla::csa_fwd /
-    hyla::csa_bwd), in eager through an autograd.Function.
+    hyla::csa_bwd); in eager through the C++ autograd node (`node`) once this set of shapes has a plan,
+    else (its first call, the CPU interpreter, functorch transforms) through an autograd.Function.
     """
     dt = q.dtype
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS or not {dt, k.dtype, v.dtype, kc.dtype, vc.dtype, blend.dtype} <= _DTYPES:
@@ -531,10 +539,48 @@ def csa_attention_triton(
     )
     if torch.compiler.is_compiling():  # opaque ops in the graph
         return _csa_fwd_op(q, k, v, kc, vc, blend, window, stride, scale, save)[0]
-    if save:
-        return _APPLY(q, k, v, kc, vc, blend, window, stride, scale)
-    return csa_fwd(q, k, v, kc, vc, blend, window, stride, scale, False)[0]
+    if not save:
+        return csa_fwd(q, k, v, kc, vc, blend, window, stride, scale, False)[0]
+    if node.ENABLED and q.is_cuda and not torch._C._are_functorch_transforms_active():
+        o = _node_apply(q, k, v, kc, vc, blend, window, stride, scale)
+        if o is not None:
+            return o
+    return _APPLY(q, k, v, kc, vc, blend, window, stride, scale)
+
+
+def _node_apply(q, k, v, kc, vc, blend, window: int, stride: int, scale: float) -> torch.Tensor | None:
+    """o through the C++ autograd node, or None for the Python path: no plan for these facts (yet), or an
+    input address that is not 16-byte aligned (the bound kernels are specialized on aligned ones)."""
+    facts = _facts(q, k, v, kc, vc, blend, window, stride)
+    plan = _PLANS.get((facts, scale))
+    if plan is None:
+        plan = _node_plan(facts, q, kc, scale)
+        if plan is not None:
+            _PLANS[facts, scale] = plan
+    if not plan or (q.data_ptr() | k.data_ptr() | v.data_ptr() | kc.data_ptr() | vc.data_ptr() | blend.data_ptr()) & 15:
+        return None
+    apply, p = plan
+    return apply(q, k, v, kc, vc, blend, p)
+
+
+def _node_plan(facts: tuple, q: torch.Tensor, kc: torch.Tensor, scale: float):
+    """(apply, plan) of the C++ autograd node (`node`) for one set of facts and scale: the kernels the Python
+    path bound and the layouts of its buffers. None while a kernel is still unbound (no call of these facts has
+    run its backward yet); False if the node cannot serve them (it did not build, or a kernel needs more than a
+    plain launch)."""
+    kernels = (bound_kernel(_key("fwd", True, *facts), 12), bound_kernel(_key("bwd_dq", *facts, q.dtype), 18),
+               bound_kernel(_key("bwd_dkv", *facts, q.dtype), 16))
+    if None in kernels:
+        return None
+    ext = node.extension()
+    if ext is None or False in kernels:
+        return False
+    B, T, H, D = q.shape
+    saved, temp = _saved_layout(B, T, H, D, q.dtype), _temp_layout(B, T, H, D, q.dtype)
+    plan = ext.make_plan(*kernels, T, kc.shape[1], scale * LOG2E, scale, (saved[0], *saved[2]), (temp[0], *temp[2]))
+    return ext.apply, plan
 
 
 _DTYPES = set(SUPPORTED_DTYPES)
 _APPLY = fast_apply(_CSAFunction)
+_PLANS: dict = {}  # (facts, scale) -> (apply, plan) of the C++ node, or False
