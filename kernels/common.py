@@ -143,26 +143,27 @@ def _launch_cached(kernel, grid: tuple[int, ...], args: tuple, meta: dict) -> tu
     return entry
 
 
-def launch_keyed(key: tuple, first: Callable[[], tuple], addresses: Sequence[int], scalars: tuple) -> None:
-    """kernel[grid](*args, **meta), where (kernel, grid, args, meta) = first(), for a call site that names its
-    own cache key: cheaper than `launch`, which builds its key from every argument (CSA's backward launcher on
-    an H100 host: 90 -> 73 us for its two launches, profiles/csa.md).
+def launch_keyed(kernel, key: tuple, first: Callable[[], tuple], addresses: Sequence[int], scalars: tuple) -> None:
+    """kernel[grid](*args, **meta), where (grid, args, meta) = first(), for a call site that names its own cache
+    key: cheaper than `launch`, which builds its key from every argument (CSA's backward launcher on an H100
+    host: 90 -> 73 us for its two launches, profiles/csa.md). Bindings are per kernel object: two kernels
+    (say, renamed copies of one) never share one under equal keys.
 
     `addresses` are the device addresses (ints) of the tensors that come first in `args`, `scalars` the rest
     of `args`; `first` builds `args` itself, so a caller may pass addresses inside one buffer (such as a
     workspace holding several arrays) and make the typed views only there. `key` must determine the tensors'
-    device and everything Triton specializes on apart from the 16-byte alignment of the addresses: the
-    kernel, grid and meta, the tensors' dtypes and the integers in `scalars` (an op's shapes, dtypes and
-    options, say). `first` is called only when (key, current device) is new, or when an address is not
-    16-byte aligned: such calls go through `launch`, and the first aligned one binds the key to the compiled
-    kernel and its grid. Same fast-path conditions and caveats as `launch` (FAST_LAUNCH, CUDA tensors, hooks
-    not called).
+    device and everything else Triton specializes this kernel on apart from the 16-byte alignment of the
+    addresses: the grid and meta, the tensors' dtypes and the integers in `scalars` (an op's shapes, dtypes
+    and options, say). `first` is called only when (kernel, key, current device) is new, or when an address is
+    not 16-byte aligned: such calls go through `launch`, and the first aligned one binds (kernel, key) to the
+    compiled kernel and its grid. Same fast-path conditions and caveats as `launch` (FAST_LAUNCH, CUDA
+    tensors, hooks not called).
     """
     device = torch.cuda.current_device() if FAST_LAUNCH and torch.cuda.is_initialized() else None
-    bound = _BOUND.get((key, device))
+    bound = _BOUND.get((id(kernel), key, device))
     aligned = not functools.reduce(operator.or_, addresses) & 15
     if bound is None or not aligned:
-        kernel, grid, args, meta = first()
+        grid, args, meta = first()
         if not (FAST_LAUNCH and args[0].is_cuda):
             kernel[grid](*args, **meta)
             return
@@ -170,19 +171,19 @@ def launch_keyed(key: tuple, first: Callable[[], tuple], addresses: Sequence[int
         if entry is not None and aligned:
             if len(_BOUND) >= _MAX_ENTRIES:
                 _BOUND.clear()
-            _BOUND[key, device] = (*entry[:4], *(*grid, 1, 1)[:3], entry[4])
+            _BOUND[id(kernel), key, device] = (*entry[:4], *(*grid, 1, 1)[:3], entry[4])
         return
     run, function, metadata, constexprs, gx, gy, gz, _ = bound
     run(gx, gy, gz, _current_stream(device), function, metadata, None, None, None, *addresses, *scalars, *constexprs)
 
 
-def bound_kernel(key: tuple, n_args: int) -> tuple | bool | None:
-    """What `launch_keyed` bound to `key` on the current device, for a launch from C++ (csrc/csa/csa_node.cpp):
+def bound_kernel(kernel, key: tuple, n_args: int) -> tuple | bool | None:
+    """What `launch_keyed` bound to (kernel, key) on the current device, for a launch from C++ (csrc/csa/csa_node.cpp):
     (CUfunction handle, grid, threads per program, dynamic shared memory bytes, the number of trailing scratch
     pointers Triton appends, the kinds of the first `n_args` parameters in Triton's compiled signature: 0
     specialized away, 1 pointer, 2 int32, 3 int64, 4 fp32). None while `key` is unbound; False for a kernel
     that needs more than a plain cuLaunchKernel (scratch memory, clusters, dependent or cooperative launch)."""
-    bound = _BOUND.get((key, torch.cuda.current_device()))
+    bound = _BOUND.get((id(kernel), key, torch.cuda.current_device()))
     if bound is None:
         return None
     *_, gx, gy, gz, compiled = bound
@@ -207,7 +208,7 @@ def bound_kernel(key: tuple, n_args: int) -> tuple | bool | None:
 _current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what Triton's own launch uses
 _DTYPE, _NONE = itertools.repeat("dtype"), itertools.repeat(None)  # getattr(arg, "dtype", None) over args
 _COMPILED: dict = {}
-_BOUND: dict = {}  # launch_keyed: (caller's key, device) -> _COMPILED's entry with the grid before the compiled kernel
+_BOUND: dict = {}  # launch_keyed: (id(kernel), key, device) -> _COMPILED's entry, the grid before its last item
 _ARG_KINDS = {"i32": 2, "i64": 3, "fp32": 4}  # bound_kernel: scalar types of Triton's signatures
 _MAX_ENTRIES = 4096
 FAST_LAUNCH = True  # False: every launch through Triton's JIT front end (bench/csa.py measures both)
@@ -238,6 +239,13 @@ def carve(parts: list[tuple[str, torch.dtype, tuple]]) -> tuple[int, dict[str, t
         layout[name] = (size, dtype, shape)
         size += -(-math.prod(shape) * dtype.itemsize // 16) * 16
     return size, layout
+
+
+def carve_named(parts: list[tuple[str, torch.dtype, tuple]], names: tuple[str, ...]) -> tuple[int, dict, tuple]:
+    """`carve(parts)` and the byte offsets of `names` in its layout, in that order (None for a name it did not
+    place: `addresses` gives the placeholder's address there)."""
+    size, layout = carve(parts)
+    return size, layout, tuple(layout[n][0] if n in layout else None for n in names)
 
 
 def views(ws: torch.Tensor, layout: dict, names: tuple[str, ...]) -> list[torch.Tensor]:

@@ -25,8 +25,8 @@ def checking_launch_keyed(seen: list):
     the remaining arguments, in the kernel's parameter order. Appends each key's first element to `seen`, then
     launches through Triton's front end."""
 
-    def checked(key, first, addresses, scalars):
-        kernel, grid, args, meta = first()
+    def checked(kernel, key, first, addresses, scalars):
+        grid, args, meta = first()
         n = len(addresses)
         assert [a.data_ptr() for a in args[:n]] == list(addresses), key[0]
         assert all(isinstance(a, torch.Tensor) for a in args[:n]) and tuple(args[n:]) == tuple(scalars), key[0]

@@ -53,10 +53,12 @@ def test_keyed_launch_matches_triton():
                 x = base.to(dtype)[offset : offset + n]
                 out = torch.full((n + 64,), float("nan"), device="cuda", dtype=dtype)
                 y = out[64:]  # 128 bytes in: aligned, passed by address
-                first = lambda x=x, y=y, n=n: (_axpb, (triton.cdiv(n, 256),), (x, y, n, 2.0, 0.5), dict(BLOCK=256))
-                common.launch_keyed(("axpb", "cuda", n, dtype), first, (x.data_ptr(), y.data_ptr()), (n, 2.0, 0.5))
+                first = lambda x=x, y=y, n=n: ((triton.cdiv(n, 256),), (x, y, n, 2.0, 0.5), dict(BLOCK=256))
+                ptrs = (x.data_ptr(), y.data_ptr())
+                common.launch_keyed(_axpb, ("axpb", "cuda", n, dtype), first, ptrs, (n, 2.0, 0.5))
                 torch.testing.assert_close(y, (2.0 * x.float() + 0.5 * n).to(dtype))
                 assert out[:64].isnan().all()
     device = torch.cuda.current_device()
-    keys = {(("axpb", "cuda", n, d), device) for n in (16, 17, 1000) for d in (torch.float32, torch.bfloat16)}
+    dtypes = (torch.float32, torch.bfloat16)
+    keys = {(id(_axpb), ("axpb", "cuda", n, d), device) for n in (16, 17, 1000) for d in dtypes}
     assert keys <= set(common._BOUND)

@@ -32,16 +32,18 @@ def fake_compiled(signature: dict, **metadata):
 def test_bound_kernel_reads_signature_and_launch_facts(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     sig = {"X": "*bf16", "Y": "*fp32", "T": "i32", "N": "i64", "s": "fp32", "one": "constexpr", "BLOCK": "constexpr"}
-    monkeypatch.setitem(common._BOUND, (("k",), 0), (None, None, None, (), 3, 2, 1, fake_compiled(sig)))
-    assert common.bound_kernel(("k",), 6) == (1234, (3, 2, 1), 128, 512, 2, [1, 1, 2, 3, 4, 0])
-    assert common.bound_kernel(("other",), 6) is None  # not bound yet
+    kernel, other = object(), object()
+    monkeypatch.setitem(common._BOUND, (id(kernel), ("k",), 0), (None, None, None, (), 3, 2, 1, fake_compiled(sig)))
+    assert common.bound_kernel(kernel, ("k",), 6) == (1234, (3, 2, 1), 128, 512, 2, [1, 1, 2, 3, 4, 0])
+    assert common.bound_kernel(kernel, ("other",), 6) is None  # not bound yet
+    assert common.bound_kernel(other, ("k",), 6) is None  # another kernel under the same key
     for bad in (dict(global_scratch_size=64), dict(num_ctas=2), dict(launch_pdl=True)):
         entry = (None, None, None, (), 3, 2, 1, fake_compiled(sig, **bad))
-        monkeypatch.setitem(common._BOUND, (("k",), 0), entry)
-        assert common.bound_kernel(("k",), 6) is False
+        monkeypatch.setitem(common._BOUND, (id(kernel), ("k",), 0), entry)
+        assert common.bound_kernel(kernel, ("k",), 6) is False
     entry = (None, None, None, (), 3, 2, 1, fake_compiled({**sig, "X": "u64"}))
-    monkeypatch.setitem(common._BOUND, (("k",), 0), entry)
-    assert common.bound_kernel(("k",), 6) is False  # an argument type the node cannot pack
+    monkeypatch.setitem(common._BOUND, (id(kernel), ("k",), 0), entry)
+    assert common.bound_kernel(kernel, ("k",), 6) is False  # an argument type the node cannot pack
 
 
 @pytest.mark.slow

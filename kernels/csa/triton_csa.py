@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import addresses, bound_kernel, carve, cdiv, fast_apply, launch_keyed, views
+from kernels.common import addresses, bound_kernel, carve, carve_named, cdiv, fast_apply, launch_keyed, views
 from kernels.csa import node
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -355,10 +355,10 @@ def csa_fwd(
         dcl, lse = views(ws, saved, SAVED) if save else (o, o)
         grid = (B * Hkv, cdiv(T * H // Hkv, cfg["BLOCK_M"]), 1)
         meta = dict(H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window, SAVE=save, **cfg)
-        return _csa_fwd, grid, (q, k, v, kc, vc, blend, o, dcl, lse, T, Tc, scale * LOG2E), meta
+        return grid, (q, k, v, kc, vc, blend, o, dcl, lse, T, Tc, scale * LOG2E), meta
 
     ptrs = (*map(torch.Tensor.data_ptr, (q, k, v, kc, vc, blend)), o_ptr, dcl_ptr, lse_ptr)
-    launch_keyed(_key("fwd", save, *_facts(q, k, v, kc, vc, blend, window, stride)), first, ptrs,
+    launch_keyed(_csa_fwd, _key("fwd", save, *_facts(q, k, v, kc, vc, blend, window, stride)), first, ptrs,
                  (T, Tc, scale * LOG2E))
     return o, ws
 
@@ -387,22 +387,22 @@ def csa_bwd(
         (dcl, lse), (dx, delta) = views(ws, saved, SAVED), views(tmp, temp, TEMP)
         grid = (B * Hkv, cdiv(T * H // Hkv, cfg_dq["BLOCK_M"]), 1)
         meta = dict(H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window, **cfg_dq)
-        return _csa_bwd_dq, grid, (q, k, v, kc, vc, blend, o, dcl, do, lse, dq, dblend, dx, delta, *scalars), meta
+        return grid, (q, k, v, kc, vc, blend, o, dcl, do, lse, dq, dblend, dx, delta, *scalars), meta
 
     ptrs = (q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, blend.data_ptr(), o.data_ptr(), dcl_ptr, do.data_ptr(), lse_ptr,
             dq.data_ptr(), dblend.data_ptr(), dx_ptr, delta_ptr)
-    launch_keyed(_key("bwd_dq", *facts), first, ptrs, scalars)
+    launch_keyed(_csa_bwd_dq, _key("bwd_dq", *facts), first, ptrs, scalars)
     dk, dv, dkc, dvc = torch.empty_like(k), torch.empty_like(v), torch.empty_like(kc), torch.empty_like(vc)
 
     def first():
         (_, lse), (dx, delta) = views(ws, saved, SAVED), views(tmp, temp, TEMP)
         grid = (B * Hkv, cdiv(Tc, cfg_dkv["BLOCK_N"]) + cdiv(T, cfg_dkv["BLOCK_NR"]), 1)  # compressed, then raw
         meta = dict(H=H, HKV=Hkv, D=D, STRIDE=stride, WINDOW=window, **cfg_dkv)
-        return _csa_bwd_dkv, grid, (q, kc, vc, k, v, dx, lse, delta, dkc, dvc, dk, dv, *scalars), meta
+        return grid, (q, kc, vc, k, v, dx, lse, delta, dkc, dvc, dk, dv, *scalars), meta
 
     ptrs = (q_ptr, kc_ptr, vc_ptr, k_ptr, v_ptr, dx_ptr, lse_ptr, delta_ptr,
             *map(torch.Tensor.data_ptr, (dkc, dvc, dk, dv)))
-    launch_keyed(_key("bwd_dkv", *facts), first, ptrs, scalars)
+    launch_keyed(_csa_bwd_dkv, _key("bwd_dkv", *facts), first, ptrs, scalars)
     return dq, dk, dv, dkc, dvc, dblend
 
 
@@ -418,16 +418,14 @@ def _saved_parts(B: int, T: int, H: int, D: int, dtype: torch.dtype) -> list:
 @functools.lru_cache(maxsize=256)
 def _saved_layout(B: int, T: int, H: int, D: int, dtype: torch.dtype) -> tuple:
     """`carve(_saved_parts(...))` and the offsets of SAVED, per shape."""
-    size, layout = carve(_saved_parts(B, T, H, D, dtype))
-    return size, layout, tuple(layout[n][0] for n in SAVED)
+    return carve_named(_saved_parts(B, T, H, D, dtype), SAVED)
 
 
 @functools.lru_cache(maxsize=256)
 def _temp_layout(B: int, T: int, H: int, D: int, dtype: torch.dtype) -> tuple:
     """The backward's temporaries (`carve`) and their offsets in TEMP's order: dX [B, T, H, 2, D] (dC = blend dO,
     dL = dO - dC, for the key-block launch), then delta [B, H, 2, T] (fp32)."""
-    size, layout = carve([("dx", dtype, (B, T, H, 2, D)), ("delta", torch.float32, (B, H, 2, T))])
-    return size, layout, tuple(layout[n][0] for n in TEMP)
+    return carve_named([("dx", dtype, (B, T, H, 2, D)), ("delta", torch.float32, (B, H, 2, T))], TEMP)
 
 
 def _key(stage: str, *facts) -> tuple:
@@ -568,8 +566,11 @@ def _node_plan(facts: tuple, q: torch.Tensor, kc: torch.Tensor, scale: float):
     path bound and the layouts of its buffers. None while a kernel is still unbound (no call of these facts has
     run its backward yet); False if the node cannot serve them (it did not build, or a kernel needs more than a
     plain launch)."""
-    kernels = (bound_kernel(_key("fwd", True, *facts), 12), bound_kernel(_key("bwd_dq", *facts, q.dtype), 18),
-               bound_kernel(_key("bwd_dkv", *facts, q.dtype), 16))
+    kernels = (
+        bound_kernel(_csa_fwd, _key("fwd", True, *facts), 12),
+        bound_kernel(_csa_bwd_dq, _key("bwd_dq", *facts, q.dtype), 18),
+        bound_kernel(_csa_bwd_dkv, _key("bwd_dkv", *facts, q.dtype), 16),
+    )
     if None in kernels:
         return None
     ext = node.extension()

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import addresses, carve, cdiv, launch_keyed, placeholder, views
+from kernels.common import addresses, carve_named, cdiv, launch_keyed, placeholder, views
 from kernels.gdn.triton_fwd import (
     BT,
     CONFIG,
@@ -287,9 +287,9 @@ def chunk_bwd(
         meta.update(BK=pow2(K), BV=pick_bv(V), USE_DHT=dht is not None, STORE_DH0=need_dh0,
                     num_warps=CONFIG["state_warps"], num_stages=num_stages("state", q))  # fmt: skip
         args = (q, k, x["G"], x["Pm"], x["Wk"], x["Rn"], do, dht_t, x["dhs"], x["dW"], dh0_t, scale, T)
-        return _bwd_state_kernel, (cdiv(V, meta["BV"]), B * H), args, meta
+        return (cdiv(V, meta["BV"]), B * H), args, meta
 
-    launch_keyed(("bwd_state", *facts), first, ptrs, (scale, T))
+    launch_keyed(_bwd_state_kernel, ("bwd_state", *facts), first, ptrs, (scale, T))
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dg, dbeta = torch.empty_like(g), torch.empty_like(beta)
@@ -302,9 +302,9 @@ def chunk_bwd(
                     num_stages=num_stages("out", q))  # fmt: skip
         args = (q, k, x["G"], x["hs"], x["dhs"], x["W"], do, o, x["Rn"], dq, x["dk_o"], x["dG_o"], scale, T)
         # a chunk's K slices adjacent in the grid: they read the same dO, W (and O) tiles, all but the first from L2
-        return _bwd_out_kernel, (cdiv(T, BT) * cdiv(K, _bkh(K)), B * H), args, meta
+        return (cdiv(T, BT) * cdiv(K, _bkh(K)), B * H), args, meta
 
-    launch_keyed(("bwd_out", *facts), first, ptrs, (scale, T))
+    launch_keyed(_bwd_out_kernel, ("bwd_out", *facts), first, ptrs, (scale, T))
     ptrs = (k_ptr, v.data_ptr(), beta.data_ptr(), G, Tinv, hs, dW, dk_o, dG_o, Rn,
             dk.data_ptr(), dv.data_ptr(), dg.data_ptr(), dbeta.data_ptr())  # fmt: skip
 
@@ -313,9 +313,9 @@ def chunk_bwd(
         meta.update(BK=pow2(K), BKH=_bkh(K), BV=pick_bv_chunk("wy", V), num_warps=CONFIG["chunk_warps"],
                     num_stages=num_stages("wy", q))  # fmt: skip
         args = (k, v, beta, x["G"], x["Tinv"], x["hs"], x["dW"], x["dk_o"], x["dG_o"], x["Rn"], dk, dv, dg, dbeta, T)
-        return _bwd_wy_kernel, (cdiv(T, BT), B * H), args, meta
+        return (cdiv(T, BT), B * H), args, meta
 
-    launch_keyed(("bwd_wy", *facts), first, ptrs, (T,))
+    launch_keyed(_bwd_wy_kernel, ("bwd_wy", *facts), first, ptrs, (T,))
     return dq, dk, dv, dg, dbeta, dh0
 
 
@@ -334,6 +334,6 @@ def _temp_layout(B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype) -> 
     trip) and its parts of dG (fp32, one per 64 key columns)."""
     NT = cdiv(T, BT)
     Tp, BH = NT * BT, B * H
-    size, layout = carve([("dhs", dtype, (BH, NT, K, V)), ("dW", dtype, (BH, Tp, V)), ("dk_o", dtype, (BH, Tp, K)),
-                          ("dG_o", torch.float32, (cdiv(K, _bkh(K)), BH, Tp))])  # fmt: skip
-    return size, layout, tuple(layout[n][0] for n in TEMP)
+    parts = [("dhs", dtype, (BH, NT, K, V)), ("dW", dtype, (BH, Tp, V)), ("dk_o", dtype, (BH, Tp, K)),
+             ("dG_o", torch.float32, (cdiv(K, _bkh(K)), BH, Tp))]  # fmt: skip
+    return carve_named(parts, TEMP)

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import addresses, carve, cdiv, launch_keyed, placeholder, views
+from kernels.common import addresses, carve_named, cdiv, launch_keyed, placeholder, views
 
 BT = 64  # chunk length
 NORM_EPS = 1e-6  # of the q/k L2 norm, as `kernels.gdn.l2norm`
@@ -335,8 +335,7 @@ def saved_parts(B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype, l2no
 @functools.lru_cache(maxsize=256)
 def saved_layout(B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype, l2norm: bool, save: bool) -> tuple:
     """`carve(saved_parts(...))` and the offsets of SAVED (None where absent), per shape."""
-    size, layout = carve(saved_parts(B, T, H, K, V, dtype, l2norm, save))
-    return size, layout, tuple(layout[n][0] if n in layout else None for n in SAVED)
+    return carve_named(saved_parts(B, T, H, K, V, dtype, l2norm, save), SAVED)
 
 
 def op_facts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, *flags) -> tuple:
@@ -392,9 +391,9 @@ def _prep(q, k, v, g, beta, ws, layout, U, scale: float, l2norm: bool, facts: tu
         meta = dict(H=H, K=K, V=V, BT=BT, BK=pow2(K), BV=pow2(V), L2NORM=l2norm, PREC=_prec(q),
                     num_warps=CONFIG["prep_warps"], num_stages=1, maxnreg=CONFIG["prep_maxnreg"])  # fmt: skip
         args = (q, k, v, g, beta, G, Tinv, Pm, Wk, U, Rn, scale, NORM_EPS, T)
-        return _prep_kernel, (cdiv(T, BT), B * H), args, meta
+        return (cdiv(T, BT), B * H), args, meta
 
-    launch_keyed(("prep", *facts), first, ptrs, (scale, NORM_EPS, T))
+    launch_keyed(_prep_kernel, ("prep", *facts), first, ptrs, (scale, NORM_EPS, T))
 
 
 def _state_out(q, k, ws, layout, U, h0, o, ht, scale: float, use_h0: bool, save: bool, l2norm: bool,
@@ -410,6 +409,6 @@ def _state_out(q, k, ws, layout, U, h0, o, ht, scale: float, use_h0: bool, save:
                     L2NORM=l2norm, PREC=_prec(q), num_warps=CONFIG["state_warps"],
                     num_stages=num_stages("state", q))  # fmt: skip
         args = (q, k, G, Pm, Wk, U, Rn, h0, o, G if ht is None else ht, hs, W, scale, T)  # G: ht not written
-        return _state_out_kernel, (cdiv(V, BV), B * H), args, meta
+        return (cdiv(V, BV), B * H), args, meta
 
-    launch_keyed(("state_out", *facts), first, ptrs, (scale, T))
+    launch_keyed(_state_out_kernel, ("state_out", *facts), first, ptrs, (scale, T))
