@@ -63,6 +63,7 @@ def _chunked_loss(x: Tensor, weight: Tensor, targets: Tensor, ignore_index: int,
             if with_grad:
                 dx[rows] = logits @ wm
                 dw += (logits.t() @ xm[rows]).to(acc_dtype)
+            del logits  # else the next chunk's logits are allocated while this chunk's are still held
     # mean over valid rows: 0 / 0 = nan when every target is ignored, as F.cross_entropy gives
     return total / n_valid, dx, dw
 
