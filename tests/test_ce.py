@@ -145,8 +145,9 @@ def test_gpu_bf16_model_shape_matches_plain_head():
 
 @pytest.mark.gpu
 def test_gpu_extra_memory_is_one_chunk_of_logits():
-    """Beyond dx and dW, the loss holds one chunk of logits at a time: a chunk's logits are freed before the
-    next chunk's are allocated (holding two cost the 95m training step 0.24 GiB of its peak)."""
+    """Beyond dx and dW, the loss holds one chunk of logits and dW's product for that chunk (in the matmul dtype)
+    at a time: a chunk's logits are freed before the next chunk's are allocated (holding two, and an fp32 copy of
+    the product, cost the compiled 95m training step 0.2 GiB of its peak)."""
     torch.manual_seed(0)
     n, vocab, dim, chunk_rows = 16384, 32000, 576, 4096
     x = torch.randn(n, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -158,5 +159,5 @@ def test_gpu_extra_memory_is_one_chunk_of_logits():
     linear_cross_entropy(x, w, y, chunk_rows=chunk_rows, backend="triton")
     extra = torch.cuda.max_memory_allocated() - before
     held = n * dim * 2 + vocab * dim * 4  # dx (bf16) and dW (fp32), kept for the backward
-    chunk = chunk_rows * vocab * 2  # one chunk of bf16 logits; dW's bf16 product and its fp32 copy come on top
-    assert extra < held + 1.6 * chunk, (extra - held) / chunk
+    chunk, product = chunk_rows * vocab * 2, vocab * dim * 2  # bf16 logits of one chunk, dW's bf16 product
+    assert extra < held + 1.1 * (chunk + product), (extra - held) / (chunk + product)

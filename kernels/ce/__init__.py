@@ -61,8 +61,8 @@ def _chunked_loss(x: Tensor, weight: Tensor, targets: Tensor, ignore_index: int,
             logits = xm[rows] @ wm.t()  # becomes the logits' gradient in place when with_grad
             total += rows_step(logits, targets[rows], ignore_index, scale, with_grad).sum()
             if with_grad:
-                dx[rows] = logits @ wm
-                dw += (logits.t() @ xm[rows]).to(acc_dtype)
+                torch.mm(logits, wm, out=dx[rows])
+                dw.add_(logits.t() @ xm[rows])  # (promoted element by element: no converted copy of the product)
             del logits  # else the next chunk's logits are allocated while this chunk's are still held
     # mean over valid rows: 0 / 0 = nan when every target is ignored, as F.cross_entropy gives
     return total / n_valid, dx, dw
@@ -99,7 +99,7 @@ _loss_with_grads.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -1,
-                         chunk_rows: int = 4096, backend: str = "auto") -> Tensor:  # fmt: skip
+                         chunk_rows: int = 2048, backend: str = "auto") -> Tensor:  # fmt: skip
     """Mean cross-entropy of logits = x @ weight.T against targets, without materializing the logits.
 
     Args:
