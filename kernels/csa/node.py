@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -30,6 +31,7 @@ def extension():
     try:
         from torch.utils.cpp_extension import load
 
+        print("hyla: loading the CSA autograd node (built once, then cached)", file=sys.stderr)
         return load(name="hyla_csa_node", sources=[str(SOURCE)], extra_cflags=["-O2"], extra_ldflags=["-ldl"])
     except Exception as e:  # no compiler, no ninja, no source: the Python autograd.Function serves
         warnings.warn(f"hyla: the CSA autograd node did not build, eager CSA keeps its Python path ({e})", stacklevel=2)
