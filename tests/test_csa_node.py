@@ -102,3 +102,58 @@ def test_node_leaves_misaligned_inputs_to_python_gpu():
     assert relerr(out, ref_out) < 1e-2
     for name, a, b in zip(GRAD_NAMES, grads, ref_grads, strict=True):
         assert relerr(a, b) < 1e-2, name
+
+
+@pytest.mark.gpu
+def test_node_replays_from_a_cuda_graph_gpu():
+    """Forward and backward through the node captured in a CUDA graph (its launches go to the capturing stream)
+    and replayed: the same outputs and gradients as eager calls."""
+    xs = make_inputs(2, 128, 9, 3, 64, device="cuda", dtype=torch.bfloat16)
+    do = torch.randn(2, 128, 9, 64, device="cuda", dtype=torch.bfloat16)
+    grads_of(xs, do)  # binds the kernels
+    out, grads = grads_of(xs, do)
+    assert "CSANode" in out.grad_fn.name()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        grads_of(xs, do)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out, g_grads = grads_of(xs, do)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(g_out, out)
+    for name, a, b in zip(GRAD_NAMES, g_grads, grads, strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.gpu
+def test_model_csa_layer_trains_through_the_node_gpu(monkeypatch):
+    """The model's CSA layer in eager training: from its second step its attention runs through the node, and
+    the gradients of the layer's input and parameters equal those of the Python path."""
+    from model import model as model_mod
+    from model.config import HylaConfig
+
+    cfg, T = HylaConfig(), 256
+    torch.manual_seed(0)
+    layer = model_mod.CSA(cfg).cuda().to(torch.bfloat16)
+    rope = tuple(t.cuda() for t in model_mod.rope_tables(torch.arange(T), cfg.rotary_dim, cfg.rope_theta))
+    x = torch.randn(2, T, cfg.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn_like(x)
+    leaves = [x, *layer.parameters()]
+    core, seen = model_mod.csa_attention, []
+
+    def recording(*args, **kwargs):
+        out = core(*args, **kwargs)
+        seen.append(out.grad_fn.name())
+        return out
+
+    monkeypatch.setattr(model_mod, "csa_attention", recording)
+    monkeypatch.setattr(node, "ENABLED", False)
+    expected = torch.autograd.grad(layer(x, rope), leaves, dy)  # the Python path, which binds the kernels
+    monkeypatch.setattr(node, "ENABLED", True)
+    got = torch.autograd.grad(layer(x, rope), leaves, dy)
+    assert "CSANode" not in seen[0] and "CSANode" in seen[1], seen
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
