@@ -15,7 +15,7 @@ import torch
 import kernels.csa as csa
 from kernels import common
 from kernels.csa import node
-from tests.helpers import relerr
+from tests.helpers import relerr, run_without_interpreter
 from tests.test_csa_triton import GRAD_NAMES, make_inputs
 
 pytestmark = pytest.mark.usefixtures("poison_empty")  # tests/conftest.py
@@ -102,6 +102,27 @@ def test_node_leaves_misaligned_inputs_to_python_gpu():
     assert relerr(out, ref_out) < 1e-2
     for name, a, b in zip(GRAD_NAMES, grads, ref_grads, strict=True):
         assert relerr(a, b) < 1e-2, name
+
+
+@pytest.mark.gpu
+def test_node_backward_first_on_autograd_thread_gpu():
+    """In a fresh process whose first backward is the node's, autograd's device thread has made no CUDA call
+    yet (no current context) when the node launches there: the node makes the device's context current."""
+    code = """
+import torch
+from kernels.csa import triton_csa
+from tests.test_csa_triton import make_inputs
+xs = make_inputs(1, 64, 9, 3, 64, device="cuda", dtype=torch.bfloat16)
+x0 = [x.detach() for x in xs]
+o, ws = triton_csa.csa_fwd(*x0, 64, 4, 0.125, True)  # binds the three kernels on this thread
+triton_csa.csa_bwd(torch.randn_like(o), *x0, o, ws, 64, 4, 0.125)
+out = triton_csa.csa_attention_triton(*xs, 64, 4, 0.125)
+assert "CSANode" in out.grad_fn.name(), out.grad_fn.name()
+grads = torch.autograd.grad(out, xs, torch.randn_like(out))
+torch.cuda.synchronize()
+print(all(bool(torch.isfinite(g).all()) for g in grads))
+"""
+    assert run_without_interpreter(code, timeout=120).split()[-1] == "True"
 
 
 @pytest.mark.gpu

@@ -8,8 +8,8 @@
 // taking the GIL, and the forward skips the Python Function's entry. At small batches the op is
 // host-bound, and that host time is most of the step (profiles/csa.md).
 //
-// Only the driver's cuLaunchKernel is needed, looked up in the libcuda that torch already loaded, and the
-// current stream comes through c10's device-generic interface: the file builds against CPU and CUDA
+// Only the driver's launch and context calls are needed, looked up in the libcuda that torch already loaded, and
+// the current stream comes through c10's device-generic interface: the file builds against CPU and CUDA
 // builds of torch alike (CI compiles it on a CPU machine).
 
 #include <dlfcn.h>
@@ -56,19 +56,49 @@ union Arg {  // one runtime argument before it is packed by its kind
   double real;
 };
 
-using LaunchFn = int (*)(void*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void*,
-                         void**, void**);
+// The driver entry points the node calls (CUresult is an int, handles are pointers).
+struct Driver {
+  int (*launch_kernel)(void*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void*, void**,
+                       void**);
+  int (*ctx_get_current)(void**);
+  int (*ctx_set_current)(void*);
+  int (*device_get)(int*, int);
+  int (*primary_ctx_retain)(void**, int);
+};
 
-LaunchFn cu_launch_kernel() {
-  static const LaunchFn fn = [] {
+const Driver& driver() {
+  static const Driver d = [] {
     void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
     if (lib == nullptr) lib = dlopen("libcuda.so.1", RTLD_NOW);
     TORCH_CHECK(lib != nullptr, "hyla csa node: cannot open libcuda.so.1");
-    auto f = reinterpret_cast<LaunchFn>(dlsym(lib, "cuLaunchKernel"));
-    TORCH_CHECK(f != nullptr, "hyla csa node: libcuda has no cuLaunchKernel");
-    return f;
+    auto sym = [lib](const char* name) {
+      void* f = dlsym(lib, name);
+      TORCH_CHECK(f != nullptr, "hyla csa node: libcuda has no ", name);
+      return f;
+    };
+    Driver r;
+    r.launch_kernel = reinterpret_cast<decltype(r.launch_kernel)>(sym("cuLaunchKernel"));
+    r.ctx_get_current = reinterpret_cast<decltype(r.ctx_get_current)>(sym("cuCtxGetCurrent"));
+    r.ctx_set_current = reinterpret_cast<decltype(r.ctx_set_current)>(sym("cuCtxSetCurrent"));
+    r.device_get = reinterpret_cast<decltype(r.device_get)>(sym("cuDeviceGet"));
+    r.primary_ctx_retain = reinterpret_cast<decltype(r.primary_ctx_retain)>(sym("cuDevicePrimaryCtxRetain"));
+    return r;
   }();
-  return fn;
+  return d;
+}
+
+// The driver API launches in the thread's current context. A thread that has made no CUDA runtime call yet (such
+// as autograd's device thread when this node's backward is the first work it runs) has none: make the device's
+// primary context current there, the one torch and Triton use.
+void ensure_context(c10::DeviceIndex index) {
+  const Driver& d = driver();
+  void* ctx = nullptr;
+  TORCH_CHECK(d.ctx_get_current(&ctx) == 0, "hyla csa node: cuCtxGetCurrent failed");
+  if (ctx != nullptr) return;
+  int device = 0;
+  TORCH_CHECK(d.device_get(&device, index) == 0, "hyla csa node: cuDeviceGet failed");
+  TORCH_CHECK(d.primary_ctx_retain(&ctx, device) == 0 && d.ctx_set_current(ctx) == 0,
+              "hyla csa node: cannot make the primary context current");
 }
 
 void launch(const Kernel& k, const std::vector<Arg>& args, void* stream) {
@@ -104,8 +134,8 @@ void launch(const Kernel& k, const std::vector<Arg>& args, void* stream) {
     params.push_back(slot);
   }
   for (unsigned s = 0; s < k.scratch; ++s) params.push_back(&slots[params.size()]);
-  const int err = cu_launch_kernel()(k.function, k.grid[0], k.grid[1], k.grid[2], k.threads, 1, 1, k.shared,
-                                     stream, params.data(), nullptr);
+  const int err = driver().launch_kernel(k.function, k.grid[0], k.grid[1], k.grid[2], k.threads, 1, 1, k.shared,
+                                         stream, params.data(), nullptr);
   TORCH_CHECK(err == 0, "hyla csa node: cuLaunchKernel failed (CUresult ", err, ")");
 }
 
@@ -142,6 +172,7 @@ struct CSANode : public torch::autograd::Function<CSANode> {
                                const Tensor& kc, const Tensor& vc, const Tensor& blend, const Plan* plan) {
     const Plan& p = *plan;
     c10::DeviceGuard guard(q.device());
+    ensure_context(q.device().index());
     Tensor o = torch::empty_like(q);
     Tensor ws = torch::empty({p.saved_bytes}, q.options().dtype(torch::kUInt8));
     const uint64_t base = address(ws);
@@ -159,6 +190,7 @@ struct CSANode : public torch::autograd::Function<CSANode> {
     const variable_list s = ctx->get_saved_variables();
     const Tensor &q = s[0], &k = s[1], &v = s[2], &kc = s[3], &vc = s[4], &blend = s[5], &o = s[6], &ws = s[7];
     c10::DeviceGuard guard(q.device());
+    ensure_context(q.device().index());
     Tensor dout = grads[0].to(q.scalar_type()).contiguous();
     if (address(dout) % 16 != 0) dout = dout.clone();  // the kernels were specialized on aligned pointers
     void* stream = current_stream(q);
