@@ -3,8 +3,8 @@
 On CPU: the extension builds against this torch (a C++ syntax or API error fails here), its plans reject
 malformed kernel descriptions, and `kernels.common.bound_kernel` reads a compiled kernel's launch facts. On
 a GPU: the node's outputs and gradients are bitwise those of the Python autograd.Function path (same
-kernels, same arguments), for several lengths, a non-contiguous output gradient, and inputs it must leave
-to the Python path.
+kernels, same arguments), for several lengths, a non-contiguous output gradient, and the model's CSA layer in
+training; inputs it must leave to the Python path; a process whose first backward is the node's.
 """
 
 from types import SimpleNamespace
