@@ -167,7 +167,8 @@ std::mutex plans_mutex;
 std::vector<std::shared_ptr<Plan>> plans;
 
 struct CSANode : public torch::autograd::Function<CSANode> {
-  // Inputs contiguous, k, v, kc, vc in q's dtype, 16-byte aligned (kernels/csa/node.py checks).
+  // Inputs contiguous, k, v, kc, vc in q's dtype, 16-byte aligned (csa_attention_triton and _node_apply in
+  // kernels/csa/triton_csa.py see to it).
   static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
                                const Tensor& kc, const Tensor& vc, const Tensor& blend, const Plan* plan) {
     const Plan& p = *plan;
