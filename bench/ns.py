@@ -344,6 +344,8 @@ def main() -> None:
         lambda: triton_ns.newton_schulz_triton(stacks, sched, config=cfg, graphs=False),
     )
     run("triton grouped, no symmetry", lambda: triton_ns.newton_schulz_triton(stacks, sched, sym=False, config=cfg))
+    padded = dataclasses.replace(cfg, half_tiles=False)
+    run("triton grouped, no half tiles", lambda: triton_ns.newton_schulz_triton(stacks, sched, config=padded))
     main_idx = [i for i, S in enumerate(stacks) if min(S.shape[1:]) > triton_ns.TINY]
     main_set = [stacks[i] for i in main_idx]
     main_ms = median_ms(lambda: triton_ns.newton_schulz_triton(main_set, sched, config=cfg))

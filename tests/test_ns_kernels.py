@@ -4,6 +4,7 @@ kernel backends in bf16 on the 95m model's Muon shapes."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -18,7 +19,9 @@ from kernels.ns.reference import newton_schulz as ns_ref
 from tests.helpers import relerr, run_without_interpreter
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = triton_ns.Config(bs=16, bk=16, bm=16, bn=32, bk3=16)  # interpreter-sized tiles
+# interpreter-sized tiles; sides <= 16 (and 40 = 32 + 8) leave a last block of at most half a tile, which
+# gets half tiles (16 wide: the smallest tensor-core product)
+SMALL = triton_ns.Config(bs=32, bk=16, bm=32, bn=32, bk3=16)
 
 
 def ref64(G: torch.Tensor, schedule=None) -> torch.Tensor:
@@ -48,6 +51,7 @@ def _mixed_inputs(gen: torch.Generator) -> list[torch.Tensor]:
         torch.randn(2, 7, 7, generator=gen),
         torch.randn(40, 4, generator=gen),
         torch.randn(9, 33, generator=gen),
+        torch.randn(40, 70, generator=gen),
     ]
 
 
@@ -67,6 +71,20 @@ def test_triton_interpreter_grouped_matches_reference(sym):
     assert torch.equal(alone, outs[0][1])
     single = triton_ns.newton_schulz_triton([Gs[1]], [NS_COEFFS] * 5, work_dtype=torch.float32, config=SMALL)[0]
     assert torch.equal(single, outs[1])
+
+
+@interpreter
+def test_triton_interpreter_half_tiles():
+    """The plan gives a side 40 = 32 + 8 every kind of tile; results equal those of padded full tiles."""
+    plan = triton_ns._plan(((40, 70),), SMALL, True, torch.device("cpu"))
+    assert plan.tiles_sym[:, 1:].tolist() == [[0, 0, 0], [0, 32, 1], [32, 32, 2]]  # (row, col, kind)
+    assert sorted({tuple(t) for t in plan.tiles_x[:, 1:4:2].tolist()}) == [(0, 0), (32, 3)]
+    Gs = _mixed_inputs(torch.Generator().manual_seed(7))
+    half = triton_ns.newton_schulz_triton(Gs, [NS_COEFFS] * 5, work_dtype=torch.float32, config=SMALL)
+    full = triton_ns.newton_schulz_triton(Gs, [NS_COEFFS] * 5, work_dtype=torch.float32,
+                                          config=dataclasses.replace(SMALL, half_tiles=False))  # fmt: skip
+    for X, Y in zip(half, full, strict=True):
+        assert relerr(X, Y) < 1e-6
 
 
 @interpreter

@@ -7,18 +7,24 @@ launches:
 
     stage 0:  X_0 = G                         prep: G (any float dtype, either orientation) -> workspace
     stage 1:  A = X X^T                       tiles of A [m, m], K = n
-    stage 2:  B = b A + c A A^T               tiles of B [m, m], K = m    (A is symmetric: A^2 = A A^T)
-    stage 3:  X' = a X + B X                  tiles of X' [m, n], K = m; the last step writes X' in G's
+    stage 2:  B = a I + b A + c A A^T         tiles of B [m, m], K = m    (A is symmetric: A^2 = A A^T)
+    stage 3:  X' = B X                        tiles of X' [m, n], K = m; the last step writes X' in G's
                                               layout and dtype straight to the output
+
+(a X + (b A + c A^2) X = (a I + b A + c A^2) X: folding a I into B's diagonal makes stage 3 a plain product,
+with no second read of X in its epilogue; in bf16 both forms give the same error against the float64
+iteration, profiles/ns.md.)
 
 Operands are in the work dtype (bf16; fp32 for tests, with exact fp32 products, and for matrices with a
 side <= TINY, with 3-pass tf32 products, see `newton_schulz_triton`), accumulation in fp32. A and B are
 symmetric, so with `sym=True` the tables hold only the tiles on and above the diagonal and each
-off-diagonal tile is also stored mirrored (half the FLOPs of stages 1 and 2).
+off-diagonal tile is also stored mirrored (half the FLOPs of stages 1 and 2). When a side m leaves a last
+block of at most half a tile (576 = 4 * 128 + 64), that block gets half tiles instead of a padded full one
+(`Config.half_tiles`): 12.5% fewer tile rows in stage 3 and ~18% less tile area in stages 1-2 at m = 576.
 
 Frobenius normalization is fused: the prep writes each tile's sum of squares of G; step 0's stage 1
 forms s = ||G||_F + eps from them and computes A_0 = (G G^T) / s^2 (scaling its fp32 accumulator), and
-step 0's stage 3 applies 1 / s in its epilogue: X_1 = (a G + B_0 G) / s.
+step 0's stage 3 applies 1 / s in its epilogue: X_1 = B_0 G / s.
 
 Muon's update fuses into the same two ends (`muon_update_triton`): stage 0 reads the gradient and the
 momentum buffer, writes the new buffer M = mu M + G and puts U = G + mu M (Nesterov) or M into the
@@ -44,8 +50,8 @@ import triton.language as tl
 # ALIGN elements and the columns past a matrix's width are zeros, so the contiguous dimension of every tile
 # is masked against a multiple of ALIGN (16-byte vector loads) and the zero padding adds nothing to any
 # product.
-M_M, M_N, M_LDX, M_LDA, M_XOFF, M_AOFF, M_NDIAG, M_TALL, M_LDG, M_NPART = (tl.constexpr(c) for c in range(10))
-META_COLS = tl.constexpr(10)
+M_M, M_N, M_LDX, M_LDA, M_XOFF, M_AOFF, M_TALL, M_LDG, M_NPART = (tl.constexpr(c) for c in range(9))
+META_COLS = tl.constexpr(9)
 # per-call table io (int64): offsets in elements of matrix k's source (from `g`), momentum buffer (from
 # `mbuf`, Muon only) and destination (from `out`: the output, or the parameter for Muon)
 IO_SRC, IO_BUF, IO_DST = (tl.constexpr(c) for c in range(3))
@@ -61,7 +67,8 @@ ALIGN = tl.constexpr(ALIGN_N)
 class Config:
     """Tile shapes: `bs` x `bs` tiles (K step `bk`) for the symmetric stages 1-2, `bm` x `bn` (K step
     `bk3`) for stage 3 (and stage 0's tiles); warps and pipeline depth per stage; the products' precision
-    when the work dtype is fp32 (tl.dot input_precision: "ieee" = FMA, or "tf32x3" on tensor cores)."""
+    when the work dtype is fp32 (tl.dot input_precision: "ieee" = FMA, or "tf32x3" on tensor cores);
+    `half_tiles`: a last row (and column) block of at most half a tile gets half-sized tiles."""
 
     bs: int = 128
     bk: int = 64
@@ -73,6 +80,12 @@ class Config:
     warps3: int = 8
     stages3: int = 3
     fp32_dot: str = "ieee"
+    half_tiles: bool = True
+
+
+# tile kinds (column 3 of the tile tables): full, full rows x half columns (the last column block of a
+# symmetric stage), half x half (its corner), half rows x full columns (stage 3's last row block)
+FULL, HALF_COLS, HALF_BOTH, HALF_ROWS = (tl.constexpr(c) for c in range(4))
 
 
 @triton.jit
@@ -112,8 +125,62 @@ def _io(io, k, col):
 
 
 @triton.jit
+def _sym_tile(src, ld, dst, lda, m, r0, c0, scale, coef_a, coef_b, coef_c,
+              STAGE: tl.constexpr, SYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+              DOT_PREC: tl.constexpr):  # fmt: skip
+    """Tile [r0:r0+BM, r0:r0+BN] of A = scale * X X^T (stage 1, src = X, K = n) or of
+    B = a I + b A + c A A^T (stage 2, src = A, K = m), and with SYM its mirror."""
+    rows = r0 + tl.arange(0, BM)
+    cols = c0 + tl.arange(0, BN)
+    kk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, ld, BK):
+        lt = _w_tile(src, rows, k0 + kk, m, ld)
+        rt = _w_tile(src, cols, k0 + kk, m, ld)
+        acc = tl.dot(lt, tl.trans(rt), acc, input_precision=DOT_PREC)
+    if STAGE == 1:
+        acc = acc * scale
+    else:
+        acc = coef_c * acc + coef_b * _w_tile(src, rows, cols, m, lda).to(tl.float32)
+        acc = tl.where(rows[:, None] == cols[None, :], acc + coef_a, acc)
+    y = acc.to(dst.dtype.element_ty)
+    p, mask = _w_ptrs(dst, rows, cols, m, lda)
+    tl.store(p, y, mask=mask)
+    if SYM:  # the mirror tile; the padding columns of its row block are covered as well
+        mask = (cols[None, :] < m) & (rows[:, None] < lda) & (r0 != c0)
+        tl.store(dst + cols[None, :] * lda + rows[:, None], y, mask=mask)
+
+
+@triton.jit
+def _x_tile(b, ldb, x, ldx, x_out, out, hyper, k, m, n, ldg, tall, r0, c0, scale,
+            LAST: tl.constexpr, MUON: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+            DOT_PREC: tl.constexpr):  # fmt: skip
+    """Tile [r0:r0+BM, c0:c0+BN] of X' = scale * B X; the last step writes it in G's layout to `out` (for
+    Muon: W = decay W - alpha X' in place), the others to the workspace `x_out`."""
+    rows = r0 + tl.arange(0, BM)
+    cols = c0 + tl.arange(0, BN)
+    kk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, ldb, BK):
+        acc = tl.dot(_w_tile(b, rows, k0 + kk, m, ldb), _w_tile(x, k0 + kk, cols, m, ldx), acc,
+                     input_precision=DOT_PREC)  # fmt: skip
+    y = (acc * scale).to(x_out.dtype.element_ty)
+    if LAST:  # the result, rounded to the work dtype like every X, in G's layout
+        if MUON:
+            decay = tl.load(hyper + k * H_COLS + H_DECAY)
+            alpha = tl.load(hyper + k * H_COLS + H_ALPHA)
+            w = decay * _g_load(out, rows, cols, m, n, ldg, tall).to(tl.float32) - alpha * y.to(tl.float32)
+            _g_store(out, w.to(out.dtype.element_ty), rows, cols, m, n, ldg, tall)
+        else:
+            _g_store(out, y.to(out.dtype.element_ty), rows, cols, m, n, ldg, tall)
+    else:
+        p, mask = _w_ptrs(x_out, rows, cols, m, ldx)
+        tl.store(p, y, mask=mask)
+
+
+@triton.jit
 def _ns_stage_kernel(
-    tiles,  # int32 [T, 3]: (matrix, tile row, tile col)
+    tiles,  # int32 [T, 4]: (matrix, first row, first column, tile kind)
     meta,  # int64 [K, META_COLS]
     io,  # int64 [K, IO_COLS]: per-call offsets (stage 0 and the last stage 3)
     hyper,  # fp32 [K, H_COLS]: Muon's per-matrix scalars (MUON only)
@@ -141,9 +208,10 @@ def _ns_stage_kernel(
     DOT_PREC: tl.constexpr,
 ):
     t = tl.program_id(0)
-    k = tl.load(tiles + 3 * t)
-    i = tl.load(tiles + 3 * t + 1)
-    j = tl.load(tiles + 3 * t + 2)
+    k = tl.load(tiles + 4 * t)
+    r0 = tl.multiple_of(tl.load(tiles + 4 * t + 1), 16)  # tiles start at multiples of 16 (ALIGN) elements
+    c0 = tl.multiple_of(tl.load(tiles + 4 * t + 2), 16)
+    kind = tl.load(tiles + 4 * t + 3)
     row = meta + k * META_COLS
     m = tl.load(row + M_M).to(tl.int32)
     n = tl.load(row + M_N).to(tl.int32)
@@ -151,18 +219,18 @@ def _ns_stage_kernel(
     lda = tl.multiple_of(tl.load(row + M_LDA).to(tl.int32), ALIGN)
     x_off = tl.multiple_of(tl.load(row + M_XOFF), ALIGN)
     a_off = tl.multiple_of(tl.load(row + M_AOFF), ALIGN)
-    wdt = x_out.dtype.element_ty
-    rows = i * BM + tl.arange(0, BM)
-    cols = j * BN + tl.arange(0, BN)
-    kk = tl.arange(0, BK)
+    scale = 1.0
     if FIRST and (STAGE == 1 or STAGE == 3):  # s = ||G||_F + eps from the prep's partial sums
         d = tl.arange(0, NPART)
         s = tl.sqrt(tl.sum(tl.load(sumsq + k * NPART + d, mask=d < tl.load(row + M_NPART), other=0.0))) + eps
+        scale = 1.0 / (s * s) if STAGE == 1 else 1.0 / s  # A_0 = G G^T / s^2;  X_1 = B_0 G / s
     if STAGE == 0 or (STAGE == 3 and LAST):  # G's layout: [mo, ldg] row-major, read as X = G^T when tall
         ldg = tl.multiple_of(tl.load(row + M_LDG).to(tl.int32), ALIGN)
         tall = tl.load(row + M_TALL) != 0
 
-    if STAGE == 0:  # prep: X_0 = G, or for Muon M = mu M + G, X_0 = G + mu M (Nesterov) or M
+    if STAGE == 0:  # prep (full tiles, masked): X_0 = G, or for Muon M = mu M + G, X_0 = G + mu M or M
+        rows = r0 + tl.arange(0, BM)
+        cols = c0 + tl.arange(0, BN)
         v = _g_load(g + _io(io, k, IO_SRC), rows, cols, m, n, ldg, tall)
         if MUON:
             mu = tl.load(hyper + k * H_COLS + H_MU)
@@ -172,61 +240,39 @@ def _ns_stage_kernel(
             _g_store(mp, mom.to(mbuf.dtype.element_ty), rows, cols, m, n, ldg, tall)
             v = tl.where(tl.load(hyper + k * H_COLS + H_NEST) != 0, v + mu * mom, mom)
         v2 = v.to(tl.float32) * v.to(tl.float32)
-        tl.store(sumsq + k * NPART + i * tl.cdiv(n, BN) + j, tl.sum(tl.sum(v2, axis=1), axis=0))
+        tl.store(sumsq + k * NPART + (r0 // BM) * tl.cdiv(n, BN) + c0 // BN, tl.sum(tl.sum(v2, axis=1), axis=0))
         p, mask = _w_ptrs(x_out + x_off, rows, cols, m, ldx)
-        tl.store(p, v.to(wdt), mask=mask)
-    elif STAGE == 3:  # X' = a X + B X
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        bp = b_buf + a_off
-        xp = x_in + x_off
-        for k0 in range(0, lda, BK):
-            acc = tl.dot(_w_tile(bp, rows, k0 + kk, m, lda), _w_tile(xp, k0 + kk, cols, m, ldx), acc,
-                         input_precision=DOT_PREC)  # fmt: skip
-        acc += coef_a * _w_tile(xp, rows, cols, m, ldx).to(tl.float32)
-        if FIRST:  # X_1 = (a G + B_0 G) / s
-            acc = acc / s
-        y = acc.to(wdt)
-        if LAST:  # the result, rounded to the work dtype like every X, in G's layout
+        tl.store(p, v.to(x_out.dtype.element_ty), mask=mask)
+    elif STAGE == 3:
+        if LAST:
             dst = out + _io(io, k, IO_DST)
-            if MUON:  # W = decay W - alpha X
-                decay = tl.load(hyper + k * H_COLS + H_DECAY)
-                alpha = tl.load(hyper + k * H_COLS + H_ALPHA)
-                w = decay * _g_load(dst, rows, cols, m, n, ldg, tall).to(tl.float32) - alpha * y.to(tl.float32)
-                _g_store(dst, w.to(out.dtype.element_ty), rows, cols, m, n, ldg, tall)
-            else:
-                _g_store(dst, y.to(out.dtype.element_ty), rows, cols, m, n, ldg, tall)
         else:
-            p, mask = _w_ptrs(x_out + x_off, rows, cols, m, ldx)
-            tl.store(p, y, mask=mask)
-    else:  # symmetric [m, m] products: A = X X^T (K = n) or B = b A + c A A^T (K = m)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+            dst, ldg, tall = out, 0, False
+        args = (b_buf + a_off, lda, x_in + x_off, ldx, x_out + x_off, dst, hyper, k, m, n, ldg, tall, r0, c0, scale)
+        if kind == FULL:
+            _x_tile(*args, LAST, MUON, BM, BN, BK, DOT_PREC)
+        else:
+            _x_tile(*args, LAST, MUON, BM // 2, BN, BK, DOT_PREC)
+    else:
         if STAGE == 1:
-            src, ld = x_in + x_off, ldx
+            src, ld, dst = x_in + x_off, ldx, a_buf + a_off
         else:
-            src, ld = a_buf + a_off, lda
-        for k0 in range(0, ld, BK):
-            lt = _w_tile(src, rows, k0 + kk, m, ld)
-            rt = _w_tile(src, cols, k0 + kk, m, ld)
-            acc = tl.dot(lt, tl.trans(rt), acc, input_precision=DOT_PREC)
-        if STAGE == 1:
-            if FIRST:  # A_0 = G G^T / s^2
-                acc = acc / (s * s)
-            dst = a_buf + a_off
+            src, ld, dst = a_buf + a_off, lda, b_buf + a_off
+        args = (src, ld, dst, lda, m, r0, c0, scale, coef_a, coef_b, coef_c)
+        if kind == FULL:
+            _sym_tile(*args, STAGE, SYM, BM, BN, BK, DOT_PREC)
+        elif kind == HALF_COLS:
+            _sym_tile(*args, STAGE, SYM, BM, BN // 2, BK, DOT_PREC)
         else:
-            acc = coef_c * acc + coef_b * _w_tile(src, rows, cols, m, lda).to(tl.float32)
-            dst = b_buf + a_off
-        p, mask = _w_ptrs(dst, rows, cols, m, lda)
-        tl.store(p, acc.to(wdt), mask=mask)
-        if SYM:  # the mirror tile (j, i); the padding columns of row block j are covered as well
-            mask = (cols[None, :] < m) & (rows[:, None] < lda) & (i != j)
-            tl.store(dst + cols[None, :] * lda + rows[:, None], acc.to(wdt), mask=mask)
+            _sym_tile(*args, STAGE, SYM, BM // 2, BN // 2, BK, DOT_PREC)
 
 
 @dataclass(frozen=True)
 class _Plan:
     meta: torch.Tensor  # int64 [K, META_COLS]
-    tiles_sym: torch.Tensor  # int32 [T12, 3], tiles of the [m, m] stages
-    tiles_x: torch.Tensor  # int32 [T3, 3], tiles of the [m, n] stages
+    tiles_sym: torch.Tensor  # int32 [T12, 4], tiles of the [m, m] stages
+    tiles_x: torch.Tensor  # int32 [T3, 4], tiles of stage 3 [m, n]
+    tiles_prep: torch.Tensor  # int32 [T0, 4], full tiles of the [m, n] prep
     out_offsets: torch.Tensor  # int64 [K] (CPU): matrix k's start in a packed output [sum of mo * ldg]
     x_size: int
     a_size: int
@@ -238,12 +284,22 @@ def _round(x: int, to: int = ALIGN_N) -> int:
     return -(-x // to) * to
 
 
+def _blocks(m: int, b: int, half: bool) -> list[tuple[int, bool]]:
+    """(first row, is half) of the row blocks of b rows covering m; the last is a half block when it
+    would be at most half full (and half is allowed)."""
+    starts = list(range(0, m, b))
+    last_half = half and 0 < m - starts[-1] <= b // 2
+    return [(r, last_half and r == starts[-1]) for r in starts]
+
+
 @lru_cache(maxsize=64)
 def _plan(shapes: tuple[tuple[int, int], ...], cfg: Config, sym: bool, device: torch.device) -> _Plan:
     """Meta rows and tile tables for a list of matrix shapes [mo, no] (one entry per matrix).
 
     G and the output are seen as [mo, ldg] row-major (ldg = no rounded up to ALIGN, zero columns past
     no); the wide view is X = G ([mo, ldg]) or X = G^T ([ldg, mo], zero rows past no) when mo > no.
+    Half tiles need half a tile to be a valid tensor-core product (>= 16 wide), and the symmetric
+    stages only use them with `sym` (their kinds assume a half row block is also a half column block).
     """
     rows, x_off, a_off, o_off, out_size = [], 0, 0, [], 0
     for mo, no in shapes:
@@ -251,26 +307,32 @@ def _plan(shapes: tuple[tuple[int, int], ...], cfg: Config, sym: bool, device: t
         m, n = (ldg, mo) if tall else (mo, ldg)
         ldx, lda = _round(n), _round(m)
         npart = triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn)  # the prep's tiles
-        rows.append([m, n, ldx, lda, x_off, a_off, triton.cdiv(m, cfg.bs), int(tall), ldg, npart])
+        rows.append([m, n, ldx, lda, x_off, a_off, int(tall), ldg, npart])
         o_off.append(out_size)
         x_off, a_off, out_size = x_off + m * ldx, a_off + m * lda, out_size + mo * ldg
     npart = max(16, triton.next_power_of_2(max(r[M_NPART] for r in rows)))  # one compiled variant for most
+    half_sym = cfg.half_tiles and sym and cfg.bs >= 32
+    half_x = cfg.half_tiles and cfg.bm >= 32
     # longest K first (stage 1: K = n; stages 2-3: K = m), the tiles of one matrix together for L2 reuse
     by_n = sorted(range(len(rows)), key=lambda k: -rows[k][M_N])
     by_m = sorted(range(len(rows)), key=lambda k: -rows[k][M_M])
-    t_sym = [(k, i, j) for k in by_n for i in range(rows[k][M_NDIAG]) for j in range(i if sym else 0, rows[k][M_NDIAG])]
-    t_x = [
-        (k, i, j)
-        for k in by_m
-        for i in range(triton.cdiv(rows[k][M_M], cfg.bm))
-        for j in range(triton.cdiv(rows[k][M_N], cfg.bn))
-    ]
+    t_sym, t_x, t_prep = [], [], []
+    for k in by_n:
+        blocks = _blocks(rows[k][M_M], cfg.bs, half_sym)
+        for i, (r0, hr) in enumerate(blocks):
+            for c0, hc in blocks[i if sym else 0 :]:
+                t_sym.append((k, r0, c0, int(HALF_BOTH) if hr else int(HALF_COLS) if hc else int(FULL)))
+    for k in by_m:
+        m, n = rows[k][M_M], rows[k][M_N]
+        for r0, hr in _blocks(m, cfg.bm, half_x):
+            t_x += [(k, r0, c0, int(HALF_ROWS) if hr else int(FULL)) for c0 in range(0, n, cfg.bn)]
+        t_prep += [(k, r0, c0, int(FULL)) for r0 in range(0, m, cfg.bm) for c0 in range(0, n, cfg.bn)]
 
     def dev(v, dt):
         return torch.tensor(v, dtype=dt).to(device)
 
     return _Plan(
-        dev(rows, torch.int64), dev(t_sym, torch.int32), dev(t_x, torch.int32),
+        dev(rows, torch.int64), dev(t_sym, torch.int32), dev(t_x, torch.int32), dev(t_prep, torch.int32),
         torch.tensor(o_off, dtype=torch.int64), x_off, a_off, out_size, npart,
     )  # fmt: skip
 
@@ -282,7 +344,8 @@ TINY = 8  # matrices with a side <= TINY run with fp32 operands (see newton_schu
 # products on tensor cores ("tf32x3", ~fp32 accuracy: 3e-6 relative error) take 42 us a step at K step 64
 # (but 680 us at 256); and the set runs on a side stream alongside the main set (see _each_set), where
 # its 0.24 ms of launches hide completely (H100 measurements, profiles/ns.md)
-TINY_CONFIG = Config(bs=16, bk=64, warps=4, stages=2, bm=16, bn=128, bk3=16, warps3=4, stages3=2, fp32_dot="tf32x3")
+TINY_CONFIG = Config(bs=16, bk=64, warps=4, stages=2, bm=16, bn=128, bk3=16, warps3=4, stages3=2, fp32_dot="tf32x3",
+                     half_tiles=False)  # fmt: skip
 
 
 def _anchor(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -322,7 +385,8 @@ class _Runner:
         if stage in (1, 2):
             tiles, bm, bn, bk, warps, nst = plan.tiles_sym, cfg.bs, cfg.bs, cfg.bk, cfg.warps, cfg.stages
         else:
-            tiles, bm, bn, bk, warps, nst = plan.tiles_x, cfg.bm, cfg.bn, cfg.bk3, cfg.warps3, cfg.stages3
+            tiles = plan.tiles_x if stage == 3 else plan.tiles_prep
+            bm, bn, bk, warps, nst = cfg.bm, cfg.bn, cfg.bk3, cfg.warps3, cfg.stages3
         x_in, x_out = self.xs[step % 2], self.xs[(step + 1) % 2]
         _ns_stage_kernel[(tiles.shape[0],)](
             tiles, plan.meta, self.io, self.hyper, *self.anchors, x_in, x_out, self.a_buf, self.b_buf, self.sumsq,
