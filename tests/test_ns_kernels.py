@@ -19,8 +19,8 @@ from kernels.ns.reference import newton_schulz as ns_ref
 from tests.helpers import relerr, run_without_interpreter
 
 ROOT = Path(__file__).resolve().parents[1]
-# interpreter-sized tiles; sides <= 16 (and 40 = 32 + 8) leave a last block of at most half a tile, which
-# gets half tiles (16 wide: the smallest tensor-core product)
+# interpreter-sized tiles; sides <= 16 (and 40 = 32 + 8) leave a last row block of at most half a tile, which
+# gets half-height tiles in stage 3 (16 rows: the smallest tensor-core product)
 SMALL = triton_ns.Config(bs=32, bk=16, bm=32, bn=32, bk3=16)
 
 
@@ -75,10 +75,11 @@ def test_triton_interpreter_grouped_matches_reference(sym):
 
 @interpreter
 def test_triton_interpreter_half_tiles():
-    """The plan gives a side 40 = 32 + 8 every kind of tile; results equal those of padded full tiles."""
+    """A side 40 = 32 + 8 gets half-height tiles for its last row block in stage 3 (full symmetric tiles);
+    results equal those of padded full tiles."""
     plan = triton_ns._plan(((40, 70),), SMALL, True, torch.device("cpu"))
-    assert plan.tiles_sym[:, 1:].tolist() == [[0, 0, 0], [0, 32, 1], [32, 32, 2]]  # (row, col, kind)
-    assert sorted({tuple(t) for t in plan.tiles_x[:, 1:4:2].tolist()}) == [(0, 0), (32, 3)]
+    assert plan.tiles_sym[:, 1:].tolist() == [[0, 0, 0], [0, 32, 0], [32, 32, 0]]  # (row, col, kind)
+    assert sorted({tuple(t) for t in plan.tiles_x[:, 1:4:2].tolist()}) == [(0, 0), (32, 1)]
     Gs = _mixed_inputs(torch.Generator().manual_seed(7))
     half = triton_ns.newton_schulz_triton(Gs, [NS_COEFFS] * 5, work_dtype=torch.float32, config=SMALL)
     full = triton_ns.newton_schulz_triton(Gs, [NS_COEFFS] * 5, work_dtype=torch.float32,

@@ -7,24 +7,21 @@ launches:
 
     stage 0:  X_0 = G                         prep: G (any float dtype, either orientation) -> workspace
     stage 1:  A = X X^T                       tiles of A [m, m], K = n
-    stage 2:  B = a I + b A + c A A^T         tiles of B [m, m], K = m    (A is symmetric: A^2 = A A^T)
-    stage 3:  X' = B X                        tiles of X' [m, n], K = m; the last step writes X' in G's
+    stage 2:  B = b A + c A A^T               tiles of B [m, m], K = m    (A is symmetric: A^2 = A A^T)
+    stage 3:  X' = a X + B X                  tiles of X' [m, n], K = m; the last step writes X' in G's
                                               layout and dtype straight to the output
-
-(a X + (b A + c A^2) X = (a I + b A + c A^2) X: folding a I into B's diagonal makes stage 3 a plain product,
-with no second read of X in its epilogue; in bf16 both forms give the same error against the float64
-iteration, profiles/ns.md.)
 
 Operands are in the work dtype (bf16; fp32 for tests, with exact fp32 products, and for matrices with a
 side <= TINY, with 3-pass tf32 products, see `newton_schulz_triton`), accumulation in fp32. A and B are
 symmetric, so with `sym=True` the tables hold only the tiles on and above the diagonal and each
-off-diagonal tile is also stored mirrored (half the FLOPs of stages 1 and 2). When a side m leaves a last
-block of at most half a tile (576 = 4 * 128 + 64), that block gets half tiles instead of a padded full one
-(`Config.half_tiles`): 12.5% fewer tile rows in stage 3 and ~18% less tile area in stages 1-2 at m = 576.
+off-diagonal tile is also stored mirrored (half the FLOPs of stages 1 and 2). When m leaves a last row
+block of at most half a tile (576 = 4 * 128 + 64), stage 3 gives it half-height tiles instead of padded full
+ones (`Config.half_tiles`: 10% fewer rows of products at m = 576). The symmetric stages keep full tiles:
+there a half block saves no tile, only area, and measured no faster (profiles/ns.md).
 
 Frobenius normalization is fused: the prep writes each tile's sum of squares of G; step 0's stage 1
 forms s = ||G||_F + eps from them and computes A_0 = (G G^T) / s^2 (scaling its fp32 accumulator), and
-step 0's stage 3 applies 1 / s in its epilogue: X_1 = B_0 G / s.
+step 0's stage 3 applies 1 / s in its epilogue: X_1 = (a G + B_0 G) / s.
 
 Muon's update fuses into the same two ends (`muon_update_triton`): stage 0 reads the gradient and the
 momentum buffer, writes the new buffer M = mu M + G and puts U = G + mu M (Nesterov) or M into the
@@ -68,7 +65,7 @@ class Config:
     """Tile shapes: `bs` x `bs` tiles (K step `bk`) for the symmetric stages 1-2, `bm` x `bn` (K step
     `bk3`) for stage 3 (and stage 0's tiles); warps and pipeline depth per stage; the products' precision
     when the work dtype is fp32 (tl.dot input_precision: "ieee" = FMA, or "tf32x3" on tensor cores);
-    `half_tiles`: a last row (and column) block of at most half a tile gets half-sized tiles."""
+    `half_tiles`: in stage 3, a last row block of at most half a tile gets half-height tiles."""
 
     bs: int = 128
     bk: int = 64
@@ -83,9 +80,8 @@ class Config:
     half_tiles: bool = True
 
 
-# tile kinds (column 3 of the tile tables): full, full rows x half columns (the last column block of a
-# symmetric stage), half x half (its corner), half rows x full columns (stage 3's last row block)
-FULL, HALF_COLS, HALF_BOTH, HALF_ROWS = (tl.constexpr(c) for c in range(4))
+# tile kinds (column 3 of the tile tables): full, or half rows (stage 3's last row block)
+FULL, HALF_ROWS = (tl.constexpr(c) for c in range(2))
 
 
 @triton.jit
@@ -125,11 +121,11 @@ def _io(io, k, col):
 
 
 @triton.jit
-def _sym_tile(src, ld, dst, lda, m, r0, c0, scale, coef_a, coef_b, coef_c,
+def _sym_tile(src, ld, dst, lda, m, r0, c0, scale, coef_b, coef_c,
               STAGE: tl.constexpr, SYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
               DOT_PREC: tl.constexpr):  # fmt: skip
-    """Tile [r0:r0+BM, r0:r0+BN] of A = scale * X X^T (stage 1, src = X, K = n) or of
-    B = a I + b A + c A A^T (stage 2, src = A, K = m), and with SYM its mirror."""
+    """Tile [r0:r0+BM, c0:c0+BN] of A = scale * X X^T (stage 1, src = X, K = n) or of B = b A + c A A^T
+    (stage 2, src = A, K = m), and with SYM its mirror."""
     rows = r0 + tl.arange(0, BM)
     cols = c0 + tl.arange(0, BN)
     kk = tl.arange(0, BK)
@@ -142,7 +138,6 @@ def _sym_tile(src, ld, dst, lda, m, r0, c0, scale, coef_a, coef_b, coef_c,
         acc = acc * scale
     else:
         acc = coef_c * acc + coef_b * _w_tile(src, rows, cols, m, lda).to(tl.float32)
-        acc = tl.where(rows[:, None] == cols[None, :], acc + coef_a, acc)
     y = acc.to(dst.dtype.element_ty)
     p, mask = _w_ptrs(dst, rows, cols, m, lda)
     tl.store(p, y, mask=mask)
@@ -152,10 +147,10 @@ def _sym_tile(src, ld, dst, lda, m, r0, c0, scale, coef_a, coef_b, coef_c,
 
 
 @triton.jit
-def _x_tile(b, ldb, x, ldx, x_out, out, hyper, k, m, n, ldg, tall, r0, c0, scale,
+def _x_tile(b, ldb, x, ldx, x_out, out, hyper, k, m, n, ldg, tall, r0, c0, coef_a, scale,
             LAST: tl.constexpr, MUON: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
             DOT_PREC: tl.constexpr):  # fmt: skip
-    """Tile [r0:r0+BM, c0:c0+BN] of X' = scale * B X; the last step writes it in G's layout to `out` (for
+    """Tile [r0:r0+BM, c0:c0+BN] of X' = scale * (a X + B X); the last step writes it in G's layout to `out` (for
     Muon: W = decay W - alpha X' in place), the others to the workspace `x_out`."""
     rows = r0 + tl.arange(0, BM)
     cols = c0 + tl.arange(0, BN)
@@ -164,6 +159,7 @@ def _x_tile(b, ldb, x, ldx, x_out, out, hyper, k, m, n, ldg, tall, r0, c0, scale
     for k0 in range(0, ldb, BK):
         acc = tl.dot(_w_tile(b, rows, k0 + kk, m, ldb), _w_tile(x, k0 + kk, cols, m, ldx), acc,
                      input_precision=DOT_PREC)  # fmt: skip
+    acc += coef_a * _w_tile(x, rows, cols, m, ldx).to(tl.float32)
     y = (acc * scale).to(x_out.dtype.element_ty)
     if LAST:  # the result, rounded to the work dtype like every X, in G's layout
         if MUON:
@@ -211,7 +207,6 @@ def _ns_stage_kernel(
     k = tl.load(tiles + 4 * t)
     r0 = tl.multiple_of(tl.load(tiles + 4 * t + 1), 16)  # tiles start at multiples of 16 (ALIGN) elements
     c0 = tl.multiple_of(tl.load(tiles + 4 * t + 2), 16)
-    kind = tl.load(tiles + 4 * t + 3)
     row = meta + k * META_COLS
     m = tl.load(row + M_M).to(tl.int32)
     n = tl.load(row + M_N).to(tl.int32)
@@ -223,7 +218,7 @@ def _ns_stage_kernel(
     if FIRST and (STAGE == 1 or STAGE == 3):  # s = ||G||_F + eps from the prep's partial sums
         d = tl.arange(0, NPART)
         s = tl.sqrt(tl.sum(tl.load(sumsq + k * NPART + d, mask=d < tl.load(row + M_NPART), other=0.0))) + eps
-        scale = 1.0 / (s * s) if STAGE == 1 else 1.0 / s  # A_0 = G G^T / s^2;  X_1 = B_0 G / s
+        scale = 1.0 / (s * s) if STAGE == 1 else 1.0 / s  # A_0 = G G^T / s^2;  X_1 = (a G + B_0 G) / s
     if STAGE == 0 or (STAGE == 3 and LAST):  # G's layout: [mo, ldg] row-major, read as X = G^T when tall
         ldg = tl.multiple_of(tl.load(row + M_LDG).to(tl.int32), ALIGN)
         tall = tl.load(row + M_TALL) != 0
@@ -248,8 +243,9 @@ def _ns_stage_kernel(
             dst = out + _io(io, k, IO_DST)
         else:
             dst, ldg, tall = out, 0, False
-        args = (b_buf + a_off, lda, x_in + x_off, ldx, x_out + x_off, dst, hyper, k, m, n, ldg, tall, r0, c0, scale)
-        if kind == FULL:
+        args = (b_buf + a_off, lda, x_in + x_off, ldx, x_out + x_off, dst, hyper, k, m, n, ldg, tall, r0, c0, coef_a,
+                scale)  # fmt: skip
+        if tl.load(tiles + 4 * t + 3) == FULL:
             _x_tile(*args, LAST, MUON, BM, BN, BK, DOT_PREC)
         else:
             _x_tile(*args, LAST, MUON, BM // 2, BN, BK, DOT_PREC)
@@ -258,13 +254,7 @@ def _ns_stage_kernel(
             src, ld, dst = x_in + x_off, ldx, a_buf + a_off
         else:
             src, ld, dst = a_buf + a_off, lda, b_buf + a_off
-        args = (src, ld, dst, lda, m, r0, c0, scale, coef_a, coef_b, coef_c)
-        if kind == FULL:
-            _sym_tile(*args, STAGE, SYM, BM, BN, BK, DOT_PREC)
-        elif kind == HALF_COLS:
-            _sym_tile(*args, STAGE, SYM, BM, BN // 2, BK, DOT_PREC)
-        else:
-            _sym_tile(*args, STAGE, SYM, BM // 2, BN // 2, BK, DOT_PREC)
+        _sym_tile(src, ld, dst, lda, m, r0, c0, scale, coef_b, coef_c, STAGE, SYM, BM, BN, BK, DOT_PREC)
 
 
 @dataclass(frozen=True)
@@ -284,22 +274,13 @@ def _round(x: int, to: int = ALIGN_N) -> int:
     return -(-x // to) * to
 
 
-def _blocks(m: int, b: int, half: bool) -> list[tuple[int, bool]]:
-    """(first row, is half) of the row blocks of b rows covering m; the last is a half block when it
-    would be at most half full (and half is allowed)."""
-    starts = list(range(0, m, b))
-    last_half = half and 0 < m - starts[-1] <= b // 2
-    return [(r, last_half and r == starts[-1]) for r in starts]
-
-
 @lru_cache(maxsize=64)
 def _plan(shapes: tuple[tuple[int, int], ...], cfg: Config, sym: bool, device: torch.device) -> _Plan:
     """Meta rows and tile tables for a list of matrix shapes [mo, no] (one entry per matrix).
 
     G and the output are seen as [mo, ldg] row-major (ldg = no rounded up to ALIGN, zero columns past
     no); the wide view is X = G ([mo, ldg]) or X = G^T ([ldg, mo], zero rows past no) when mo > no.
-    Half tiles need half a tile to be a valid tensor-core product (>= 16 wide), and the symmetric
-    stages only use them with `sym` (their kinds assume a half row block is also a half column block).
+    Stage 3's half tiles need half a tile to be a valid tensor-core product (>= 16 rows).
     """
     rows, x_off, a_off, o_off, out_size = [], 0, 0, [], 0
     for mo, no in shapes:
@@ -311,21 +292,19 @@ def _plan(shapes: tuple[tuple[int, int], ...], cfg: Config, sym: bool, device: t
         o_off.append(out_size)
         x_off, a_off, out_size = x_off + m * ldx, a_off + m * lda, out_size + mo * ldg
     npart = max(16, triton.next_power_of_2(max(r[M_NPART] for r in rows)))  # one compiled variant for most
-    half_sym = cfg.half_tiles and sym and cfg.bs >= 32
     half_x = cfg.half_tiles and cfg.bm >= 32
     # longest K first (stage 1: K = n; stages 2-3: K = m), the tiles of one matrix together for L2 reuse
     by_n = sorted(range(len(rows)), key=lambda k: -rows[k][M_N])
     by_m = sorted(range(len(rows)), key=lambda k: -rows[k][M_M])
     t_sym, t_x, t_prep = [], [], []
     for k in by_n:
-        blocks = _blocks(rows[k][M_M], cfg.bs, half_sym)
-        for i, (r0, hr) in enumerate(blocks):
-            for c0, hc in blocks[i if sym else 0 :]:
-                t_sym.append((k, r0, c0, int(HALF_BOTH) if hr else int(HALF_COLS) if hc else int(FULL)))
+        starts = range(0, rows[k][M_M], cfg.bs)
+        t_sym += [(k, r0, c0, int(FULL)) for r0 in starts for c0 in starts if c0 >= r0 or not sym]
     for k in by_m:
         m, n = rows[k][M_M], rows[k][M_N]
-        for r0, hr in _blocks(m, cfg.bm, half_x):
-            t_x += [(k, r0, c0, int(HALF_ROWS) if hr else int(FULL)) for c0 in range(0, n, cfg.bn)]
+        for r0 in range(0, m, cfg.bm):
+            kind = HALF_ROWS if half_x and m - r0 <= cfg.bm // 2 else FULL  # (only the last block can be)
+            t_x += [(k, r0, c0, int(kind)) for c0 in range(0, n, cfg.bn)]
         t_prep += [(k, r0, c0, int(FULL)) for r0 in range(0, m, cfg.bm) for c0 in range(0, n, cfg.bn)]
 
     def dev(v, dt):
