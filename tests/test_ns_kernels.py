@@ -78,8 +78,8 @@ def test_triton_interpreter_half_tiles():
     """A side 40 = 32 + 8 gets half-height tiles for its last row block in stage 3 (full symmetric tiles);
     results equal those of padded full tiles."""
     plan = triton_ns._plan(((40, 70),), SMALL, True, torch.device("cpu"))
-    assert plan.tiles_sym[:, 1:].tolist() == [[0, 0, 0], [0, 32, 0], [32, 32, 0]]  # (row, col, kind)
-    assert sorted({tuple(t) for t in plan.tiles_x[:, 1:4:2].tolist()}) == [(0, 0), (32, 1)]
+    assert plan.tiles_sym[:, 1:].tolist() == [[0, 0, 0], [0, 1, 0], [1, 1, 0]]  # (tile row, tile column, kind)
+    assert sorted({tuple(t) for t in plan.tiles_x[:, 1:4:2].tolist()}) == [(0, 0), (1, 1)]
     Gs = _mixed_inputs(torch.Generator().manual_seed(7))
     half = triton_ns.newton_schulz_triton(Gs, [NS_COEFFS] * 5, work_dtype=torch.float32, config=SMALL)
     full = triton_ns.newton_schulz_triton(Gs, [NS_COEFFS] * 5, work_dtype=torch.float32,

@@ -7,9 +7,13 @@ launches:
 
     stage 0:  X_0 = G                         prep: G (any float dtype, either orientation) -> workspace
     stage 1:  A = X X^T                       tiles of A [m, m], K = n
-    stage 2:  B = b A + c A A^T               tiles of B [m, m], K = m    (A is symmetric: A^2 = A A^T)
-    stage 3:  X' = a X + B X                  tiles of X' [m, n], K = m; the last step writes X' in G's
+    stage 2:  B = a I + b A + c A A^T         tiles of B [m, m], K = m    (A is symmetric: A^2 = A A^T)
+    stage 3:  X' = B X                        tiles of X' [m, n], K = m; the last step writes X' in G's
                                               layout and dtype straight to the output
+
+(a X + (b A + c A^2) X = (a I + b A + c A^2) X: with a I folded into B's diagonal, stage 3 is a plain product
+with no second read of X in its epilogue; in bf16 both forms give the same error against the float64
+iteration, profiles/ns.md.)
 
 Operands are in the work dtype (bf16; fp32 for tests, with exact fp32 products, and for matrices with a
 side <= TINY, with 3-pass tf32 products, see `newton_schulz_triton`), accumulation in fp32. A and B are
@@ -21,7 +25,7 @@ there a half block saves no tile, only area, and measured no faster (profiles/ns
 
 Frobenius normalization is fused: the prep writes each tile's sum of squares of G; step 0's stage 1
 forms s = ||G||_F + eps from them and computes A_0 = (G G^T) / s^2 (scaling its fp32 accumulator), and
-step 0's stage 3 applies 1 / s in its epilogue: X_1 = (a G + B_0 G) / s.
+step 0's stage 3 applies 1 / s in its epilogue: X_1 = B_0 G / s.
 
 Muon's update fuses into the same two ends (`muon_update_triton`): stage 0 reads the gradient and the
 momentum buffer, writes the new buffer M = mu M + G and puts U = G + mu M (Nesterov) or M into the
@@ -121,11 +125,11 @@ def _io(io, k, col):
 
 
 @triton.jit
-def _sym_tile(src, ld, dst, lda, m, r0, c0, scale, coef_b, coef_c,
+def _sym_tile(src, ld, dst, lda, m, r0, c0, scale, coef_a, coef_b, coef_c,
               STAGE: tl.constexpr, SYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
               DOT_PREC: tl.constexpr):  # fmt: skip
-    """Tile [r0:r0+BM, c0:c0+BN] of A = scale * X X^T (stage 1, src = X, K = n) or of B = b A + c A A^T
-    (stage 2, src = A, K = m), and with SYM its mirror."""
+    """Tile [r0:r0+BM, c0:c0+BN] of A = scale * X X^T (stage 1, src = X, K = n) or of
+    B = a I + b A + c A A^T (stage 2, src = A, K = m), and with SYM its mirror."""
     rows = r0 + tl.arange(0, BM)
     cols = c0 + tl.arange(0, BN)
     kk = tl.arange(0, BK)
@@ -138,6 +142,9 @@ def _sym_tile(src, ld, dst, lda, m, r0, c0, scale, coef_b, coef_c,
         acc = acc * scale
     else:
         acc = coef_c * acc + coef_b * _w_tile(src, rows, cols, m, lda).to(tl.float32)
+        # a I: the diagonal in tile-local indices (with rows == cols, 54 more registers: one program per SM)
+        eye = (tl.arange(0, BM)[:, None] == tl.arange(0, BN)[None, :]) & (r0 == c0)
+        acc = tl.where(eye, acc + coef_a, acc)
     y = acc.to(dst.dtype.element_ty)
     p, mask = _w_ptrs(dst, rows, cols, m, lda)
     tl.store(p, y, mask=mask)
@@ -147,10 +154,10 @@ def _sym_tile(src, ld, dst, lda, m, r0, c0, scale, coef_b, coef_c,
 
 
 @triton.jit
-def _x_tile(b, ldb, x, ldx, x_out, out, hyper, k, m, n, ldg, tall, r0, c0, coef_a, scale,
-            LAST: tl.constexpr, MUON: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-            DOT_PREC: tl.constexpr):  # fmt: skip
-    """Tile [r0:r0+BM, c0:c0+BN] of X' = scale * (a X + B X); the last step writes it in G's layout to `out` (for
+def _x_tile(b, ldb, x, ldx, x_out, hyper, k, m, n, r0, c0, scale, out, ldg,
+            TALL: tl.constexpr, LAST: tl.constexpr, MUON: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+            BK: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+    """Tile [r0:r0+BM, c0:c0+BN] of X' = scale * B X; the last step writes it in G's layout to `out` (for
     Muon: W = decay W - alpha X' in place), the others to the workspace `x_out`."""
     rows = r0 + tl.arange(0, BM)
     cols = c0 + tl.arange(0, BN)
@@ -159,24 +166,35 @@ def _x_tile(b, ldb, x, ldx, x_out, out, hyper, k, m, n, ldg, tall, r0, c0, coef_
     for k0 in range(0, ldb, BK):
         acc = tl.dot(_w_tile(b, rows, k0 + kk, m, ldb), _w_tile(x, k0 + kk, cols, m, ldx), acc,
                      input_precision=DOT_PREC)  # fmt: skip
-    acc += coef_a * _w_tile(x, rows, cols, m, ldx).to(tl.float32)
     y = (acc * scale).to(x_out.dtype.element_ty)
     if LAST:  # the result, rounded to the work dtype like every X, in G's layout
         if MUON:
             decay = tl.load(hyper + k * H_COLS + H_DECAY)
             alpha = tl.load(hyper + k * H_COLS + H_ALPHA)
-            w = decay * _g_load(out, rows, cols, m, n, ldg, tall).to(tl.float32) - alpha * y.to(tl.float32)
-            _g_store(out, w.to(out.dtype.element_ty), rows, cols, m, n, ldg, tall)
+            w = decay * _g_load(out, rows, cols, m, n, ldg, TALL).to(tl.float32) - alpha * y.to(tl.float32)
+            _g_store(out, w.to(out.dtype.element_ty), rows, cols, m, n, ldg, TALL)
         else:
-            _g_store(out, y.to(out.dtype.element_ty), rows, cols, m, n, ldg, tall)
+            _g_store(out, y.to(out.dtype.element_ty), rows, cols, m, n, ldg, TALL)
     else:
         p, mask = _w_ptrs(x_out, rows, cols, m, ldx)
         tl.store(p, y, mask=mask)
 
 
 @triton.jit
+def _x_tile_or_half(half, b, ldb, x, ldx, x_out, hyper, k, m, n, r0, c0, scale, out, ldg,
+                    TALL: tl.constexpr, LAST: tl.constexpr, MUON: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    BK: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+    if half:
+        _x_tile(b, ldb, x, ldx, x_out, hyper, k, m, n, r0, c0, scale, out, ldg, TALL, LAST, MUON, BM // 2, BN, BK,
+                DOT_PREC)  # fmt: skip
+    else:
+        _x_tile(b, ldb, x, ldx, x_out, hyper, k, m, n, r0, c0, scale, out, ldg, TALL, LAST, MUON, BM, BN, BK,
+                DOT_PREC)  # fmt: skip
+
+
+@triton.jit
 def _ns_stage_kernel(
-    tiles,  # int32 [T, 4]: (matrix, first row, first column, tile kind)
+    tiles,  # int32 [T, 4]: (matrix, tile row, tile column, tile kind)
     meta,  # int64 [K, META_COLS]
     io,  # int64 [K, IO_COLS]: per-call offsets (stage 0 and the last stage 3)
     hyper,  # fp32 [K, H_COLS]: Muon's per-matrix scalars (MUON only)
@@ -205,8 +223,8 @@ def _ns_stage_kernel(
 ):
     t = tl.program_id(0)
     k = tl.load(tiles + 4 * t)
-    r0 = tl.multiple_of(tl.load(tiles + 4 * t + 1), 16)  # tiles start at multiples of 16 (ALIGN) elements
-    c0 = tl.multiple_of(tl.load(tiles + 4 * t + 2), 16)
+    r0 = tl.load(tiles + 4 * t + 1) * BM  # (a half tile starts where its full tile would)
+    c0 = tl.load(tiles + 4 * t + 2) * BN
     row = meta + k * META_COLS
     m = tl.load(row + M_M).to(tl.int32)
     n = tl.load(row + M_N).to(tl.int32)
@@ -218,7 +236,7 @@ def _ns_stage_kernel(
     if FIRST and (STAGE == 1 or STAGE == 3):  # s = ||G||_F + eps from the prep's partial sums
         d = tl.arange(0, NPART)
         s = tl.sqrt(tl.sum(tl.load(sumsq + k * NPART + d, mask=d < tl.load(row + M_NPART), other=0.0))) + eps
-        scale = 1.0 / (s * s) if STAGE == 1 else 1.0 / s  # A_0 = G G^T / s^2;  X_1 = (a G + B_0 G) / s
+        scale = 1.0 / (s * s) if STAGE == 1 else 1.0 / s  # A_0 = G G^T / s^2;  X_1 = B_0 G / s
     if STAGE == 0 or (STAGE == 3 and LAST):  # G's layout: [mo, ldg] row-major, read as X = G^T when tall
         ldg = tl.multiple_of(tl.load(row + M_LDG).to(tl.int32), ALIGN)
         tall = tl.load(row + M_TALL) != 0
@@ -235,26 +253,28 @@ def _ns_stage_kernel(
             _g_store(mp, mom.to(mbuf.dtype.element_ty), rows, cols, m, n, ldg, tall)
             v = tl.where(tl.load(hyper + k * H_COLS + H_NEST) != 0, v + mu * mom, mom)
         v2 = v.to(tl.float32) * v.to(tl.float32)
-        tl.store(sumsq + k * NPART + (r0 // BM) * tl.cdiv(n, BN) + c0 // BN, tl.sum(tl.sum(v2, axis=1), axis=0))
+        tl.store(sumsq + k * NPART + tl.load(tiles + 4 * t + 1) * tl.cdiv(n, BN) + tl.load(tiles + 4 * t + 2),
+                 tl.sum(tl.sum(v2, axis=1), axis=0))  # fmt: skip
         p, mask = _w_ptrs(x_out + x_off, rows, cols, m, ldx)
         tl.store(p, v.to(x_out.dtype.element_ty), mask=mask)
     elif STAGE == 3:
-        if LAST:
+        half = tl.load(tiles + 4 * t + 3) != FULL
+        args = (half, b_buf + a_off, lda, x_in + x_off, ldx, x_out + x_off, hyper, k, m, n, r0, c0, scale)
+        if LAST:  # a branch per orientation of G around the whole tile: straight-line epilogues (a branch
+            # inside the epilogue made ptxas serialize the K loop's wgmma and spill; sm_90 compile, ptxas -v)
             dst = out + _io(io, k, IO_DST)
+            if tall:
+                _x_tile_or_half(*args, dst, ldg, True, LAST, MUON, BM, BN, BK, DOT_PREC)
+            else:
+                _x_tile_or_half(*args, dst, ldg, False, LAST, MUON, BM, BN, BK, DOT_PREC)
         else:
-            dst, ldg, tall = out, 0, False
-        args = (b_buf + a_off, lda, x_in + x_off, ldx, x_out + x_off, dst, hyper, k, m, n, ldg, tall, r0, c0, coef_a,
-                scale)  # fmt: skip
-        if tl.load(tiles + 4 * t + 3) == FULL:
-            _x_tile(*args, LAST, MUON, BM, BN, BK, DOT_PREC)
-        else:
-            _x_tile(*args, LAST, MUON, BM // 2, BN, BK, DOT_PREC)
+            _x_tile_or_half(*args, out, 0, False, LAST, MUON, BM, BN, BK, DOT_PREC)
     else:
         if STAGE == 1:
             src, ld, dst = x_in + x_off, ldx, a_buf + a_off
         else:
             src, ld, dst = a_buf + a_off, lda, b_buf + a_off
-        _sym_tile(src, ld, dst, lda, m, r0, c0, scale, coef_b, coef_c, STAGE, SYM, BM, BN, BK, DOT_PREC)
+        _sym_tile(src, ld, dst, lda, m, r0, c0, scale, coef_a, coef_b, coef_c, STAGE, SYM, BM, BN, BK, DOT_PREC)
 
 
 @dataclass(frozen=True)
@@ -298,14 +318,15 @@ def _plan(shapes: tuple[tuple[int, int], ...], cfg: Config, sym: bool, device: t
     by_m = sorted(range(len(rows)), key=lambda k: -rows[k][M_M])
     t_sym, t_x, t_prep = [], [], []
     for k in by_n:
-        starts = range(0, rows[k][M_M], cfg.bs)
-        t_sym += [(k, r0, c0, int(FULL)) for r0 in starts for c0 in starts if c0 >= r0 or not sym]
+        nb = triton.cdiv(rows[k][M_M], cfg.bs)
+        t_sym += [(k, i, j, int(FULL)) for i in range(nb) for j in range(i if sym else 0, nb)]
     for k in by_m:
         m, n = rows[k][M_M], rows[k][M_N]
-        for r0 in range(0, m, cfg.bm):
-            kind = HALF_ROWS if half_x and m - r0 <= cfg.bm // 2 else FULL  # (only the last block can be)
-            t_x += [(k, r0, c0, int(kind)) for c0 in range(0, n, cfg.bn)]
-        t_prep += [(k, r0, c0, int(FULL)) for r0 in range(0, m, cfg.bm) for c0 in range(0, n, cfg.bn)]
+        mb, nb = triton.cdiv(m, cfg.bm), triton.cdiv(n, cfg.bn)
+        for i in range(mb):
+            kind = HALF_ROWS if half_x and m - i * cfg.bm <= cfg.bm // 2 else FULL  # (only the last can be)
+            t_x += [(k, i, j, int(kind)) for j in range(nb)]
+        t_prep += [(k, i, j, int(FULL)) for i in range(mb) for j in range(nb)]
 
     def dev(v, dt):
         return torch.tensor(v, dtype=dt).to(device)
