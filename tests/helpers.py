@@ -37,10 +37,14 @@ def checking_launch_keyed(seen: list):
     return checked
 
 
-def compile_for_hopper(kernel, signature: dict[str, str], constexprs: dict[str, object]):
+def compile_for_hopper(kernel, signature: dict[str, str], constexprs: dict[str, object], aligned: bool = False,
+                       **options):  # fmt: skip
     """Compile a @triton.jit kernel for sm_90 without a GPU; raises if it does not compile.
 
     Works with the kernel as decorated under TRITON_INTERPRET=1 too (it wraps the Python function).
+    `aligned`: every pointer and integer argument specialized as a multiple of 16 (bytes, elements), as
+    the runtime launcher does for such arguments (without it nothing proves 16-byte accesses, so loads are
+    not vectorized and K loops not pipelined with cp.async). `options`: num_warps, num_stages, ...
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -48,8 +52,11 @@ def compile_for_hopper(kernel, signature: dict[str, str], constexprs: dict[str, 
     from triton.runtime.jit import JITFunction
 
     fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32))
+    attrs = {}
+    if aligned:
+        attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in signature.items() if t[0] in "*i"}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options or None)
 
 
 def run_without_interpreter(code: str, timeout: float = 300) -> str:

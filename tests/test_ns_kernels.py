@@ -212,6 +212,25 @@ for stage in (1, 2, 3):
     k = compile_for_hopper(_ns_stage_kernel, sig, dict(STAGE=stage, FIRST=1, LAST=0, MUON=0, SYM=True, NPART=16,
                            BM=16, BN=16 if stage < 3 else 128, BK=64 if stage < 3 else 16, DOT_PREC="tf32x3"))
     assert "mma.sync.aligned" in k.asm["ptx"] and ".tf32" in k.asm["ptx"], stage
+# bf16, as launched (16-byte aligned arguments, Config's 8 warps and 3 stages): K loops pipelined with cp.async,
+# no spills, no serialized wgmma, and at most 128 registers, so two programs share an SM (Muon's last stage 3,
+# which also reads and writes W, excepted)
+import os, re, subprocess, tempfile
+from triton.backends.nvidia.compiler import get_ptxas
+sig.update(x_in="*bf16", x_out="*bf16", a_buf="*bf16", b_buf="*bf16")
+for stage, first, last, muon in [(1, 0, 0, 0), (2, 0, 0, 0), (3, 0, 0, 0), (1, 1, 0, 0), (3, 1, 0, 0), (3, 0, 1, 0),
+                                 (3, 0, 1, 1)]:
+    k = compile_for_hopper(_ns_stage_kernel, sig, dict(STAGE=stage, FIRST=first, LAST=last, MUON=muon, SYM=True,
+                           NPART=16, BM=128, BN=128, BK=64, DOT_PREC="tf32"), aligned=True, num_warps=8, num_stages=3)
+    assert "cp.async" in k.asm["ptx"], (stage, first, last, muon)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(k.asm["ptx"])
+        f.flush()
+        log = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\\d+) registers", log).group(1))
+    assert "Performance Loss" not in log and " 0 bytes spill stores" in log, log
+    assert muon or regs <= 128, (stage, first, last, regs)
 print("ok")
 """
 
