@@ -345,8 +345,7 @@ TINY = 8  # matrices with a side <= TINY run with fp32 operands (see newton_schu
 # products on tensor cores ("tf32x3", ~fp32 accuracy: 3e-6 relative error) take 42 us a step at K step 64
 # (but 680 us at 256); and the set runs on a side stream alongside the main set (see _each_set), where
 # its 0.24 ms of launches hide completely (H100 measurements, profiles/ns.md)
-TINY_CONFIG = Config(bs=16, bk=64, warps=4, stages=2, bm=16, bn=128, bk3=16, warps3=4, stages3=2, fp32_dot="tf32x3",
-                     half_tiles=False)  # fmt: skip
+TINY_CONFIG = Config(bs=16, bk=64, warps=4, stages=2, bm=16, bn=128, bk3=16, warps3=4, stages3=2, fp32_dot="tf32x3")
 
 
 def _anchor(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
