@@ -224,8 +224,10 @@ def _ns_stage_kernel(
 ):
     t = tl.program_id(0)
     k = tl.load(tiles + 4 * t)
-    r0 = tl.load(tiles + 4 * t + 1) * BM  # (a half tile starts where its full tile would)
-    c0 = tl.load(tiles + 4 * t + 2) * BN
+    i = tl.load(tiles + 4 * t + 1)
+    j = tl.load(tiles + 4 * t + 2)
+    r0 = i * BM  # (a half tile starts where its full tile would)
+    c0 = j * BN
     row = meta + k * META_COLS
     m = tl.load(row + M_M).to(tl.int32)
     n = tl.load(row + M_N).to(tl.int32)
@@ -242,7 +244,7 @@ def _ns_stage_kernel(
         ldg = tl.multiple_of(tl.load(row + M_LDG).to(tl.int32), ALIGN)
         tall = tl.load(row + M_TALL) != 0
 
-    if STAGE == 0:  # prep (full tiles, masked): X_0 = G, or for Muon M = mu M + G, X_0 = G + mu M or M
+    if STAGE == 0:  # prep (stage 3's tiles, all full height): X_0 = G, or for Muon M = mu M + G, X_0 = G + mu M or M
         rows = r0 + tl.arange(0, BM)
         cols = c0 + tl.arange(0, BN)
         v = _g_load(g + _io(io, k, IO_SRC), rows, cols, m, n, ldg, tall)
@@ -254,8 +256,7 @@ def _ns_stage_kernel(
             _g_store(mp, mom.to(mbuf.dtype.element_ty), rows, cols, m, n, ldg, tall)
             v = tl.where(tl.load(hyper + k * H_COLS + H_NEST) != 0, v + mu * mom, mom)
         v2 = v.to(tl.float32) * v.to(tl.float32)
-        tl.store(sumsq + k * NPART + tl.load(tiles + 4 * t + 1) * tl.cdiv(n, BN) + tl.load(tiles + 4 * t + 2),
-                 tl.sum(tl.sum(v2, axis=1), axis=0))  # fmt: skip
+        tl.store(sumsq + k * NPART + i * tl.cdiv(n, BN) + j, tl.sum(tl.sum(v2, axis=1), axis=0))
         p, mask = _w_ptrs(x_out + x_off, rows, cols, m, ldx)
         tl.store(p, v.to(x_out.dtype.element_ty), mask=mask)
     elif STAGE == 3:
@@ -282,8 +283,7 @@ def _ns_stage_kernel(
 class _Plan:
     meta: torch.Tensor  # int64 [K, META_COLS]
     tiles_sym: torch.Tensor  # int32 [T12, 4], tiles of the [m, m] stages
-    tiles_x: torch.Tensor  # int32 [T3, 4], tiles of stage 3 [m, n]
-    tiles_prep: torch.Tensor  # int32 [T0, 4], full tiles of the [m, n] prep
+    tiles_x: torch.Tensor  # int32 [T3, 4], tiles of the [m, n] stages (stage 0 ignores their kind)
     out_offsets: torch.Tensor  # int64 [K] (CPU): matrix k's start in a packed output [sum of mo * ldg]
     x_size: int
     a_size: int
@@ -317,7 +317,7 @@ def _plan(shapes: tuple[tuple[int, int], ...], cfg: Config, sym: bool, device: t
     # longest K first (stage 1: K = n; stages 2-3: K = m), the tiles of one matrix together for L2 reuse
     by_n = sorted(range(len(rows)), key=lambda k: -rows[k][M_N])
     by_m = sorted(range(len(rows)), key=lambda k: -rows[k][M_M])
-    t_sym, t_x, t_prep = [], [], []
+    t_sym, t_x = [], []
     for k in by_n:
         nb = triton.cdiv(rows[k][M_M], cfg.bs)
         t_sym += [(k, i, j, int(FULL)) for i in range(nb) for j in range(i if sym else 0, nb)]
@@ -327,13 +327,12 @@ def _plan(shapes: tuple[tuple[int, int], ...], cfg: Config, sym: bool, device: t
         for i in range(mb):
             kind = HALF_ROWS if half_x and m - i * cfg.bm <= cfg.bm // 2 else FULL  # (only the last can be)
             t_x += [(k, i, j, int(kind)) for j in range(nb)]
-        t_prep += [(k, i, j, int(FULL)) for i in range(mb) for j in range(nb)]
 
     def dev(v, dt):
         return torch.tensor(v, dtype=dt).to(device)
 
     return _Plan(
-        dev(rows, torch.int64), dev(t_sym, torch.int32), dev(t_x, torch.int32), dev(t_prep, torch.int32),
+        dev(rows, torch.int64), dev(t_sym, torch.int32), dev(t_x, torch.int32),
         torch.tensor(o_off, dtype=torch.int64), x_off, a_off, out_size, npart,
     )  # fmt: skip
 
@@ -385,8 +384,7 @@ class _Runner:
         if stage in (1, 2):
             tiles, bm, bn, bk, warps, nst = plan.tiles_sym, cfg.bs, cfg.bs, cfg.bk, cfg.warps, cfg.stages
         else:
-            tiles = plan.tiles_x if stage == 3 else plan.tiles_prep
-            bm, bn, bk, warps, nst = cfg.bm, cfg.bn, cfg.bk3, cfg.warps3, cfg.stages3
+            tiles, bm, bn, bk, warps, nst = plan.tiles_x, cfg.bm, cfg.bn, cfg.bk3, cfg.warps3, cfg.stages3
         x_in, x_out = self.xs[step % 2], self.xs[(step + 1) % 2]
         _ns_stage_kernel[(tiles.shape[0],)](
             tiles, plan.meta, self.io, self.hyper, *self.anchors, x_in, x_out, self.a_buf, self.b_buf, self.sumsq,
