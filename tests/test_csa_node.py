@@ -50,9 +50,11 @@ def test_bound_kernel_reads_signature_and_launch_facts(monkeypatch):
 def test_extension_builds_and_checks_plans():
     ext = node.extension()
     assert ext is not None, "csrc/csa/csa_node.cpp did not build (see the warning)"
+    n_fwd, n_dq, n_dkv = ext.ARG_COUNTS  # the runtime arguments of its three launches: pointers, then scalars
+    assert n_fwd == len(FWD_KINDS)
     fwd = (1, (4, 2, 1), 128, 0, 2, FWD_KINDS)
-    dq = (1, (4, 2, 1), 128, 0, 2, [1] * 14 + [2, 2, 4, 4])
-    dkv = (1, (4, 3, 1), 128, 0, 2, [1] * 12 + [2, 2, 4, 4])
+    dq = (1, (4, 2, 1), 128, 0, 2, [1] * (n_dq - 4) + [2, 2, 4, 4])
+    dkv = (1, (4, 3, 1), 128, 0, 2, [1] * (n_dkv - 4) + [2, 2, 4, 4])
     layouts = (1024, 0, 512), (2048, 0, 1024)
     assert isinstance(ext.make_plan(fwd, dq, dkv, 16, 4, 0.18, 0.125, *layouts), ext.Plan)
     for bad, message in [

@@ -50,6 +50,10 @@ struct Plan {
   int64_t temp_bytes = 0, dx_off = 0, delta_off = 0;    // the backward's temporaries: dX, delta
 };
 
+// The number of runtime arguments each launch below passes (the Python side reads them as ARG_COUNTS to bind
+// the kernels; `launch` checks every call against the bound kinds).
+constexpr size_t kFwdArgs = 12, kDqArgs = 18, kDkvArgs = 16;
+
 union Arg {  // one runtime argument before it is packed by its kind
   uint64_t address;
   int64_t integer;
@@ -236,6 +240,7 @@ Kernel make_kernel(int64_t function, std::vector<int64_t> grid, int64_t threads,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "C++ autograd node of the eager CSA op (kernels/csa/node.py)";
+  m.attr("ARG_COUNTS") = py::make_tuple(kFwdArgs, kDqArgs, kDkvArgs);  // forward, dq, dk/dv launches
   py::class_<Plan, std::shared_ptr<Plan>>(m, "Plan");
   m.def(
       "make_plan",
@@ -248,9 +253,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                              d[3].cast<int64_t>(), d[4].cast<int64_t>(), d[5].cast<std::vector<int64_t>>(), n_args);
         };
         auto p = std::make_shared<Plan>();
-        p->fwd = kernel(fwd, 12);
-        p->dq = kernel(dq, 18);
-        p->dkv = kernel(dkv, 16);
+        p->fwd = kernel(fwd, kFwdArgs);
+        p->dq = kernel(dq, kDqArgs);
+        p->dkv = kernel(dkv, kDkvArgs);
         p->T = T;
         p->Tc = Tc;
         p->qk_scale = qk_scale;

@@ -373,7 +373,7 @@ def csa_bwd(
     B, T, H, D = q.shape
     Hkv, Tc = k.shape[2], kc.shape[1]
     cfg_dq, cfg_dkv = CONFIG["bwd_dq"], CONFIG["bwd_dkv"]
-    facts = (*_facts(q, k, v, kc, vc, blend, window, stride), do.dtype)
+    key_dq, key_dkv = _bwd_keys(_facts(q, k, v, kc, vc, blend, window, stride), do.dtype)
     dq, dblend = torch.empty_like(q), torch.empty_like(blend)
     _, saved, offsets = _saved_layout(B, T, H, D, q.dtype)
     size, temp, tmp_offsets = _temp_layout(B, T, H, D, q.dtype)
@@ -391,7 +391,7 @@ def csa_bwd(
 
     ptrs = (q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, blend.data_ptr(), o.data_ptr(), dcl_ptr, do.data_ptr(), lse_ptr,
             dq.data_ptr(), dblend.data_ptr(), dx_ptr, delta_ptr)
-    launch_keyed(_csa_bwd_dq, _key("bwd_dq", *facts), first, ptrs, scalars)
+    launch_keyed(_csa_bwd_dq, key_dq, first, ptrs, scalars)
     dk, dv, dkc, dvc = torch.empty_like(k), torch.empty_like(v), torch.empty_like(kc), torch.empty_like(vc)
 
     def first():
@@ -402,7 +402,7 @@ def csa_bwd(
 
     ptrs = (q_ptr, kc_ptr, vc_ptr, k_ptr, v_ptr, dx_ptr, lse_ptr, delta_ptr,
             *map(torch.Tensor.data_ptr, (dkc, dvc, dk, dv)))
-    launch_keyed(_csa_bwd_dkv, _key("bwd_dkv", *facts), first, ptrs, scalars)
+    launch_keyed(_csa_bwd_dkv, key_dkv, first, ptrs, scalars)
     return dq, dk, dv, dkc, dvc, dblend
 
 
@@ -431,6 +431,11 @@ def _temp_layout(B: int, T: int, H: int, D: int, dtype: torch.dtype) -> tuple:
 def _key(stage: str, *facts) -> tuple:
     """`launch_keyed`'s key of a launch: the stage (a CONFIG entry), the facts of the call, the stage's CONFIG."""
     return (stage, *facts, *CONFIG[stage].items())
+
+
+def _bwd_keys(facts: tuple, do_dtype: torch.dtype) -> tuple:
+    """The keys of the backward's two launches (dq, then dk/dv) for the forward's facts and dO's dtype."""
+    return _key("bwd_dq", *facts, do_dtype), _key("bwd_dkv", *facts, do_dtype)
 
 
 def _facts(q, k, v, kc, vc, blend, window: int, stride: int) -> tuple:
@@ -566,15 +571,14 @@ def _node_plan(facts: tuple, q: torch.Tensor, kc: torch.Tensor, scale: float):
     path bound and the layouts of its buffers. None while a kernel is still unbound (no call of these facts has
     run its backward yet); False if the node cannot serve them (it did not build, or a kernel needs more than a
     plain launch)."""
-    kernels = (
-        bound_kernel(_csa_fwd, _key("fwd", True, *facts), 12),
-        bound_kernel(_csa_bwd_dq, _key("bwd_dq", *facts, q.dtype), 18),
-        bound_kernel(_csa_bwd_dkv, _key("bwd_dkv", *facts, q.dtype), 16),
-    )
+    ext = node.extension()
+    if ext is None:
+        return False
+    keys = (_key("fwd", True, *facts), *_bwd_keys(facts, q.dtype))  # the node casts dO to q's dtype
+    kernels = [bound_kernel(f, key, n) for f, key, n in zip(_KERNELS, keys, ext.ARG_COUNTS, strict=True)]
     if None in kernels:
         return None
-    ext = node.extension()
-    if ext is None or False in kernels:
+    if False in kernels:
         return False
     B, T, H, D = q.shape
     saved, temp = _saved_layout(B, T, H, D, q.dtype), _temp_layout(B, T, H, D, q.dtype)
@@ -582,6 +586,7 @@ def _node_plan(facts: tuple, q: torch.Tensor, kc: torch.Tensor, scale: float):
     return ext.apply, plan
 
 
+_KERNELS = (_csa_fwd, _csa_bwd_dq, _csa_bwd_dkv)  # the node's launches, in its ARG_COUNTS order
 _DTYPES = set(SUPPORTED_DTYPES)
 _APPLY = fast_apply(_CSAFunction)
 _PLANS: dict = {}  # (facts, scale) -> (apply, plan) of the C++ node, or False
