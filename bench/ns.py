@@ -1,17 +1,19 @@
 """Newton-Schulz for Muon on the 95m model's exact set of Muon matrices (GPU, one run).
 
 Times, side by side in one process (CUDA events, medians, L2 flushed between runs by do_bench):
-- ours, Triton: all shape groups in one grouped call (1 + 15 graph-replayed launches for the bf16 set,
-  the same again for the fp32 set of sides <= 8); the same with eager launches, without the
-  symmetric-tile trick, through `newton_schulz_many`, and one call per shape group; the device time
-  of each launch (torch.profiler), summed per stage;
+- ours, Triton: all shape groups in one grouped call (a graph-replayed set of launches per set of
+  matrices, each set on its own stream: the wide ones in the Gram form, 18 launches; the others in the
+  plain iteration, 16; the fp32 set of sides <= 8, 16); the same with the plain iteration only, with eager
+  launches, without the symmetric-tile trick or the half tiles, through `newton_schulz_many`, and one call
+  per shape group; the device time of each launch (torch.profiler), summed per stage;
 - ours, CUDA C++ (CuPy/NVRTC), one call per shape group, with and without the symmetric trick;
 - the same iteration in bf16, batched by exact shape, torch.compile'd: a compiled function called per
   shape group (the modded-nanogpt way), all groups in one compiled function, and that function in
   mode="reduce-overhead" (CUDA graphs); each timed in several rounds interleaved with ours (spread
   reported), with its host time per call and its summed kernel time;
 - the fp32 per-matrix loop (reference.newton_schulz per matrix);
-- per wide shape: Triton vs CUDA on that stack alone (the table behind "auto");
+- per wide shape: Triton vs CUDA on that stack alone (the table behind "auto"), and Triton's plain
+  iteration beside its Gram form where that applies;
 - the whole optimizer step of the 95m model (train.optim: Muon through the fused `muon_update_`, +
   fused AdamW), and the same with Muon's unfused path (foreach ops + newton_schulz_many);
 plus the bf16 matmul rate and copy bandwidth of the same GPU, for the roofline fractions.
@@ -75,6 +77,16 @@ def flops(m: int, n: int, steps: int = STEPS) -> float:
     return steps * (4.0 * m * m * n + 2.0 * m**3)
 
 
+def flops_as_run(m: int, n: int, cfg: triton_ns.Config, steps: int = STEPS) -> float:
+    """Dense FLOPs of the form our kernels run for this shape: the plain iteration, or the Gram form
+    (per segment of L steps: X X^T and Q X, and 4 L - 3 products of [m, m] matrices)."""
+    m, n = min(m, n), max(m, n)
+    if n < cfg.gram_aspect * m or m < cfg.gram_min_rows:
+        return flops(m, n, steps)
+    segs = [min(cfg.gram_segment, steps - s) for s in range(0, steps, cfg.gram_segment)]
+    return sum(4.0 * m * m * n + (4 * L - 3) * 2.0 * m**3 for L in segs)
+
+
 def zeropower_bf16(G: torch.Tensor) -> torch.Tensor:
     """The iteration in bf16 on a same-shape stack, as modded-nanogpt writes it (our own code)."""
     a, b, c = NS_COEFFS
@@ -130,26 +142,36 @@ def kernel_times(fn, calls: int = 3) -> list[tuple[str, float, int]]:
     return [(runs[0][i][0], round(statistics.median(r[i][1] for r in runs), 1), runs[0][i][2]) for i in range(n)]
 
 
-def stage_sums(seq: list[tuple[str, float, int]]) -> dict:
-    """Our launches (1 + 3 * STEPS per set; a set per stream, or in order on one stream) summed per stage:
-    prep (+ Muon's momentum), A, B, X' (+ the finish in the last X'), per set, the larger set first; and
-    the total of all kernels (sets on two streams overlap, so this exceeds the call's time)."""
-    per_set = 1 + 3 * STEPS
+STAGE_NAMES = {
+    int(triton_ns.PREP): "prep",
+    int(triton_ns.XXT): "R=XX^T",
+    int(triton_ns.POLY): "B=aI+bR+cR^2",
+    int(triton_ns.APPLY): "X'=UX",
+    int(triton_ns.PRODUCT): "UV (Gram form)",
+}
+
+
+def stage_sums(seq: list[tuple[str, float, int]], cfg: triton_ns.Config) -> dict:
+    """Our launches summed per stage (STAGE_NAMES; the last X'=UX, which writes the output, also alone), per
+    set (one per stream: the Gram-form set, the plain set, the fp32 tiny set), the larger set first; and the
+    total of all kernels (the sets' streams overlap, so this exceeds the call's time). A set's launches are
+    told from its count: plain 1 + 3 * STEPS, Gram form that of `triton_ns._recipe`."""
+    sched = (NS_COEFFS,) * STEPS
+    recipes = {len(r): r for r in (triton_ns._recipe(sched, 1), triton_ns._recipe(sched, cfg.gram_segment))}
     by_stream: dict[int, list[float]] = {}
     for name, us, stream in seq:
         if name.startswith("_ns_stage"):
             by_stream.setdefault(stream, []).append(us)
-    sets = [x[i : i + per_set] for x in by_stream.values() for i in range(0, len(x) - per_set + 1, per_set)]
     out = {"kernels_total_us": round(sum(us for _, us, _ in seq), 1)}
-    for k, x in enumerate(sorted(sets, key=sum, reverse=True)):
-        out[f"set{k}"] = {
-            "prep": x[0],
-            "A=XX^T": round(sum(x[1::3]), 1),
-            "B=bA+cA^2": round(sum(x[2::3]), 1),
-            "X'=aX+BX": round(sum(x[3::3]), 1),
-            "last X' (with finish)": x[-1],
-            "total": round(sum(x), 1),
-        }
+    for k, x in enumerate(sorted(by_stream.values(), key=sum, reverse=True)):
+        recipe = recipes.get(len(x))
+        if recipe is None:  # not one call's launches of one set
+            out[f"set{k}"] = {"launches": len(x), "total": round(sum(x), 1)}
+            continue
+        row = {"form": "plain" if len(recipe) == 1 + 3 * STEPS else "Gram"}
+        for stage, name in STAGE_NAMES.items():
+            row[name] = round(sum(us for us, L in zip(x, recipe, strict=True) if L.stage == stage), 1)
+        out[f"set{k}"] = {**row, "last X'=UX (with finish)": x[-1], "total": round(sum(x), 1)}
     return out
 
 
@@ -252,7 +274,9 @@ def sweep(stacks, refs, sched, rec: dict, deadline: float, save_fn) -> None:
             outs = triton_ns.newton_schulz_triton(Ss, sched, config=cfg)
             err = max(relerr(o, refs[i]) for o, i in zip(outs, idx, strict=True))
             ms = median_ms(lambda: triton_ns.newton_schulz_triton(Ss, sched, config=cfg))
-            st = stage_sums(kernel_times(lambda: triton_ns.newton_schulz_triton(Ss, sched, config=cfg, graphs=False)))
+            st = stage_sums(
+                kernel_times(lambda: triton_ns.newton_schulz_triton(Ss, sched, config=cfg, graphs=False)), cfg
+            )
             out[name] = {"ms": ms, "relerr": err, "stages_us": st}
             print(f"sweep {name:72s} {ms:7.3f} ms relerr {err:.2e} {st.get('set0')}", flush=True)
         except Exception as e:  # a config that does not compile (shared memory, registers) is recorded
@@ -307,6 +331,7 @@ def main() -> None:
         "exact_shape_groups": {f"{m}x{n}": c for (m, n), c in exact.items()},
         "wide_shape_groups": {f"{m}x{n}": c for (m, n), c in wide.items()},
         "gflop_per_ns_call": total_flops / 1e9,
+        "gflop_per_ns_call_as_run": sum(flops_as_run(*s, triton_ns.Config()) for s in shapes) / 1e9,
     }
     print(f"{len(shapes)} matrices, {len(exact)} exact-shape groups, {len(wide)} groups after transposing tall ones")
     for (m, n), c in sorted(wide.items(), key=lambda x: -x[1]):
@@ -344,6 +369,12 @@ def main() -> None:
         lambda: triton_ns.newton_schulz_triton(stacks, sched, config=cfg, graphs=False),
     )
     run("triton grouped, no symmetry", lambda: triton_ns.newton_schulz_triton(stacks, sched, sym=False, config=cfg))
+    plain = dataclasses.replace(cfg, gram_aspect=float("inf"))
+    run("triton grouped, plain iteration only (no Gram form)",
+        lambda: triton_ns.newton_schulz_triton(stacks, sched, config=plain))  # fmt: skip
+    seq_plain = kernel_times(lambda: triton_ns.newton_schulz_triton(stacks, sched, config=plain, graphs=False))
+    rec["stage_sums_us_plain_only"] = stage_sums(seq_plain, plain)
+    print("stage sums, plain only (us):", rec["stage_sums_us_plain_only"], flush=True)
     padded = dataclasses.replace(cfg, half_tiles=False)
     run("triton grouped, no half tiles", lambda: triton_ns.newton_schulz_triton(stacks, sched, config=padded))
     main_idx = [i for i, S in enumerate(stacks) if min(S.shape[1:]) > triton_ns.TINY]
@@ -353,7 +384,7 @@ def main() -> None:
     print(f"main set alone (sides > {triton_ns.TINY}) {main_ms:.3f} ms", flush=True)
     seq = kernel_times(lambda: triton_ns.newton_schulz_triton(stacks, sched, config=cfg, graphs=False))
     rec["kernel_sequence_us"] = {"triton grouped, eager": seq}
-    rec["stage_sums_us"] = stage_sums(seq)
+    rec["stage_sums_us"] = stage_sums(seq, cfg)
     print("stage sums (us):", rec["stage_sums_us"], flush=True)
     pe = list(polar_express(STEPS))
     pe_out = newton_schulz_many(stacks, STEPS, pe, check_finite=False)
@@ -435,6 +466,11 @@ def main() -> None:
         row["triton_relerr"] = relerr(
             triton_ns.newton_schulz_triton([S], sched, config=cfg)[0], ns_reference(S.double())
         )
+        if flops_as_run(m, n, cfg) != flops(m, n):  # the Gram form: the plain iteration beside it
+            row["triton_plain_ms"] = median_ms(lambda S=S: triton_ns.newton_schulz_triton([S], sched, config=plain))
+            row["triton_plain_relerr"] = relerr(
+                triton_ns.newton_schulz_triton([S], sched, config=plain)[0], ns_reference(S.double())
+            )
         if cuda.available(S.device):
             row["cuda_ms"] = median_ms(lambda S=S: newton_schulz(S, backend="cuda", check_finite=False))
             row["cuda_relerr"] = relerr(newton_schulz(S, backend="cuda", check_finite=False), ns_reference(S.double()))
@@ -501,7 +537,9 @@ def markdown(rec: dict) -> str:
         "",
         f"Work: {rec['grouping']['matrices']} matrices, {len(rec['grouping']['exact_shape_groups'])} exact-shape "
         f"groups, {len(rec['grouping']['wide_shape_groups'])} after transposing tall ones; "
-        f"{rec['grouping']['gflop_per_ns_call']:.0f} GFLOP per orthogonalization (5 steps, dense count).",
+        f"{rec['grouping']['gflop_per_ns_call']:.0f} GFLOP per orthogonalization (5 steps, dense count of the "
+        f"plain iteration: every TFLOP/s below is on it); the form our kernels run (Gram form on the wide "
+        f"matrices) has {rec['grouping']['gflop_per_ns_call_as_run']:.0f}.",
         "",
         "| variant | median ms | TFLOP/s | max relerr vs fp64 | host ms/call | kernel ms/call |",
         "|---|---|---|---|---|---|",
@@ -517,10 +555,11 @@ def markdown(rec: dict) -> str:
     lines += ["", f"Stage sums of our eager launches (us): `{json.dumps(rec['stage_sums_us'])}`"]
     if "per_wide_shape" in rec:
         lines += ["", "Per wide shape, one stack alone (ms):", ""]
-        lines += ["| shape | count | triton | cuda | faster |", "|---|---|---|---|---|"]
+        lines += ["| shape | count | triton | triton, plain iteration | cuda | faster |", "|---|---|---|---|---|---|"]
         for k, v in rec["per_wide_shape"].items():
             lines.append(
-                f"| {k} | {v['count']} | {v['triton_ms']:.3f} | {v.get('cuda_ms', float('nan')):.3f} | {v['faster']} |"
+                f"| {k} | {v['count']} | {v['triton_ms']:.3f} | {v.get('triton_plain_ms', float('nan')):.3f} | "
+                f"{v.get('cuda_ms', float('nan')):.3f} | {v['faster']} |"
             )
     if "sweep" in rec:
         lines += ["", "Tile-config sweep (ms, whole call on the named set):", ""]

@@ -98,6 +98,34 @@ def test_triton_interpreter_one_step_schedule_and_strided_input():
         assert relerr(X, ref64(G, sched)) < 1e-4
 
 
+@interpreter
+@pytest.mark.parametrize("segment", [2, 3])
+def test_triton_interpreter_gram_form(segment):
+    """The Gram form on every matrix (squares and tall ones included), in segments of 2 and 3 steps, is the
+    same iteration: in fp32 within 1e-4 of the float64 plain one, constant or per-step coefficients.
+    (Longer segments drift even in fp32: 3e-4 with 4 + 1 steps, 6e-3 with one of 5 steps for the 7 x 7
+    squares, whose near-zero singular values the quintic lifts the most; short segments exist for that.)"""
+    cfg = dataclasses.replace(SMALL, gram_aspect=1.0, gram_min_rows=1, gram_segment=segment)
+    Gs = _mixed_inputs(torch.Generator().manual_seed(8))
+    schedule = [(3.0, -3.2, 1.2), (2.5, -2.0, 0.6), (1.9, -1.4, 0.5), (1.9, -1.4, 0.5), NS_COEFFS]
+    for sched in ([NS_COEFFS] * 5, schedule):
+        outs = triton_ns.newton_schulz_triton(Gs, sched, work_dtype=torch.float32, config=cfg)
+        for G, X in zip(Gs, outs, strict=True):
+            assert relerr(X, ref64(G, sched)) < 1e-4, (G.shape, sched)
+
+
+def test_recipe_launches():
+    """Segments of 1 step are the plain iteration (1 + 3 per step launches); 3 + 2 steps take 18 launches,
+    with 2 rectangular pairs (XXT, APPLY) and 14 [m, m] products (POLY, and PRODUCT counted per product)."""
+    P, X, B, A, Q = (int(c) for c in (triton_ns.PREP, triton_ns.XXT, triton_ns.POLY, triton_ns.APPLY,
+                                      triton_ns.PRODUCT))  # fmt: skip
+    plain = triton_ns._recipe((NS_COEFFS,) * 5, 1)
+    assert [L.stage for L in plain] == [P] + [X, B, A] * 5
+    gram = triton_ns._recipe((NS_COEFFS,) * 5, 3)
+    assert len(gram) == 18 and [L.stage for L in gram].count(X) == 2 and gram[-1].stage == A and gram[-1].last
+    assert sum(1 + (L.u2 is not None) for L in gram if L.stage in (B, Q)) == 14
+
+
 def _muon_case(device, gen, shapes):
     """Parameters, gradients, momentum buffers and per-matrix (mu, nesterov, decay, alpha) for `shapes`."""
     ts = [[torch.randn(s, generator=gen, device=device) for s in shapes] for _ in range(3)]
@@ -199,15 +227,17 @@ _COMPILE_SCRIPT = """
 from tests.helpers import compile_for_hopper
 from kernels.ns.triton_ns import _ns_stage_kernel
 sig = {"tiles": "*i32", "meta": "*i64", "io": "*i64", "hyper": "*fp32", "g": "*fp32", "mbuf": "*fp32",
-       "out": "*fp32", "x_in": "*bf16", "x_out": "*bf16", "a_buf": "*bf16", "b_buf": "*bf16", "sumsq": "*fp32",
-       "coef_a": "fp32", "coef_b": "fp32", "coef_c": "fp32", "eps": "fp32"}
-# (stage, first, last, muon): prep, Muon's prep, the three stages of step 0, Muon's last stage 3
-for stage, first, last, muon in [(0, 0, 0, 0), (0, 0, 0, 1), (1, 1, 0, 0), (2, 1, 0, 0), (3, 1, 0, 0), (3, 0, 1, 1)]:
+       "out": "*fp32", "x_in": "*bf16", "x_out": "*bf16", "sq": "*bf16", "u_off": "i32", "v_off": "i32",
+       "d_off": "i32", "u2_off": "i32", "d2_off": "i32", "sumsq": "*fp32", "coef_a": "fp32", "coef_b": "fp32",
+       "coef_c": "fp32", "eps": "fp32"}
+# (stage, first, last, muon): prep, Muon's prep, the four products (first XXT and APPLY), Muon's last APPLY
+for stage, first, last, muon in [(0, 0, 0, 0), (0, 0, 0, 1), (1, 1, 0, 0), (2, 1, 0, 0), (3, 1, 0, 0), (4, 0, 0, 0),
+                                 (3, 0, 1, 1)]:
     k = compile_for_hopper(_ns_stage_kernel, sig, dict(STAGE=stage, FIRST=first, LAST=last, MUON=muon, SYM=True,
                            NPART=16, BM=128, BN=128, BK=64, DOT_PREC="tf32"))
     assert (stage == 0) != ("wgmma.mma_async" in k.asm["ptx"]), (stage, first)
 # the fp32 tiny set: 16-wide tiles, 3-pass tf32 products on tensor cores (mma.sync)
-sig.update(x_in="*fp32", x_out="*fp32", a_buf="*fp32", b_buf="*fp32")
+sig.update(x_in="*fp32", x_out="*fp32", sq="*fp32")
 for stage in (1, 2, 3):
     k = compile_for_hopper(_ns_stage_kernel, sig, dict(STAGE=stage, FIRST=1, LAST=0, MUON=0, SYM=True, NPART=16,
                            BM=16, BN=16 if stage < 3 else 128, BK=64 if stage < 3 else 16, DOT_PREC="tf32x3"))
@@ -217,9 +247,9 @@ for stage in (1, 2, 3):
 # which also reads and writes W, excepted)
 import os, re, subprocess, tempfile
 from triton.backends.nvidia.compiler import get_ptxas
-sig.update(x_in="*bf16", x_out="*bf16", a_buf="*bf16", b_buf="*bf16")
-for stage, first, last, muon in [(1, 0, 0, 0), (2, 0, 0, 0), (3, 0, 0, 0), (1, 1, 0, 0), (3, 1, 0, 0), (3, 0, 1, 0),
-                                 (3, 0, 1, 1)]:
+sig.update(x_in="*bf16", x_out="*bf16", sq="*bf16")
+for stage, first, last, muon in [(1, 0, 0, 0), (2, 0, 0, 0), (3, 0, 0, 0), (4, 0, 0, 0), (1, 1, 0, 0), (3, 1, 0, 0),
+                                 (3, 0, 1, 0), (3, 0, 1, 1)]:
     k = compile_for_hopper(_ns_stage_kernel, sig, dict(STAGE=stage, FIRST=first, LAST=last, MUON=muon, SYM=True,
                            NPART=16, BM=128, BN=128, BK=64, DOT_PREC="tf32"), aligned=True, num_warps=8, num_stages=3)
     assert "cp.async" in k.asm["ptx"], (stage, first, last, muon)

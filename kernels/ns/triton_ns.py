@@ -1,35 +1,49 @@
-"""Triton Newton-Schulz: the quintic iteration of `reference.py` for many matrices in 1 + 3 * steps launches.
+"""Triton Newton-Schulz: the quintic iteration of `reference.py` for many matrices in a few launches a step.
 
 Every matrix is handled in its wide orientation X [m, n] (m <= n) in a packed workspace; a tall input G
 is read as G^T by indexing, never copied. Each launch runs over a tile table that spans every matrix of
-every shape group, so a whole optimizer's set of matrices (any mix of shapes) costs 1 + 3 * steps
-launches:
+a set (any mix of shapes), so a whole optimizer's set of matrices costs the same launches as one matrix.
+The launches are products of five kinds (the kernel's STAGE):
 
-    stage 0:  X_0 = G                         prep: G (any float dtype, either orientation) -> workspace
-    stage 1:  A = X X^T                       tiles of A [m, m], K = n
-    stage 2:  B = a I + b A + c A A^T         tiles of B [m, m], K = m    (A is symmetric: A^2 = A A^T)
-    stage 3:  X' = B X                        tiles of X' [m, n], K = m; the last step writes X' in G's
+    PREP:     X_0 = G                         G (any float dtype, either orientation) -> workspace
+    XXT:      R = X X^T                       tiles of R [m, m], K = n
+    POLY:     B = a I + b R + c R R^T         tiles of B [m, m], K = m    (R is symmetric: R^2 = R R^T)
+    APPLY:    X' = U X                        tiles of X' [m, n], K = m; the last one writes X' in G's
                                               layout and dtype straight to the output
+    PRODUCT:  U V                             tiles of [m, m], K = m, for symmetric U, V that commute
 
-(a X + (b A + c A^2) X = (a I + b A + c A^2) X: with a I folded into B's diagonal, stage 3 is a plain product
-with no second read of X in its epilogue; in bf16 both forms give the same error against the float64
-iteration, profiles/ns.md.)
+The plain iteration is XXT, POLY, APPLY (U = B) each step: X' = a X + (b R + c R^2) X = B X (with a I folded
+into B's diagonal, APPLY has no second read of X in its epilogue; in bf16 both forms give the same error
+against the float64 iteration, profiles/ns.md).
+
+Gram form (Zhang, Amsel, Chen and Dao 2026, "Gram Newton-Schulz"). Every B_t is a polynomial in R_t, and
+X_{t+1} = B_t X_t, so within a run of steps X_t = Q_t X_s with Q_t = B_s ... B_{t-1} (all symmetric, all
+commuting) and R_{t+1} = B_t R_t B_t. A segment of steps s..e forms R_s = X_s X_s^T once, then per step POLY,
+the PRODUCTs Q_t B_t and R_t B_t in one launch, and R_{t+1} = B_t (R_t B_t); one APPLY X_{e+1} = Q_{e+1} X_s
+ends it. For a wide matrix that trades the rectangular products (K = n, or N = n) of every step for [m, m]
+products: with segments of 3 + 2 steps, 2 rectangular pairs and 14 products of m^3 instead of 5 pairs and 5
+products; 22% fewer FLOPs (dense count) at 576 x 1536, 39% at 576 x 3024. In low precision R_t drifts from X_t
+X_t^T as the steps go (rounding gives it small negative eigenvalues, which the quintic amplifies), so segments
+are short: `Config.gram_segment` = 3 steps (3 + 2 for Muon's 5) kept bf16's relative error against the float64
+iteration at the plain iteration's (emulated on CPU: 1.22e-2 against 1.01e-2 for Gaussian 576 x 1536; 3.5e-2
+against 4.9e-2 for rank-32-plus-noise ones), where a single segment of 5 steps blew up. Matrices of fewer
+than `Config.gram_min_rows` rows stay plain: little to gain, and 1.7e-2 against 9.6e-3 emulated at 192 x 576.
 
 Operands are in the work dtype (bf16; fp32 for tests, with exact fp32 products, and for matrices with a
-side <= TINY, with 3-pass tf32 products, see `newton_schulz_triton`), accumulation in fp32. A and B are
-symmetric, so with `sym=True` the tables hold only the tiles on and above the diagonal and each
-off-diagonal tile is also stored mirrored (half the FLOPs of stages 1 and 2). When m leaves a last row
-block of at most half a tile (576 = 4 * 128 + 64), stage 3 gives it half-height tiles instead of padded full
-ones (`Config.half_tiles`: 10% fewer rows of products at m = 576). The symmetric stages keep full tiles:
+side <= TINY, with 3-pass tf32 products, see `newton_schulz_triton`), accumulation in fp32. The [m, m]
+results are symmetric, so with `sym=True` the tables hold only the tiles on and above the diagonal and
+each off-diagonal tile is also stored mirrored (half their FLOPs). When m leaves a last row block of at
+most half a tile (576 = 4 * 128 + 64), APPLY gives it half-height tiles instead of padded full ones
+(`Config.half_tiles`: 10% fewer rows of products at m = 576). The symmetric products keep full tiles:
 there a half block saves no tile, only area, and measured no faster (profiles/ns.md).
 
-Frobenius normalization is fused: the prep writes each tile's sum of squares of G; step 0's stage 1
-forms s = ||G||_F + eps from them and computes A_0 = (G G^T) / s^2 (scaling its fp32 accumulator), and
-step 0's stage 3 applies 1 / s in its epilogue: X_1 = B_0 G / s.
+Frobenius normalization is fused: the prep writes each tile's sum of squares of G; the first XXT forms
+s = ||G||_F + eps from them and computes R_0 = (G G^T) / s^2 (scaling its fp32 accumulator), and the first
+APPLY applies 1 / s in its epilogue: X_1 = B_0 G / s (plain), or Q G / s (Gram form).
 
-Muon's update fuses into the same two ends (`muon_update_triton`): stage 0 reads the gradient and the
+Muon's update fuses into the same two ends (`muon_update_triton`): the prep reads the gradient and the
 momentum buffer, writes the new buffer M = mu M + G and puts U = G + mu M (Nesterov) or M into the
-workspace; the last stage 3 applies W = decay W - alpha NS(U) to the parameter in place.
+workspace; the last APPLY applies W = decay W - alpha NS(U) to the parameter in place.
 
 Per-call addresses (inputs, output or parameters, momentum buffers) reach the kernels as element offsets
 from fixed per-runner anchor tensors, in a small device table refreshed before each call; so on CUDA all
@@ -66,10 +80,12 @@ ALIGN = tl.constexpr(ALIGN_N)
 
 @dataclass(frozen=True)
 class Config:
-    """Tile shapes: `bs` x `bs` tiles (K step `bk`) for the symmetric stages 1-2, `bm` x `bn` (K step
-    `bk3`) for stage 3 (and stage 0's tiles); warps and pipeline depth per stage; the products' precision
-    when the work dtype is fp32 (tl.dot input_precision: "ieee" = FMA, or "tf32x3" on tensor cores);
-    `half_tiles`: in stage 3, a last row block of at most half a tile gets half-height tiles."""
+    """Tile shapes: `bs` x `bs` tiles (K step `bk`) for the symmetric products (XXT, POLY, PRODUCT),
+    `bm` x `bn` (K step `bk3`) for APPLY (and the prep's tiles); warps and pipeline depth for each; the
+    products' precision when the work dtype is fp32 (tl.dot input_precision: "ieee" = FMA, or "tf32x3" on
+    tensor cores); `half_tiles`: in APPLY, a last row block of at most half a tile gets half-height tiles.
+    The Gram form (module doc) is used for matrices with n >= `gram_aspect` m and m >= `gram_min_rows`, in
+    segments of `gram_segment` steps (gram_aspect=float("inf") turns it off)."""
 
     bs: int = 128
     bk: int = 64
@@ -82,10 +98,17 @@ class Config:
     stages3: int = 3
     fp32_dot: str = "ieee"
     half_tiles: bool = True
+    gram_aspect: float = 2.5
+    gram_min_rows: int = 256
+    gram_segment: int = 3
 
 
-# tile kinds (column 3 of the tile tables): full, or half rows (stage 3's last row block)
+# stages (the kernel's STAGE): the prep and the four products, see the module doc
+PREP, XXT, POLY, APPLY, PRODUCT = (tl.constexpr(c) for c in range(5))
+# tile kinds (column 3 of the tile tables): APPLY's full tiles or half rows (its last row block); PRODUCT's
+# tiles of the launch's first or second product
 FULL, HALF_ROWS = (tl.constexpr(c) for c in range(2))
+SECOND = HALF_ROWS
 
 
 @triton.jit
@@ -125,23 +148,24 @@ def _io(io, k, col):
 
 
 @triton.jit
-def _sym_tile(src, ld, dst, lda, m, r0, c0, scale, coef_a, coef_b, coef_c,
+def _sym_tile(left, right, ld, dst, lda, m, r0, c0, scale, coef_a, coef_b, coef_c,
               STAGE: tl.constexpr, SYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
               DOT_PREC: tl.constexpr):  # fmt: skip
-    """Tile [r0:r0+BM, c0:c0+BN] of A = scale * X X^T (stage 1, src = X, K = n) or of
-    B = a I + b A + c A A^T (stage 2, src = A, K = m), and with SYM its mirror."""
+    """Tile [r0:r0+BM, c0:c0+BN] of a symmetric [m, m] result, as left[rows] @ right[cols]^T over K = ld, and
+    with SYM its mirror: R = scale * X X^T (XXT: left = right = X, K = n), B = a I + b R + c R R^T
+    (POLY: left = right = R, K = m) or U V (PRODUCT: two commuting symmetric U, V, so U V = U V^T is symmetric)."""
     rows = r0 + tl.arange(0, BM)
     cols = c0 + tl.arange(0, BN)
     kk = tl.arange(0, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, ld, BK):
-        lt = _w_tile(src, rows, k0 + kk, m, ld)
-        rt = _w_tile(src, cols, k0 + kk, m, ld)
+        lt = _w_tile(left, rows, k0 + kk, m, ld)
+        rt = _w_tile(right, cols, k0 + kk, m, ld)
         acc = tl.dot(lt, tl.trans(rt), acc, input_precision=DOT_PREC)
-    if STAGE == 1:
+    if STAGE == XXT:
         acc = acc * scale
-    else:
-        acc = coef_c * acc + coef_b * _w_tile(src, rows, cols, m, lda).to(tl.float32)
+    elif STAGE == POLY:
+        acc = coef_c * acc + coef_b * _w_tile(left, rows, cols, m, lda).to(tl.float32)
         # a I on the diagonal, in tile-local indices: rows == cols took 142 registers under Triton 3.6, one
         # program per SM instead of two (a first version at 182 registers ran B 25% slower on the H100)
         eye = (tl.arange(0, BM)[:, None] == tl.arange(0, BN)[None, :]) & (r0 == c0)
@@ -197,15 +221,19 @@ def _x_tile_or_half(half, b, ldb, x, ldx, x_out, hyper, k, m, n, r0, c0, scale, 
 def _ns_stage_kernel(
     tiles,  # int32 [T, 4]: (matrix, tile row, tile column, tile kind)
     meta,  # int64 [K, META_COLS]
-    io,  # int64 [K, IO_COLS]: per-call offsets (stage 0 and the last stage 3)
+    io,  # int64 [K, IO_COLS]: per-call offsets (PREP and the last APPLY)
     hyper,  # fp32 [K, H_COLS]: Muon's per-matrix scalars (MUON only)
-    g,  # anchor of the inputs (stage 0): G, or Muon's gradients
-    mbuf,  # anchor of Muon's momentum buffers (stage 0, MUON only)
-    out,  # anchor of the outputs (last stage 3): in G's (padded) layout, or Muon's parameters
-    x_in,  # workspace X of the current step, wide, row-major, packed
-    x_out,  # workspace X of the next step
-    a_buf,  # workspace A
-    b_buf,  # workspace B
+    g,  # anchor of the inputs (PREP): G, or Muon's gradients
+    mbuf,  # anchor of Muon's momentum buffers (PREP, MUON only)
+    out,  # anchor of the outputs (the last APPLY): in G's (padded) layout, or Muon's parameters
+    x_in,  # workspace X read (XXT, APPLY): wide, row-major, packed
+    x_out,  # workspace X written (PREP, APPLY)
+    sq,  # the square [m, m] workspaces (R, B, ...), packed like X, one after another
+    u_off,  # element offsets in `sq` of the workspaces of the left operand (POLY, APPLY, PRODUCT),
+    v_off,  # the right operand (PRODUCT) and the destination (XXT, POLY, PRODUCT);
+    d_off,
+    u2_off,  # and of the left operand and destination of PRODUCT's second product (tiles of kind SECOND)
+    d2_off,
     sumsq,  # fp32 [K, NPART]: sums of squares of G over the prep's tiles (||G||_F^2 is their sum)
     coef_a,
     coef_b,
@@ -236,15 +264,15 @@ def _ns_stage_kernel(
     x_off = tl.multiple_of(tl.load(row + M_XOFF), ALIGN)
     a_off = tl.multiple_of(tl.load(row + M_AOFF), ALIGN)
     scale = 1.0
-    if FIRST and (STAGE == 1 or STAGE == 3):  # s = ||G||_F + eps from the prep's partial sums
+    if FIRST and (STAGE == XXT or STAGE == APPLY):  # s = ||G||_F + eps from the prep's partial sums
         d = tl.arange(0, NPART)
         s = tl.sqrt(tl.sum(tl.load(sumsq + k * NPART + d, mask=d < tl.load(row + M_NPART), other=0.0))) + eps
-        scale = 1.0 / (s * s) if STAGE == 1 else 1.0 / s  # A_0 = G G^T / s^2;  X_1 = B_0 G / s
-    if STAGE == 0 or (STAGE == 3 and LAST):  # G's layout: [mo, ldg] row-major, read as X = G^T when tall
+        scale = 1.0 / (s * s) if STAGE == XXT else 1.0 / s  # R_0 = G G^T / s^2;  X_1 = B_0 G / s
+    if STAGE == PREP or (STAGE == APPLY and LAST):  # G's layout: [mo, ldg] row-major, read as X = G^T when tall
         ldg = tl.multiple_of(tl.load(row + M_LDG).to(tl.int32), ALIGN)
         tall = tl.load(row + M_TALL) != 0
 
-    if STAGE == 0:  # prep (stage 3's tiles, all full height): X_0 = G, or for Muon M = mu M + G, X_0 = G + mu M or M
+    if STAGE == PREP:  # (APPLY's tiles, all full height): X_0 = G, or for Muon M = mu M + G, X_0 = G + mu M or M
         rows = r0 + tl.arange(0, BM)
         cols = c0 + tl.arange(0, BN)
         v = _g_load(g + _io(io, k, IO_SRC), rows, cols, m, n, ldg, tall)
@@ -259,9 +287,9 @@ def _ns_stage_kernel(
         tl.store(sumsq + k * NPART + i * tl.cdiv(n, BN) + j, tl.sum(tl.sum(v2, axis=1), axis=0))
         p, mask = _w_ptrs(x_out + x_off, rows, cols, m, ldx)
         tl.store(p, v.to(x_out.dtype.element_ty), mask=mask)
-    elif STAGE == 3:
+    elif STAGE == APPLY:
         half = tl.load(tiles + 4 * t + 3) != FULL
-        args = (half, b_buf + a_off, lda, x_in + x_off, ldx, x_out + x_off, hyper, k, m, n, r0, c0, scale)
+        args = (half, sq + u_off + a_off, lda, x_in + x_off, ldx, x_out + x_off, hyper, k, m, n, r0, c0, scale)
         if LAST:  # a branch per orientation of G around the whole tile: straight-line epilogues (a branch
             # inside the epilogue made ptxas serialize the K loop's wgmma and spill; sm_90 compile, ptxas -v)
             dst = out + _io(io, k, IO_DST)
@@ -272,18 +300,24 @@ def _ns_stage_kernel(
         else:
             _x_tile_or_half(*args, out, 0, False, LAST, MUON, BM, BN, BK, DOT_PREC)
     else:
-        if STAGE == 1:
-            src, ld, dst = x_in + x_off, ldx, a_buf + a_off
+        if STAGE == XXT:
+            left, right, ld, dst = x_in + x_off, x_in + x_off, ldx, sq + d_off + a_off
+        elif STAGE == POLY:
+            left, right, ld, dst = sq + u_off + a_off, sq + u_off + a_off, lda, sq + d_off + a_off
         else:
-            src, ld, dst = a_buf + a_off, lda, b_buf + a_off
-        _sym_tile(src, ld, dst, lda, m, r0, c0, scale, coef_a, coef_b, coef_c, STAGE, SYM, BM, BN, BK, DOT_PREC)
+            second = (tl.load(tiles + 4 * t + 3) == SECOND).to(tl.int64)
+            left = sq + (u_off + second * (u2_off - u_off)) + a_off
+            right, ld, dst = sq + v_off + a_off, lda, sq + (d_off + second * (d2_off - d_off)) + a_off
+        _sym_tile(left, right, ld, dst, lda, m, r0, c0, scale, coef_a, coef_b, coef_c, STAGE, SYM, BM, BN, BK,
+                  DOT_PREC)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class _Plan:
     meta: torch.Tensor  # int64 [K, META_COLS]
     tiles_sym: torch.Tensor  # int32 [T12, 4], tiles of the [m, m] stages
-    tiles_x: torch.Tensor  # int32 [T3, 4], tiles of the [m, n] stages (stage 0 ignores their kind)
+    tiles_sym2: torch.Tensor  # int32 [2 T12, 4], the same twice, the second time of kind SECOND
+    tiles_x: torch.Tensor  # int32 [T3, 4], tiles of the [m, n] stages (PREP ignores their kind)
     out_offsets: torch.Tensor  # int64 [K] (CPU): matrix k's start in a packed output [sum of mo * ldg]
     x_size: int
     a_size: int
@@ -314,7 +348,7 @@ def _plan(shapes: tuple[tuple[int, int], ...], cfg: Config, sym: bool, device: t
         x_off, a_off, out_size = x_off + m * ldx, a_off + m * lda, out_size + mo * ldg
     npart = max(16, triton.next_power_of_2(max(r[M_NPART] for r in rows)))  # one compiled variant for most
     half_x = cfg.half_tiles and cfg.bm >= 32
-    # longest K first (stage 1: K = n; stages 2-3: K = m), the tiles of one matrix together for L2 reuse
+    # longest K first (XXT: K = n; the others: K = m), the tiles of one matrix together for L2 reuse
     by_n = sorted(range(len(rows)), key=lambda k: -rows[k][M_N])
     by_m = sorted(range(len(rows)), key=lambda k: -rows[k][M_M])
     t_sym, t_x = [], []
@@ -331,8 +365,9 @@ def _plan(shapes: tuple[tuple[int, int], ...], cfg: Config, sym: bool, device: t
     def dev(v, dt):
         return torch.tensor(v, dtype=dt).to(device)
 
+    t_sym2 = t_sym + [(k, i, j, int(SECOND)) for k, i, j, _ in t_sym]
     return _Plan(
-        dev(rows, torch.int64), dev(t_sym, torch.int32), dev(t_x, torch.int32),
+        dev(rows, torch.int64), dev(t_sym, torch.int32), dev(t_sym2, torch.int32), dev(t_x, torch.int32),
         torch.tensor(o_off, dtype=torch.int64), x_off, a_off, out_size, npart,
     )  # fmt: skip
 
@@ -340,7 +375,7 @@ def _plan(shapes: tuple[tuple[int, int], ...], cfg: Config, sym: bool, device: t
 TINY = 8  # matrices with a side <= TINY run with fp32 operands (see newton_schulz_triton)
 # their tiles: with 128-wide tiles the one [16, 16] tile of A = X X^T (K = 3024 for the conv weight)
 # made 8 programs of mostly-masked fp32 products take 0.6 ms a step; with 16-wide tiles and FMA ("ieee")
-# products stage 1 still took ~70 us a step whatever the K step (64: 75, 256: 69, 512: 112 us); 3-pass tf32
+# products XXT still took ~70 us a step whatever the K step (64: 75, 256: 69, 512: 112 us); 3-pass tf32
 # products on tensor cores ("tf32x3", ~fp32 accuracy: 3e-6 relative error) take 42 us a step at K step 64
 # (but 680 us at 256); and the set runs on a side stream alongside the main set (see _each_set), where
 # its 0.24 ms of launches hide completely (H100 measurements, profiles/ns.md)
@@ -356,15 +391,63 @@ def _anchor(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return raw[shift : shift + ALIGN_N]
 
 
-class _Runner:
-    """Static workspaces and anchors for one set of shapes, dtypes and schedule, and on CUDA the graph of
-    its launches (captured after the first, eager, call)."""
+# the square workspaces of `_recipe`
+R, RB, B0, B1, Q0, Q1 = range(6)
 
-    def __init__(self, plan: _Plan, schedule, eps, work_dtype, cfg, sym, muon, dtypes, device):
-        self.plan, self.schedule, self.eps, self.cfg, self.sym, self.muon = plan, schedule, eps, cfg, sym, muon
+
+@dataclass(frozen=True)
+class _Launch:
+    """One launch of a call: `stage` on every matrix; X workspaces x_in -> 1 - x_in; square workspaces
+    u (left operand), v (right operand), d (destination), and PRODUCT's optional second product u2 v -> d2."""
+
+    stage: int
+    coeffs: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    x_in: int = 0
+    u: int = 0
+    v: int = 0
+    d: int = 0
+    u2: int | None = None
+    d2: int | None = None
+    first: bool = False
+    last: bool = False
+
+
+def _recipe(schedule: tuple, segment: int) -> list[_Launch]:
+    """The launches of one call, the steps taken `segment` at a time (module doc, Gram Newton-Schulz):
+    each segment forms R = X X^T from the rectangular X once, runs its steps on [m, m] matrices only and
+    applies their product Q to X at its end; `segment` = 1 is the plain iteration (XXT, POLY, APPLY a step)."""
+    launches, x, steps = [_Launch(int(PREP), x_in=1)], 0, len(schedule)  # (the prep writes X_0 to xs[0])
+    for s0 in range(0, steps, segment):
+        seg = range(s0, min(s0 + segment, steps))
+        launches.append(_Launch(int(XXT), x_in=x, d=R, first=s0 == 0))
+        q = None  # Q_t = B_{s0} ... B_{t-1}: None while it is I
+        for t in seg:
+            b = (B0, B1)[(t - s0) % 2]  # (Q may still be B_{t-1})
+            launches.append(_Launch(int(POLY), schedule[t], u=R, d=b))  # B_t = a I + b R_t + c R_t^2
+            more = t < seg[-1]
+            qn = Q1 if q == Q0 else Q0
+            products = ([(q, qn)] if q is not None else []) + ([(R, RB)] if more else [])  # Q_t B_t, R_t B_t
+            if products:
+                (u, d), (u2, d2) = products[0], products[-1] if len(products) == 2 else (None, None)
+                launches.append(_Launch(int(PRODUCT), u=u, v=b, d=d, u2=u2, d2=d2))
+            if more:  # R_{t+1} = B_t R_t B_t
+                launches.append(_Launch(int(PRODUCT), u=b, v=RB, d=R))
+            q = b if q is None else qn
+        launches.append(_Launch(int(APPLY), x_in=x, u=q, first=s0 == 0, last=seg[-1] == steps - 1))
+        x = 1 - x
+    return launches
+
+
+class _Runner:
+    """Static workspaces and anchors for one set of shapes, dtypes, schedule and segment, and on CUDA the
+    graph of its launches (captured after the first, eager, call)."""
+
+    def __init__(self, plan: _Plan, schedule, segment, eps, work_dtype, cfg, sym, muon, dtypes, device):
+        self.plan, self.eps, self.cfg, self.sym, self.muon = plan, eps, cfg, sym, muon
+        self.recipe = _recipe(schedule, segment)
         self.xs = [torch.zeros(plan.x_size, dtype=work_dtype, device=device) for _ in range(2)]
-        self.a_buf = torch.zeros(plan.a_size, dtype=work_dtype, device=device)
-        self.b_buf = torch.zeros_like(self.a_buf)
+        nsq = 1 + max(max(L.u, L.v, L.d, L.d2 or 0) for L in self.recipe)
+        self.sq = torch.zeros(nsq * plan.a_size, dtype=work_dtype, device=device)
         k = plan.meta.shape[0]
         self.sumsq = torch.zeros(k * plan.npart, dtype=torch.float32, device=device)
         self.io = torch.zeros(k, int(IO_COLS), dtype=torch.int64, device=device)
@@ -378,27 +461,26 @@ class _Runner:
         anchor = self.anchors[which]
         return (ptrs - anchor.data_ptr()) // anchor.element_size()
 
-    def launch(self, stage, step=-1, coeffs=(0.0, 0.0, 0.0), first=False, last=False):
-        """Stage `stage` of step `step` (stage 0: step -1), reading X_step and writing X_{step+1}."""
+    def launch(self, L: _Launch) -> None:
         cfg, plan = self.cfg, self.plan
-        if stage in (1, 2):
-            tiles, bm, bn, bk, warps, nst = plan.tiles_sym, cfg.bs, cfg.bs, cfg.bk, cfg.warps, cfg.stages
-        else:
+        if L.stage in (PREP, APPLY):
             tiles, bm, bn, bk, warps, nst = plan.tiles_x, cfg.bm, cfg.bn, cfg.bk3, cfg.warps3, cfg.stages3
-        x_in, x_out = self.xs[step % 2], self.xs[(step + 1) % 2]
+        else:
+            tiles = plan.tiles_sym2 if L.u2 is not None else plan.tiles_sym
+            bm, bn, bk, warps, nst = cfg.bs, cfg.bs, cfg.bk, cfg.warps, cfg.stages
+        size = plan.a_size
+        offs = [L.u * size, L.v * size, L.d * size, (L.u2 or 0) * size, (L.d2 or 0) * size]
         _ns_stage_kernel[(tiles.shape[0],)](
-            tiles, plan.meta, self.io, self.hyper, *self.anchors, x_in, x_out, self.a_buf, self.b_buf, self.sumsq,
-            *coeffs, self.eps, STAGE=stage, FIRST=first, LAST=last, MUON=self.muon, SYM=self.sym,
-            NPART=plan.npart, BM=bm, BN=bn, BK=bk, DOT_PREC=self.prec, num_warps=warps, num_stages=nst,
+            tiles, plan.meta, self.io, self.hyper, *self.anchors, self.xs[L.x_in], self.xs[1 - L.x_in], self.sq,
+            *offs, self.sumsq, *L.coeffs, self.eps, STAGE=L.stage, FIRST=L.first, LAST=L.last, MUON=self.muon,
+            SYM=self.sym, NPART=plan.npart, BM=bm, BN=bn, BK=bk, DOT_PREC=self.prec, num_warps=warps,
+            num_stages=nst,
         )  # fmt: skip
 
     def launches(self):
         """Every launch of a call; the per-call addresses and scalars are read from self.io / self.hyper."""
-        self.launch(0)
-        steps = len(self.schedule)
-        for step, coeffs in enumerate(self.schedule):
-            for stage in (1, 2, 3):
-                self.launch(stage, step, coeffs, first=step == 0, last=step == steps - 1 and stage == 3)
+        for L in self.recipe:
+            self.launch(L)
 
     def __call__(self, io: np.ndarray, hyper: np.ndarray | None, graphs: bool) -> None:
         """One call: io int64 [K, IO_COLS], hyper fp32 [K, H_COLS] (Muon) or None."""
@@ -422,13 +504,13 @@ _RUNNERS: dict = {}
 MAX_RUNNERS = 32
 
 
-def _runner(shapes, schedule, eps, work_dtype, cfg, sym, muon, dtypes, device) -> _Runner:
-    key = (shapes, tuple(schedule), eps, work_dtype, cfg, sym, muon, dtypes, device)
+def _runner(shapes, schedule, segment, eps, work_dtype, cfg, sym, muon, dtypes, device) -> _Runner:
+    key = (shapes, tuple(schedule), segment, eps, work_dtype, cfg, sym, muon, dtypes, device)
     if key not in _RUNNERS:
         if len(_RUNNERS) >= MAX_RUNNERS:
             _RUNNERS.pop(next(iter(_RUNNERS)))
         plan = _plan(shapes, cfg, sym, device)
-        _RUNNERS[key] = _Runner(plan, schedule, eps, work_dtype, cfg, sym, muon, dtypes, device)
+        _RUNNERS[key] = _Runner(plan, schedule, segment, eps, work_dtype, cfg, sym, muon, dtypes, device)
     return _RUNNERS[key]
 
 
@@ -451,11 +533,11 @@ def _is_aligned(t: torch.Tensor) -> bool:
     return st[-1] == 1 and st[-2] == no and no % ALIGN_N == 0 and t.data_ptr() % (ALIGN_N * t.element_size()) == 0
 
 
-def _run_group(Gs, schedule, eps, work_dtype, sym, cfg, graphs) -> list[torch.Tensor]:
+def _run_group(Gs, schedule, segment, eps, work_dtype, sym, cfg, graphs) -> list[torch.Tensor]:
     Ts = [_aligned(G) for G in Gs]
     dt, dev = Gs[0].dtype, Gs[0].device
     shapes = tuple(tuple(G.shape[-2:]) for G, (_, N, _) in zip(Gs, Ts, strict=True) for _ in range(N))
-    run = _runner(shapes, schedule, eps, work_dtype, cfg, sym, False, (dt, dt, dt), dev)
+    run = _runner(shapes, schedule, segment, eps, work_dtype, cfg, sym, False, (dt, dt, dt), dev)
     starts = run.offsets(np.array([T.data_ptr() for T, _, _ in Ts], dtype=np.int64), 0)
     src = np.concatenate([s + s0 * np.arange(N) for s, (_, N, s0) in zip(starts, Ts, strict=True)])
     out = torch.empty(run.plan.out_size, dtype=dt, device=dev)
@@ -473,29 +555,41 @@ _SIDE_STREAMS: dict = {}
 
 
 def _each_set(shapes, work_dtype, cfg, device, fn) -> None:
-    """fn(indices, work dtype, config) for the main set and for the set with a side <= TINY (fp32 operands,
-    TINY_CONFIG). On CUDA, with both present, the small set runs on a side stream alongside the main one
-    (its few programs would otherwise run alone: ~0.4 ms for the 95m model's conv-shaped matrices); the
-    caller's stream waits for it before returning, and `fn` must mark what it allocates for that stream."""
-    tiny = [work_dtype != torch.float32 and min(s) <= TINY for s in shapes]
+    """fn(indices, work dtype, config, segment) for each non-empty set of matrices: the wide ones (n >=
+    cfg.gram_aspect m, in the Gram form: segments of cfg.gram_segment steps), the others (the plain
+    iteration), and those with a side <= TINY (plain, fp32 operands, TINY_CONFIG). On CUDA the first set runs
+    on the caller's stream and the others each on a side stream alongside it (a small set's few programs
+    would otherwise run alone: ~0.4 ms for the 95m model's conv-shaped matrices); the caller's stream waits
+    for them before returning, and `fn` must mark what it allocates for that stream."""
+
+    def kind(s):
+        if work_dtype != torch.float32 and min(s) <= TINY:
+            return 2
+        return 0 if max(s) >= cfg.gram_aspect * min(s) and min(s) >= cfg.gram_min_rows else 1
+
+    kinds = [kind(s) for s in shapes]
     sets = [
-        (idx, dt, c)
-        for flag, dt, c in ((True, torch.float32, TINY_CONFIG), (False, work_dtype, cfg))
-        if (idx := [i for i, t in enumerate(tiny) if t == flag])
-    ]
+        (idx, dt, c, seg)
+        for which, dt, c, seg in ((0, work_dtype, cfg, cfg.gram_segment), (1, work_dtype, cfg, 1),
+                                  (2, torch.float32, TINY_CONFIG, 1))
+        if (idx := [i for i, k in enumerate(kinds) if k == which])
+    ]  # fmt: skip
     if device.type != "cuda" or len(sets) < 2:
         for s in sets:
             fn(*s)
         return
     main = torch.cuda.current_stream(device)
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    side = _SIDE_STREAMS[device]
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        fn(*sets[0])
-    fn(*sets[1])
-    main.wait_stream(side)
+    streams = _SIDE_STREAMS.setdefault(device, [])
+    while len(streams) < len(sets) - 1:
+        streams.append(torch.cuda.Stream(device))
+    sides = streams[: len(sets) - 1]
+    for side, s in zip(sides, sets[1:], strict=True):
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            fn(*s)
+    fn(*sets[0])
+    for side in sides:
+        main.wait_stream(side)
 
 
 def newton_schulz_triton(
@@ -520,8 +614,9 @@ def newton_schulz_triton(
     outs: list[torch.Tensor | None] = [None] * len(Gs)
     caller = torch.cuda.current_stream(Gs[0].device) if Gs[0].is_cuda else None
 
-    def fn(idx, dt, cfg):
-        for i, O in zip(idx, _run_group([Gs[i] for i in idx], schedule, eps, dt, sym, cfg, graphs), strict=True):
+    def fn(idx, dt, cfg, segment):
+        Os = _run_group([Gs[i] for i in idx], schedule, segment, eps, dt, sym, cfg, graphs)
+        for i, O in zip(idx, Os, strict=True):
             if caller is not None:
                 O.record_stream(caller)  # allocated on the side stream, used on the caller's
             outs[i] = O
@@ -564,8 +659,9 @@ def muon_update_triton(
     schedule = tuple(tuple(c) for c in coeffs)
     shapes = [tuple(p.shape) for p in params]
 
-    def fn(idx, dt, cfg):
-        run = _runner(tuple(shapes[i] for i in idx), schedule, eps, dt, cfg, sym, True, dtypes, params[0].device)
+    def fn(idx, dt, cfg, segment):
+        sub = tuple(shapes[i] for i in idx)
+        run = _runner(sub, schedule, segment, eps, dt, cfg, sym, True, dtypes, params[0].device)
         run(np.stack([run.offsets(a[idx], w) for w, a in enumerate(addresses)], 1), hyper[idx], graphs)
 
     _each_set(shapes, work_dtype, config or Config(), params[0].device, fn)
