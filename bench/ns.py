@@ -79,11 +79,11 @@ def flops(m: int, n: int, steps: int = STEPS) -> float:
 
 def flops_as_run(m: int, n: int, cfg: triton_ns.Config, steps: int = STEPS) -> float:
     """Dense FLOPs of the form our kernels run for this shape: the plain iteration, or the Gram form
-    (per segment of L steps: X X^T and Q X, and 4 L - 3 products of [m, m] matrices)."""
+    (per segment of L steps: X X^T and Q X, and 4 L - 3 products of [m, m] matrices; default coefficients)."""
     m, n = min(m, n), max(m, n)
     if n < cfg.gram_aspect * m or m < cfg.gram_min_rows:
         return flops(m, n, steps)
-    segs = [min(cfg.gram_segment, steps - s) for s in range(0, steps, cfg.gram_segment)]
+    segs = triton_ns._segments((NS_COEFFS,) * steps, cfg.gram_growth)
     return sum(4.0 * m * m * n + (4 * L - 3) * 2.0 * m**3 for L in segs)
 
 
@@ -157,7 +157,8 @@ def stage_sums(seq: list[tuple[str, float, int]], cfg: triton_ns.Config) -> dict
     total of all kernels (the sets' streams overlap, so this exceeds the call's time). A set's launches are
     told from its count: plain 1 + 3 * STEPS, Gram form that of `triton_ns._recipe`."""
     sched = (NS_COEFFS,) * STEPS
-    recipes = {len(r): r for r in (triton_ns._recipe(sched, 1), triton_ns._recipe(sched, cfg.gram_segment))}
+    gram = triton_ns._segments(sched, cfg.gram_growth)
+    recipes = {len(r): r for r in (triton_ns._recipe(sched, (1,) * STEPS), triton_ns._recipe(sched, gram))}
     by_stream: dict[int, list[float]] = {}
     for name, us, stream in seq:
         if name.startswith("_ns_stage"):

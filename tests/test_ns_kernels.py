@@ -99,29 +99,35 @@ def test_triton_interpreter_one_step_schedule_and_strided_input():
 
 
 @interpreter
-@pytest.mark.parametrize("segment", [2, 3])
-def test_triton_interpreter_gram_form(segment):
-    """The Gram form on every matrix (squares and tall ones included), in segments of 2 and 3 steps, is the
-    same iteration: in fp32 within 1e-4 of the float64 plain one, constant or per-step coefficients.
-    (Longer segments drift even in fp32: 3e-4 with 4 + 1 steps, 6e-3 with one of 5 steps for the 7 x 7
-    squares, whose near-zero singular values the quintic lifts the most; short segments exist for that.)"""
-    cfg = dataclasses.replace(SMALL, gram_aspect=1.0, gram_min_rows=1, gram_segment=segment)
+@pytest.mark.parametrize("growth", [20.0, 150.0])
+def test_triton_interpreter_gram_form(growth):
+    """The Gram form on every matrix (squares and tall ones included), in segments of 2 + 2 + 1 and 3 + 2
+    steps, is the same iteration: in fp32 within 1e-4 of the float64 plain one, constant or per-step
+    coefficients. (Longer segments drift even in fp32: 3e-4 with 4 + 1 steps, 6e-3 with one of 5 steps for
+    the 7 x 7 squares, whose near-zero singular values the quintic lifts the most.)"""
+    cfg = dataclasses.replace(SMALL, gram_aspect=1.0, gram_min_rows=1, gram_growth=growth)
     Gs = _mixed_inputs(torch.Generator().manual_seed(8))
     schedule = [(3.0, -3.2, 1.2), (2.5, -2.0, 0.6), (1.9, -1.4, 0.5), (1.9, -1.4, 0.5), NS_COEFFS]
+    assert triton_ns._segments((NS_COEFFS,) * 5, growth) == ((2, 2, 1) if growth < 100 else (3, 2))
     for sched in ([NS_COEFFS] * 5, schedule):
         outs = triton_ns.newton_schulz_triton(Gs, sched, work_dtype=torch.float32, config=cfg)
         for G, X in zip(Gs, outs, strict=True):
             assert relerr(X, ref64(G, sched)) < 1e-4, (G.shape, sched)
 
 
-def test_recipe_launches():
-    """Segments of 1 step are the plain iteration (1 + 3 per step launches); 3 + 2 steps take 18 launches,
-    with 2 rectangular pairs (XXT, APPLY) and 14 [m, m] products (POLY, and PRODUCT counted per product)."""
+def test_gram_segments_and_recipe():
+    """The default bound gives the default coefficients 3 + 2 steps and Polar Express's steeper first steps
+    2 + 2 + 1. Segments of 1 step are the plain iteration (1 + 3 per step launches); 3 + 2 steps take 18
+    launches, with 2 rectangular pairs (XXT, APPLY) and 14 [m, m] products (POLY, and PRODUCT per product)."""
+    growth = triton_ns.Config().gram_growth
+    assert triton_ns._segments((NS_COEFFS,) * 5, growth) == (3, 2)
+    assert triton_ns._segments(polar_express(5), growth) == (2, 2, 1)
+    assert triton_ns._segments((NS_COEFFS,) * 5, 1.0) == (1,) * 5
     P, X, B, A, Q = (int(c) for c in (triton_ns.PREP, triton_ns.XXT, triton_ns.POLY, triton_ns.APPLY,
                                       triton_ns.PRODUCT))  # fmt: skip
-    plain = triton_ns._recipe((NS_COEFFS,) * 5, 1)
+    plain = triton_ns._recipe((NS_COEFFS,) * 5, (1,) * 5)
     assert [L.stage for L in plain] == [P] + [X, B, A] * 5
-    gram = triton_ns._recipe((NS_COEFFS,) * 5, 3)
+    gram = triton_ns._recipe((NS_COEFFS,) * 5, (3, 2))
     assert len(gram) == 18 and [L.stage for L in gram].count(X) == 2 and gram[-1].stage == A and gram[-1].last
     assert sum(1 + (L.u2 is not None) for L in gram if L.stage in (B, Q)) == 14
 

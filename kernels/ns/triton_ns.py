@@ -24,7 +24,7 @@ ends it. For a wide matrix that trades the rectangular products (K = n, or N = n
 products: with segments of 3 + 2 steps, 2 rectangular pairs and 14 products of m^3 instead of 5 pairs and 5
 products; 22% fewer FLOPs (dense count) at 576 x 1536, 39% at 576 x 3024. In low precision R_t drifts from X_t
 X_t^T as the steps go (rounding gives it small negative eigenvalues, which the quintic amplifies), so segments
-are short: `Config.gram_segment` = 3 steps (3 + 2 for Muon's 5) kept bf16's relative error against the float64
+are short: 3 + 2 steps for Muon's 5 (`_segments`) kept bf16's relative error against the float64
 iteration at the plain iteration's (emulated on CPU: 1.22e-2 against 1.01e-2 for Gaussian 576 x 1536; 3.5e-2
 against 4.9e-2 for rank-32-plus-noise ones), where a single segment of 5 steps blew up. Matrices of fewer
 than `Config.gram_min_rows` rows stay plain: little to gain, and 1.7e-2 against 9.6e-3 emulated at 192 x 576.
@@ -85,7 +85,7 @@ class Config:
     products' precision when the work dtype is fp32 (tl.dot input_precision: "ieee" = FMA, or "tf32x3" on
     tensor cores); `half_tiles`: in APPLY, a last row block of at most half a tile gets half-height tiles.
     The Gram form (module doc) is used for matrices with n >= `gram_aspect` m and m >= `gram_min_rows`, in
-    segments of `gram_segment` steps (gram_aspect=float("inf") turns it off)."""
+    segments bounded by `gram_growth` (`_segments`); gram_aspect=float("inf") turns it off."""
 
     bs: int = 128
     bk: int = 64
@@ -100,7 +100,7 @@ class Config:
     half_tiles: bool = True
     gram_aspect: float = 2.5
     gram_min_rows: int = 256
-    gram_segment: int = 3
+    gram_growth: float = 150.0
 
 
 # stages (the kernel's STAGE): the prep and the four products, see the module doc
@@ -412,17 +412,34 @@ class _Launch:
     last: bool = False
 
 
-def _recipe(schedule: tuple, segment: int) -> list[_Launch]:
-    """The launches of one call, the steps taken `segment` at a time (module doc, Gram Newton-Schulz):
+def _segments(schedule: tuple, growth: float) -> tuple[int, ...]:
+    """Lengths of the Gram form's segments (module doc): a segment takes steps while the product of a_t^2 over
+    its updates R_{t+1} = B_t R_t B_t (all its steps but the last) stays <= `growth`. That product is how much
+    a spurious eigenvalue -d < 0 of R (rounding) can grow: r p_t(r)^2 ~ a_t^2 r near 0, and more beyond, as
+    b_t < 0. Config.gram_growth = 150 gives the default coefficients 3 + 2 steps (3.4445^4 = 141) and
+    Polar Express's (a_0 = 8.4) 2 + 2 + 1; with 3 + 2 steps those blew up in bf16 (emulated, 576 x 1536 with a
+    1/i spectrum: relative error 3e24), with 2 + 2 + 1 they stay at the plain iteration's (3.8e-2 against 3.2e-2)."""
+    out, t = [], 0
+    while t < len(schedule):
+        n, g = 1, 1.0
+        while t + n < len(schedule) and g * schedule[t + n - 1][0] ** 2 <= growth:
+            g, n = g * schedule[t + n - 1][0] ** 2, n + 1
+        out.append(n)
+        t += n
+    return tuple(out)
+
+
+def _recipe(schedule: tuple, segments: tuple[int, ...]) -> list[_Launch]:
+    """The launches of one call, the steps taken in segments of the given lengths (module doc, Gram form):
     each segment forms R = X X^T from the rectangular X once, runs its steps on [m, m] matrices only and
-    applies their product Q to X at its end; `segment` = 1 is the plain iteration (XXT, POLY, APPLY a step)."""
-    launches, x, steps = [_Launch(int(PREP), x_in=1)], 0, len(schedule)  # (the prep writes X_0 to xs[0])
-    for s0 in range(0, steps, segment):
-        seg = range(s0, min(s0 + segment, steps))
-        launches.append(_Launch(int(XXT), x_in=x, d=R, first=s0 == 0))
+    applies their product Q to X at its end; segments of 1 step are the plain iteration (XXT, POLY, APPLY)."""
+    launches, x, s0 = [_Launch(int(PREP), x_in=1)], 0, 0  # (the prep writes X_0 to xs[0])
+    for length in segments:
+        seg, s0 = range(s0, s0 + length), s0 + length
+        launches.append(_Launch(int(XXT), x_in=x, d=R, first=seg[0] == 0))
         q = None  # Q_t = B_{s0} ... B_{t-1}: None while it is I
         for t in seg:
-            b = (B0, B1)[(t - s0) % 2]  # (Q may still be B_{t-1})
+            b = (B0, B1)[(t - seg[0]) % 2]  # (Q may still be B_{t-1})
             launches.append(_Launch(int(POLY), schedule[t], u=R, d=b))  # B_t = a I + b R_t + c R_t^2
             more = t < seg[-1]
             qn = Q1 if q == Q0 else Q0
@@ -433,18 +450,18 @@ def _recipe(schedule: tuple, segment: int) -> list[_Launch]:
             if more:  # R_{t+1} = B_t R_t B_t
                 launches.append(_Launch(int(PRODUCT), u=b, v=RB, d=R))
             q = b if q is None else qn
-        launches.append(_Launch(int(APPLY), x_in=x, u=q, first=s0 == 0, last=seg[-1] == steps - 1))
+        launches.append(_Launch(int(APPLY), x_in=x, u=q, first=seg[0] == 0, last=seg[-1] == len(schedule) - 1))
         x = 1 - x
     return launches
 
 
 class _Runner:
-    """Static workspaces and anchors for one set of shapes, dtypes, schedule and segment, and on CUDA the
+    """Static workspaces and anchors for one set of shapes, dtypes, schedule and segments, and on CUDA the
     graph of its launches (captured after the first, eager, call)."""
 
-    def __init__(self, plan: _Plan, schedule, segment, eps, work_dtype, cfg, sym, muon, dtypes, device):
+    def __init__(self, plan: _Plan, schedule, segments, eps, work_dtype, cfg, sym, muon, dtypes, device):
         self.plan, self.eps, self.cfg, self.sym, self.muon = plan, eps, cfg, sym, muon
-        self.recipe = _recipe(schedule, segment)
+        self.recipe = _recipe(schedule, segments)
         self.xs = [torch.zeros(plan.x_size, dtype=work_dtype, device=device) for _ in range(2)]
         nsq = 1 + max(max(L.u, L.v, L.d, L.d2 or 0) for L in self.recipe)
         self.sq = torch.zeros(nsq * plan.a_size, dtype=work_dtype, device=device)
@@ -504,13 +521,13 @@ _RUNNERS: dict = {}
 MAX_RUNNERS = 32
 
 
-def _runner(shapes, schedule, segment, eps, work_dtype, cfg, sym, muon, dtypes, device) -> _Runner:
-    key = (shapes, tuple(schedule), segment, eps, work_dtype, cfg, sym, muon, dtypes, device)
+def _runner(shapes, schedule, segments, eps, work_dtype, cfg, sym, muon, dtypes, device) -> _Runner:
+    key = (shapes, tuple(schedule), segments, eps, work_dtype, cfg, sym, muon, dtypes, device)
     if key not in _RUNNERS:
         if len(_RUNNERS) >= MAX_RUNNERS:
             _RUNNERS.pop(next(iter(_RUNNERS)))
         plan = _plan(shapes, cfg, sym, device)
-        _RUNNERS[key] = _Runner(plan, schedule, segment, eps, work_dtype, cfg, sym, muon, dtypes, device)
+        _RUNNERS[key] = _Runner(plan, schedule, segments, eps, work_dtype, cfg, sym, muon, dtypes, device)
     return _RUNNERS[key]
 
 
@@ -533,11 +550,11 @@ def _is_aligned(t: torch.Tensor) -> bool:
     return st[-1] == 1 and st[-2] == no and no % ALIGN_N == 0 and t.data_ptr() % (ALIGN_N * t.element_size()) == 0
 
 
-def _run_group(Gs, schedule, segment, eps, work_dtype, sym, cfg, graphs) -> list[torch.Tensor]:
+def _run_group(Gs, schedule, segments, eps, work_dtype, sym, cfg, graphs) -> list[torch.Tensor]:
     Ts = [_aligned(G) for G in Gs]
     dt, dev = Gs[0].dtype, Gs[0].device
     shapes = tuple(tuple(G.shape[-2:]) for G, (_, N, _) in zip(Gs, Ts, strict=True) for _ in range(N))
-    run = _runner(shapes, schedule, segment, eps, work_dtype, cfg, sym, False, (dt, dt, dt), dev)
+    run = _runner(shapes, schedule, segments, eps, work_dtype, cfg, sym, False, (dt, dt, dt), dev)
     starts = run.offsets(np.array([T.data_ptr() for T, _, _ in Ts], dtype=np.int64), 0)
     src = np.concatenate([s + s0 * np.arange(N) for s, (_, N, s0) in zip(starts, Ts, strict=True)])
     out = torch.empty(run.plan.out_size, dtype=dt, device=dev)
@@ -554,9 +571,9 @@ def _run_group(Gs, schedule, segment, eps, work_dtype, sym, cfg, graphs) -> list
 _SIDE_STREAMS: dict = {}
 
 
-def _each_set(shapes, work_dtype, cfg, device, fn) -> None:
-    """fn(indices, work dtype, config, segment) for each non-empty set of matrices: the wide ones (n >=
-    cfg.gram_aspect m, in the Gram form: segments of cfg.gram_segment steps), the others (the plain
+def _each_set(shapes, schedule, work_dtype, cfg, device, fn) -> None:
+    """fn(indices, work dtype, config, segments) for each non-empty set of matrices: the wide ones (n >=
+    cfg.gram_aspect m, m >= cfg.gram_min_rows: the Gram form, `_segments`), the others (the plain
     iteration), and those with a side <= TINY (plain, fp32 operands, TINY_CONFIG). On CUDA the first set runs
     on the caller's stream and the others each on a side stream alongside it (a small set's few programs
     would otherwise run alone: ~0.4 ms for the 95m model's conv-shaped matrices); the caller's stream waits
@@ -567,11 +584,11 @@ def _each_set(shapes, work_dtype, cfg, device, fn) -> None:
             return 2
         return 0 if max(s) >= cfg.gram_aspect * min(s) and min(s) >= cfg.gram_min_rows else 1
 
-    kinds = [kind(s) for s in shapes]
+    kinds, plain = [kind(s) for s in shapes], (1,) * len(schedule)
     sets = [
         (idx, dt, c, seg)
-        for which, dt, c, seg in ((0, work_dtype, cfg, cfg.gram_segment), (1, work_dtype, cfg, 1),
-                                  (2, torch.float32, TINY_CONFIG, 1))
+        for which, dt, c, seg in ((0, work_dtype, cfg, _segments(schedule, cfg.gram_growth)),
+                                  (1, work_dtype, cfg, plain), (2, torch.float32, TINY_CONFIG, plain))
         if (idx := [i for i, k in enumerate(kinds) if k == which])
     ]  # fmt: skip
     if device.type != "cuda" or len(sets) < 2:
@@ -614,14 +631,14 @@ def newton_schulz_triton(
     outs: list[torch.Tensor | None] = [None] * len(Gs)
     caller = torch.cuda.current_stream(Gs[0].device) if Gs[0].is_cuda else None
 
-    def fn(idx, dt, cfg, segment):
-        Os = _run_group([Gs[i] for i in idx], schedule, segment, eps, dt, sym, cfg, graphs)
+    def fn(idx, dt, cfg, segments):
+        Os = _run_group([Gs[i] for i in idx], schedule, segments, eps, dt, sym, cfg, graphs)
         for i, O in zip(idx, Os, strict=True):
             if caller is not None:
                 O.record_stream(caller)  # allocated on the side stream, used on the caller's
             outs[i] = O
 
-    _each_set([G.shape[-2:] for G in Gs], work_dtype, config or Config(), Gs[0].device, fn)
+    _each_set([G.shape[-2:] for G in Gs], schedule, work_dtype, config or Config(), Gs[0].device, fn)
     return outs
 
 
@@ -659,9 +676,9 @@ def muon_update_triton(
     schedule = tuple(tuple(c) for c in coeffs)
     shapes = [tuple(p.shape) for p in params]
 
-    def fn(idx, dt, cfg, segment):
+    def fn(idx, dt, cfg, segments):
         sub = tuple(shapes[i] for i in idx)
-        run = _runner(sub, schedule, segment, eps, dt, cfg, sym, True, dtypes, params[0].device)
+        run = _runner(sub, schedule, segments, eps, dt, cfg, sym, True, dtypes, params[0].device)
         run(np.stack([run.offsets(a[idx], w) for w, a in enumerate(addresses)], 1), hyper[idx], graphs)
 
-    _each_set(shapes, work_dtype, config or Config(), params[0].device, fn)
+    _each_set(shapes, schedule, work_dtype, config or Config(), params[0].device, fn)
