@@ -20,14 +20,14 @@ Gram form (Zhang, Amsel, Chen and Dao 2026, "Gram Newton-Schulz"). Every B_t is 
 X_{t+1} = B_t X_t, so within a run of steps X_t = Q_t X_s with Q_t = B_s ... B_{t-1} (all symmetric, all
 commuting) and R_{t+1} = B_t R_t B_t. A segment of steps s..e forms R_s = X_s X_s^T once, then per step POLY,
 the PRODUCTs Q_t B_t and R_t B_t in one launch, and R_{t+1} = B_t (R_t B_t); one APPLY X_{e+1} = Q_{e+1} X_s
-ends it. For a wide matrix that trades the rectangular products (K = n, or N = n) of every step for [m, m]
-products: with segments of 3 + 2 steps, 2 rectangular pairs and 14 products of m^3 instead of 5 pairs and 5
-products; 22% fewer FLOPs (dense count) at 576 x 1536, 39% at 576 x 3024. In low precision R_t drifts from X_t
-X_t^T as the steps go (rounding gives it small negative eigenvalues, which the quintic amplifies), so segments
-are short: 3 + 2 steps for Muon's 5 (`_segments`) kept bf16's relative error against the float64
-iteration at the plain iteration's (emulated on CPU: 1.22e-2 against 1.01e-2 for Gaussian 576 x 1536; 3.5e-2
-against 4.9e-2 for rank-32-plus-noise ones), where a single segment of 5 steps blew up. Matrices of fewer
-than `Config.gram_min_rows` rows stay plain: little to gain, and 1.7e-2 against 9.6e-3 emulated at 192 x 576.
+ends it. For a wide matrix that trades rectangular products (K = n, or N = n) for [m, m] ones: with segments
+of 2 + 2 + 1 steps (`_segments`), 3 rectangular pairs and 11 products of m^3 instead of 5 and 5, 15% fewer
+FLOPs (dense count) at 576 x 1536 and 26% at 576 x 3024. Segments are short because in low precision R_t
+drifts from X_t X_t^T: rounding leaves it small negative eigenvalues, which every update R_{t+1} = B_t R_t B_t
+multiplies by ~a_t^2. Segments of 3 + 2 steps (two updates, 3.4445^4 = 141) passed a CPU emulation of bf16
+but blew up on the H100 for a 1/i spectrum (relative error 30, singular values up to 279; profiles/ns.md);
+with 2 + 2 + 1 the error stays at the plain iteration's or below. Matrices of fewer than
+`Config.gram_min_rows` rows stay plain: little to gain, and twice the plain error emulated at 192 x 576.
 
 Operands are in the work dtype (bf16; fp32 for tests, with exact fp32 products, and for matrices with a
 side <= TINY, with 3-pass tf32 products, see `newton_schulz_triton`), accumulation in fp32. The [m, m]
@@ -100,7 +100,7 @@ class Config:
     half_tiles: bool = True
     gram_aspect: float = 2.5
     gram_min_rows: int = 256
-    gram_growth: float = 150.0
+    gram_growth: float = 12.0
 
 
 # stages (the kernel's STAGE): the prep and the four products, see the module doc
@@ -415,10 +415,10 @@ class _Launch:
 def _segments(schedule: tuple, growth: float) -> tuple[int, ...]:
     """Lengths of the Gram form's segments (module doc): a segment takes steps while the product of a_t^2 over
     its updates R_{t+1} = B_t R_t B_t (all its steps but the last) stays <= `growth`. That product is how much
-    a spurious eigenvalue -d < 0 of R (rounding) can grow: r p_t(r)^2 ~ a_t^2 r near 0, and more beyond, as
-    b_t < 0. Config.gram_growth = 150 gives the default coefficients 3 + 2 steps (3.4445^4 = 141) and
-    Polar Express's (a_0 = 8.4) 2 + 2 + 1; with 3 + 2 steps those blew up in bf16 (emulated, 576 x 1536 with a
-    1/i spectrum: relative error 3e24), with 2 + 2 + 1 they stay at the plain iteration's (3.8e-2 against 3.2e-2)."""
+    a spurious eigenvalue -d < 0 of R (rounding) can grow: r p_t(r)^2 ~ a_t^2 r near 0, and faster beyond, as
+    b_t < 0. Config.gram_growth = 12 allows one update of the default coefficients (3.4445^2 = 11.9): 2 + 2 + 1
+    steps; two (141) blew up in bf16 on the H100. Polar Express's steeper steps (a_t^2 = 70, 17, 15, 11, 5)
+    get 1 + 1 + 1 + 2."""
     out, t = [], 0
     while t < len(schedule):
         n, g = 1, 1.0
