@@ -81,7 +81,7 @@ def flops_as_run(m: int, n: int, cfg: triton_ns.Config, steps: int = STEPS) -> f
     """Dense FLOPs of the form our kernels run for this shape: the plain iteration, or the Gram form
     (per segment of L steps: X X^T and Q X, and 4 L - 3 products of [m, m] matrices; default coefficients)."""
     m, n = min(m, n), max(m, n)
-    if n < cfg.gram_aspect * m or m < cfg.gram_min_rows:
+    if not triton_ns.gram_form((m, n), cfg):
         return flops(m, n, steps)
     segs = triton_ns._segments((NS_COEFFS,) * steps, cfg.gram_growth)
     return sum(4.0 * m * m * n + (4 * L - 3) * 2.0 * m**3 for L in segs)

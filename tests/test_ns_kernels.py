@@ -111,8 +111,8 @@ def test_triton_interpreter_gram_form(growth, monkeypatch):
     segments = (2, 2, 1) if growth < 100 else (3, 2)
     assert triton_ns._segments((NS_COEFFS,) * 5, growth) == segments
     schedule = [(3.0, -3.2, 1.2), (2.5, -2.0, 0.6), (1.9, -1.4, 0.5), (1.9, -1.4, 0.5), NS_COEFFS]
+    monkeypatch.setattr(triton_ns, "_segments", lambda schedule, growth: segments)
     for sched in ([NS_COEFFS] * 5, schedule):
-        monkeypatch.setattr(triton_ns, "_segments", lambda schedule, growth: segments)
         outs = triton_ns.newton_schulz_triton(Gs, sched, work_dtype=torch.float32, config=cfg)
         for G, X in zip(Gs, outs, strict=True):
             assert relerr(X, ref64(G, sched)) < 1e-4, (G.shape, sched)

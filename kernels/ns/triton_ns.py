@@ -182,8 +182,8 @@ def _sym_tile(left, right, ld, dst, lda, m, r0, c0, scale, coef_a, coef_b, coef_
 def _x_tile(b, ldb, x, ldx, x_out, hyper, k, m, n, r0, c0, scale, out, ldg,
             TALL: tl.constexpr, LAST: tl.constexpr, MUON: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
             BK: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
-    """Tile [r0:r0+BM, c0:c0+BN] of X' = scale * B X; the last step writes it in G's layout to `out` (for
-    Muon: W = decay W - alpha X' in place), the others to the workspace `x_out`."""
+    """Tile [r0:r0+BM, c0:c0+BN] of X' = scale * U X (U = `b`: B, or the Gram form's Q); the last APPLY
+    writes it in G's layout to `out` (for Muon: W = decay W - alpha X' in place), the others to `x_out`."""
     rows = r0 + tl.arange(0, BM)
     cols = c0 + tl.arange(0, BN)
     kk = tl.arange(0, BK)
@@ -335,7 +335,7 @@ def _plan(shapes: tuple[tuple[int, int], ...], cfg: Config, sym: bool, device: t
 
     G and the output are seen as [mo, ldg] row-major (ldg = no rounded up to ALIGN, zero columns past
     no); the wide view is X = G ([mo, ldg]) or X = G^T ([ldg, mo], zero rows past no) when mo > no.
-    Stage 3's half tiles need half a tile to be a valid tensor-core product (>= 16 rows).
+    APPLY's half tiles need half a tile to be a valid tensor-core product (>= 16 rows).
     """
     rows, x_off, a_off, o_off, out_size = [], 0, 0, [], 0
     for mo, no in shapes:
@@ -412,6 +412,12 @@ class _Launch:
     last: bool = False
 
 
+def gram_form(shape: tuple[int, int], cfg: Config) -> bool:
+    """Whether a matrix of this shape (either orientation) runs in the Gram form (with symmetric tiles)."""
+    m, n = min(shape), max(shape)
+    return n >= cfg.gram_aspect * m and m >= cfg.gram_min_rows
+
+
 def _segments(schedule: tuple, growth: float) -> tuple[int, ...]:
     """Lengths of the Gram form's segments (module doc): a segment takes steps while the product of a_t^2 over
     its updates R_{t+1} = B_t R_t B_t (all its steps but the last) stays <= `growth`. That product is how much
@@ -466,7 +472,7 @@ class _Runner:
         self.plan, self.eps, self.cfg, self.sym, self.muon = plan, eps, cfg, sym, muon
         self.recipe = _recipe(schedule, segments)
         self.xs = [torch.zeros(plan.x_size, dtype=work_dtype, device=device) for _ in range(2)]
-        nsq = 1 + max(max(L.u, L.v, L.d, L.d2 or 0) for L in self.recipe)
+        nsq = 1 + max(max(L.u, L.v, L.d, L.u2 or 0, L.d2 or 0) for L in self.recipe)
         self.sq = torch.zeros(nsq * plan.a_size, dtype=work_dtype, device=device)
         k = plan.meta.shape[0]
         self.sumsq = torch.zeros(k * plan.npart, dtype=torch.float32, device=device)
@@ -587,7 +593,7 @@ def _each_set(shapes, schedule, work_dtype, cfg, sym, device, fn) -> None:
             return 2
         # (the Gram form needs the [m, m] results exactly symmetric, as the mirrored tiles of `sym` store
         # them: with both triangles computed, its error at 576 x 1536 was 2.3e-2 on the H100)
-        return 0 if sym and max(s) >= cfg.gram_aspect * min(s) and min(s) >= cfg.gram_min_rows else 1
+        return 0 if sym and gram_form(s, cfg) else 1
 
     kinds, plain = [kind(s) for s in shapes], (1,) * len(schedule)
     sets = [
