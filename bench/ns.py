@@ -77,13 +77,13 @@ def flops(m: int, n: int, steps: int = STEPS) -> float:
     return steps * (4.0 * m * m * n + 2.0 * m**3)
 
 
-def flops_as_run(m: int, n: int, cfg: triton_ns.Config, steps: int = STEPS) -> float:
+def flops_as_run(m: int, n: int, cfg: triton_ns.Config, work_dtype=torch.bfloat16, steps: int = STEPS) -> float:
     """Dense FLOPs of the form our kernels run for this shape: the plain iteration, or the Gram form
     (per segment of L steps: X X^T and Q X, and 4 L - 3 products of [m, m] matrices; default coefficients)."""
     m, n = min(m, n), max(m, n)
     if not triton_ns.gram_form((m, n), cfg):
         return flops(m, n, steps)
-    segs = triton_ns._segments((NS_COEFFS,) * steps, cfg.gram_growth)
+    segs = triton_ns._segments((NS_COEFFS,) * steps, work_dtype, cfg.gram_drift)
     return sum(4.0 * m * m * n + (4 * L - 3) * 2.0 * m**3 for L in segs)
 
 
@@ -151,13 +151,13 @@ STAGE_NAMES = {
 }
 
 
-def stage_sums(seq: list[tuple[str, float, int]], cfg: triton_ns.Config) -> dict:
+def stage_sums(seq: list[tuple[str, float, int]], cfg: triton_ns.Config, work_dtype=torch.bfloat16) -> dict:
     """Our launches summed per stage (STAGE_NAMES; the last X'=UX, which writes the output, also alone), per
     set (one per stream: the Gram-form set, the plain set, the fp32 tiny set), the larger set first; and the
     total of all kernels (the sets' streams overlap, so this exceeds the call's time). A set's launches are
     told from its count: plain 1 + 3 * STEPS, Gram form that of `triton_ns._recipe`."""
     sched = (NS_COEFFS,) * STEPS
-    gram = triton_ns._segments(sched, cfg.gram_growth)
+    gram = triton_ns._segments(sched, work_dtype, cfg.gram_drift)
     recipes = {len(r): r for r in (triton_ns._recipe(sched, (1,) * STEPS), triton_ns._recipe(sched, gram))}
     by_stream: dict[int, list[float]] = {}
     for name, us, stream in seq:
@@ -373,6 +373,8 @@ def main() -> None:
     plain = dataclasses.replace(cfg, gram_aspect=float("inf"))
     run("triton grouped, plain iteration only (no Gram form)",
         lambda: triton_ns.newton_schulz_triton(stacks, sched, config=plain))  # fmt: skip
+    run("triton grouped, fp16 operands (X_0 in bf16; Gram segments 3 + 2)",
+        lambda: triton_ns.newton_schulz_triton(stacks, sched, work_dtype=torch.float16, config=cfg))  # fmt: skip
     seq_plain = kernel_times(lambda: triton_ns.newton_schulz_triton(stacks, sched, config=plain, graphs=False))
     rec["stage_sums_us_plain_only"] = stage_sums(seq_plain, plain)
     print("stage sums, plain only (us):", rec["stage_sums_us_plain_only"], flush=True)

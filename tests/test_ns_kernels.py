@@ -99,19 +99,18 @@ def test_triton_interpreter_one_step_schedule_and_strided_input():
 
 
 @interpreter
-@pytest.mark.parametrize("growth", [20.0, 150.0])
-def test_triton_interpreter_gram_form(growth, monkeypatch):
+@pytest.mark.parametrize("segments", [(2, 2, 1), (3, 2)])
+def test_triton_interpreter_gram_form(segments, monkeypatch):
     """The Gram form on every matrix (squares and tall ones included), in segments of 2 + 2 + 1 and 3 + 2
     steps, is the same iteration: in fp32 within 1e-4 of the float64 plain one, with constant or (forcing
     the segments: `_segments` keeps schedules plain) per-step coefficients. Longer segments drift even in
     fp32: 3e-4 with 4 + 1 steps, 6e-3 with one of 5 steps for the 7 x 7 squares, whose near-zero singular
     values the quintic lifts the most."""
-    cfg = dataclasses.replace(SMALL, gram_aspect=1.0, gram_min_rows=1, gram_growth=growth)
+    cfg = dataclasses.replace(SMALL, gram_aspect=1.0, gram_min_rows=1)
     Gs = _mixed_inputs(torch.Generator().manual_seed(8))
-    segments = (2, 2, 1) if growth < 100 else (3, 2)
-    assert triton_ns._segments((NS_COEFFS,) * 5, growth) == segments
     schedule = [(3.0, -3.2, 1.2), (2.5, -2.0, 0.6), (1.9, -1.4, 0.5), (1.9, -1.4, 0.5), NS_COEFFS]
-    monkeypatch.setattr(triton_ns, "_segments", lambda schedule, growth: segments)
+    monkeypatch.setattr(triton_ns, "_segments", lambda schedule, work_dtype, drift: segments)
+    monkeypatch.setattr(triton_ns, "_CALLS", {})  # (calls built with other segments)
     for sched in ([NS_COEFFS] * 5, schedule):
         outs = triton_ns.newton_schulz_triton(Gs, sched, work_dtype=torch.float32, config=cfg)
         for G, X in zip(Gs, outs, strict=True):
@@ -119,23 +118,29 @@ def test_triton_interpreter_gram_form(growth, monkeypatch):
 
 
 def test_gram_segments_and_recipe():
-    """The default bound gives the default coefficients 2 + 2 + 1 steps; per-step schedules (Polar Express)
-    run plain. Segments of 1 step are the plain iteration (1 + 3 per step launches); 3 + 2 steps
-    take 18 launches, with 2 rectangular pairs (XXT, APPLY) and 14 [m, m] products (POLY, and PRODUCT per
-    product); 2 + 2 + 1 steps 18 launches, 3 pairs, 11 products."""
-    growth = triton_ns.Config().gram_growth
-    assert triton_ns._segments((NS_COEFFS,) * 5, growth) == (2, 2, 1)
-    assert triton_ns._segments(polar_express(5), growth) == (1,) * 5
-    assert triton_ns._segments((NS_COEFFS,) * 5, 150.0) == (3, 2)
-    assert triton_ns._segments((NS_COEFFS,) * 5, 1.0) == (1,) * 5
+    """The default drift bound gives the default coefficients 2 + 2 + 1 steps in bf16, 3 + 2 in fp16, one
+    segment in fp32; per-step schedules (Polar Express) run plain. Segments of 1 step are the plain iteration
+    (1 + 3 per step launches); 3 + 2 steps take 18 launches, with 2 rectangular pairs (XXT, APPLY) and 14
+    [m, m] products (POLY, and PRODUCT per product); 2 + 2 + 1 steps 18 launches, 3 pairs, 11 products. With
+    3 X workspaces (fp16 work, X_0 in bf16) X_0's is read by the first segment only."""
+    drift = triton_ns.Config().gram_drift
+    const = (NS_COEFFS,) * 5
+    assert triton_ns._segments(const, torch.bfloat16, drift) == (2, 2, 1)
+    assert triton_ns._segments(const, torch.float16, drift) == (3, 2)
+    assert triton_ns._segments(const, torch.float32, drift) == (5,)
+    assert triton_ns._segments(polar_express(5), torch.float16, drift) == (1,) * 5
+    assert triton_ns._segments(const, torch.bfloat16, 1e-3) == (1,) * 5
     P, X, B, A, Q = (int(c) for c in (triton_ns.PREP, triton_ns.XXT, triton_ns.POLY, triton_ns.APPLY,
                                       triton_ns.PRODUCT))  # fmt: skip
-    plain = triton_ns._recipe((NS_COEFFS,) * 5, (1,) * 5)
+    plain = triton_ns._recipe(const, (1,) * 5)
     assert [L.stage for L in plain] == [P] + [X, B, A] * 5
-    gram = triton_ns._recipe((NS_COEFFS,) * 5, (3, 2))
+    assert [(L.x_in, L.x_out) for L in plain if L.stage == A] == [(0, 1), (1, 0), (0, 1), (1, 0), (0, 1)]
+    plain3 = triton_ns._recipe(const, (1,) * 5, x_buffers=3)
+    assert [(L.x_in, L.x_out) for L in plain3 if L.stage == A] == [(0, 1), (1, 2), (2, 1), (1, 2), (2, 1)]
+    gram = triton_ns._recipe(const, (3, 2))
     assert len(gram) == 18 and [L.stage for L in gram].count(X) == 2 and gram[-1].stage == A and gram[-1].last
     assert sum(1 + (L.u2 is not None) for L in gram if L.stage in (B, Q)) == 14
-    gram = triton_ns._recipe((NS_COEFFS,) * 5, (2, 2, 1))
+    gram = triton_ns._recipe(const, (2, 2, 1))
     assert len(gram) == 18 and [L.stage for L in gram].count(X) == 3 and gram[-1].stage == A and gram[-1].last
     assert sum(1 + (L.u2 is not None) for L in gram if L.stage in (B, Q)) == 11
 
@@ -256,14 +261,19 @@ for stage in (1, 2, 3):
     k = compile_for_hopper(_ns_stage_kernel, sig, dict(STAGE=stage, FIRST=1, LAST=0, MUON=0, SYM=True, NPART=16,
                            BM=16, BN=16 if stage < 3 else 128, BK=64 if stage < 3 else 16, DOT_PREC="tf32x3"))
     assert "mma.sync.aligned" in k.asm["ptx"] and ".tf32" in k.asm["ptx"], stage
-# bf16, as launched (16-byte aligned arguments, Config's 8 warps and 3 stages): K loops pipelined with cp.async,
+# 16-bit, as launched (16-byte aligned arguments, Config's 8 warps and 3 stages): K loops pipelined with cp.async,
 # no spills, no serialized wgmma, and at most 128 registers, so two programs share an SM (Muon's last stage 3,
 # which also reads and writes W, excepted)
 import os, re, subprocess, tempfile
 from triton.backends.nvidia.compiler import get_ptxas
-sig.update(x_in="*bf16", x_out="*bf16", sq="*bf16")
-for stage, first, last, muon in [(1, 0, 0, 0), (2, 0, 0, 0), (3, 0, 0, 0), (4, 0, 0, 0), (1, 1, 0, 0), (3, 1, 0, 0),
-                                 (3, 0, 1, 0), (3, 0, 1, 1)]:
+# fp16 work dtype: X_0 in bf16 (the first XXT and APPLY read it), the rest fp16
+bf16 = dict(x_in="*bf16", x_out="*bf16", sq="*bf16")
+fp16_x0, fp16 = dict(x_in="*bf16", x_out="*fp16", sq="*fp16"), dict(x_in="*fp16", x_out="*fp16", sq="*fp16")
+for stage, first, last, muon, dts in [(1, 0, 0, 0, bf16), (2, 0, 0, 0, bf16), (3, 0, 0, 0, bf16), (4, 0, 0, 0, bf16),
+                                      (1, 1, 0, 0, bf16), (3, 1, 0, 0, bf16), (3, 0, 1, 0, bf16), (3, 0, 1, 1, bf16),
+                                      (1, 1, 0, 0, fp16_x0), (3, 1, 0, 0, fp16_x0), (4, 0, 0, 0, fp16),
+                                      (3, 0, 1, 1, fp16)]:
+    sig.update(dts)
     k = compile_for_hopper(_ns_stage_kernel, sig, dict(STAGE=stage, FIRST=first, LAST=last, MUON=muon, SYM=True,
                            NPART=16, BM=128, BN=128, BK=64, DOT_PREC="tf32"), aligned=True, num_warps=8, num_stages=3)
     assert "cp.async" in k.asm["ptx"], (stage, first, last, muon)
@@ -381,6 +391,18 @@ def test_gpu_gram_form_decaying_spectrum():
         R = ref64(G)
         assert relerr(X, R) < max(5e-2, 1.5 * relerr(P, R)), (m, n, relerr(X, R), relerr(P, R))
         assert sv_range(X[0])[1] <= 1.25, (m, n)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e5])
+def test_gpu_fp16_work_dtype(scale):
+    """fp16 operands (Gram segments of 3 + 2 steps): X_0 = G is stored before the normalization, in bf16, so
+    gradients far outside fp16's range (6e-8 to 65504) orthogonalize as well (H100: 6.6e-3 at most)."""
+    Gs = [scale * G for G in _gpu_inputs()]
+    outs = triton_ns.newton_schulz_triton(Gs, [NS_COEFFS] * 5, work_dtype=torch.float16)
+    for G, X in zip(Gs, outs, strict=True):
+        tol = 1e-2 if min(G.shape[-2:]) > triton_ns.TINY else 1e-4  # (tiny sides: fp32 operands)
+        assert relerr(X, ref64(G)) < tol, (G.shape, relerr(X, ref64(G)))
 
 
 @pytest.mark.gpu

@@ -45,10 +45,8 @@ Muon's update fuses into the same two ends (`muon_update_triton`): the prep read
 momentum buffer, writes the new buffer M = mu M + G and puts U = G + mu M (Nesterov) or M into the
 workspace; the last APPLY applies W = decay W - alpha NS(U) to the parameter in place.
 
-Per-call addresses (inputs, output or parameters, momentum buffers) reach the kernels as element offsets
-from fixed per-runner anchor tensors, in a small device table refreshed before each call; so on CUDA all
-launches of a call, both ends included, are captured once per set of shapes into a CUDA graph and
-replayed (the workspaces are static per shape set; calls on one stream are ordered, so reuse is safe).
+All launches of a call, over all its sets of matrices (each on its own stream), are captured into one
+CUDA graph and replayed; per-call addresses reach the kernels through a small table (see `_Call`).
 """
 
 from __future__ import annotations
@@ -85,7 +83,8 @@ class Config:
     products' precision when the work dtype is fp32 (tl.dot input_precision: "ieee" = FMA, or "tf32x3" on
     tensor cores); `half_tiles`: in APPLY, a last row block of at most half a tile gets half-height tiles.
     The Gram form (module doc) is used for matrices with n >= `gram_aspect` m and m >= `gram_min_rows`, in
-    segments bounded by `gram_growth` (`_segments`); gram_aspect=float("inf") turns it off."""
+    segments whose growth of R's rounding error, times the work dtype's machine epsilon, stays <= `gram_drift`
+    (`_segments`); gram_aspect=float("inf") turns it off."""
 
     bs: int = 128
     bk: int = 64
@@ -100,7 +99,7 @@ class Config:
     half_tiles: bool = True
     gram_aspect: float = 2.5
     gram_min_rows: int = 256
-    gram_growth: float = 12.0
+    gram_drift: float = 0.15
 
 
 # stages (the kernel's STAGE): the prep and the four products, see the module doc
@@ -189,8 +188,8 @@ def _x_tile(b, ldb, x, ldx, x_out, hyper, k, m, n, r0, c0, scale, out, ldg,
     kk = tl.arange(0, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, ldb, BK):
-        acc = tl.dot(_w_tile(b, rows, k0 + kk, m, ldb), _w_tile(x, k0 + kk, cols, m, ldx), acc,
-                     input_precision=DOT_PREC)  # fmt: skip
+        u = _w_tile(b, rows, k0 + kk, m, ldb).to(x.dtype.element_ty)  # (X_0 in bf16 under fp16 work: see Config)
+        acc = tl.dot(u, _w_tile(x, k0 + kk, cols, m, ldx), acc, input_precision=DOT_PREC)
     y = (acc * scale).to(x_out.dtype.element_ty)
     if LAST:  # the result, rounded to the work dtype like every X, in G's layout
         if MUON:
@@ -318,10 +317,8 @@ class _Plan:
     tiles_sym: torch.Tensor  # int32 [T12, 4], tiles of the [m, m] stages
     tiles_sym2: torch.Tensor  # int32 [2 T12, 4], the same twice, the second time of kind SECOND
     tiles_x: torch.Tensor  # int32 [T3, 4], tiles of the [m, n] stages (PREP ignores their kind)
-    out_offsets: torch.Tensor  # int64 [K] (CPU): matrix k's start in a packed output [sum of mo * ldg]
     x_size: int
     a_size: int
-    out_size: int
     npart: int
 
 
@@ -337,15 +334,14 @@ def _plan(shapes: tuple[tuple[int, int], ...], cfg: Config, sym: bool, device: t
     no); the wide view is X = G ([mo, ldg]) or X = G^T ([ldg, mo], zero rows past no) when mo > no.
     APPLY's half tiles need half a tile to be a valid tensor-core product (>= 16 rows).
     """
-    rows, x_off, a_off, o_off, out_size = [], 0, 0, [], 0
+    rows, x_off, a_off = [], 0, 0
     for mo, no in shapes:
         ldg, tall = _round(no), mo > no
         m, n = (ldg, mo) if tall else (mo, ldg)
         ldx, lda = _round(n), _round(m)
         npart = triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn)  # the prep's tiles
         rows.append([m, n, ldx, lda, x_off, a_off, int(tall), ldg, npart])
-        o_off.append(out_size)
-        x_off, a_off, out_size = x_off + m * ldx, a_off + m * lda, out_size + mo * ldg
+        x_off, a_off = x_off + m * ldx, a_off + m * lda
     npart = max(16, triton.next_power_of_2(max(r[M_NPART] for r in rows)))  # one compiled variant for most
     half_x = cfg.half_tiles and cfg.bm >= 32
     # longest K first (XXT: K = n; the others: K = m), the tiles of one matrix together for L2 reuse
@@ -367,8 +363,8 @@ def _plan(shapes: tuple[tuple[int, int], ...], cfg: Config, sym: bool, device: t
 
     t_sym2 = t_sym + [(k, i, j, int(SECOND)) for k, i, j, _ in t_sym]
     return _Plan(
-        dev(rows, torch.int64), dev(t_sym, torch.int32), dev(t_sym2, torch.int32), dev(t_x, torch.int32),
-        torch.tensor(o_off, dtype=torch.int64), x_off, a_off, out_size, npart,
+        dev(rows, torch.int64), dev(t_sym, torch.int32), dev(t_sym2, torch.int32), dev(t_x, torch.int32), x_off,
+        a_off, npart,
     )  # fmt: skip
 
 
@@ -397,12 +393,13 @@ R, RB, B0, B1, Q0, Q1 = range(6)
 
 @dataclass(frozen=True)
 class _Launch:
-    """One launch of a call: `stage` on every matrix; X workspaces x_in -> 1 - x_in; square workspaces
+    """One launch of a call: `stage` on every matrix; X workspaces x_in -> x_out; square workspaces
     u (left operand), v (right operand), d (destination), and PRODUCT's optional second product u2 v -> d2."""
 
     stage: int
     coeffs: tuple[float, float, float] = (0.0, 0.0, 0.0)
     x_in: int = 0
+    x_out: int = 0
     u: int = 0
     v: int = 0
     d: int = 0
@@ -418,31 +415,36 @@ def gram_form(shape: tuple[int, int], cfg: Config) -> bool:
     return n >= cfg.gram_aspect * m and m >= cfg.gram_min_rows
 
 
-def _segments(schedule: tuple, growth: float) -> tuple[int, ...]:
-    """Lengths of the Gram form's segments (module doc): a segment takes steps while the product of a_t^2 over
-    its updates R_{t+1} = B_t R_t B_t (all its steps but the last) stays <= `growth`. That product is how much
-    a spurious eigenvalue -d < 0 of R (rounding) can grow: r p_t(r)^2 ~ a_t^2 r near 0, and faster beyond, as
-    b_t < 0. Config.gram_growth = 12 allows one update of the default coefficients (3.4445^2 = 11.9): 2 + 2 + 1
-    steps; two (141) blew up in bf16 on the H100. A per-step schedule runs plain (segments of 1): Polar
-    Express's steep steps (a_t^2 = 70, 17, 15, 11, 5) leave it the last two, and with those the error of a
-    Gaussian 576 x 1536 went from 1.0e-2 to 2.5e-2 on the H100."""
+def _segments(schedule: tuple, work_dtype: torch.dtype, drift: float) -> tuple[int, ...]:
+    """Lengths of the Gram form's segments (module doc). A spurious eigenvalue -d < 0 of R (its rounding, of
+    size eps = machine epsilon of the work dtype relative to ||R|| ~ 1) grows by r p_t(r)^2 ~ a_t^2 per update
+    R_{t+1} = B_t R_t B_t (all steps of a segment but its last), and faster once it is no longer small, as
+    b_t < 0. So a segment takes steps while eps times the product of a_t^2 over its updates stays <= `drift`.
+    Measured on the H100 (profiles/ns.md): in bf16 (eps 2^-7) one update of the default coefficients
+    (3.4445^2 = 11.9: 0.09) kept the error at the plain iteration's, two (141: 1.1) blew up for a 1/i spectrum;
+    in fp16 (eps 2^-10) two updates (0.14) were 4-10x more accurate than bf16. Config.gram_drift = 0.15 gives
+    2 + 2 + 1 steps in bf16 and 3 + 2 in fp16. A per-step schedule runs plain (segments of 1): Polar Express's
+    steep steps (a_t^2 = 70, 17, 15, 11, 5) leave it the last two, and with those the error of a Gaussian
+    576 x 1536 went from 1.0e-2 to 2.5e-2 in bf16 on the H100."""
     if len(set(schedule)) > 1:
         return (1,) * len(schedule)
+    limit = drift / torch.finfo(work_dtype).eps
     out, t = [], 0
     while t < len(schedule):
         n, g = 1, 1.0
-        while t + n < len(schedule) and g * schedule[t + n - 1][0] ** 2 <= growth:
+        while t + n < len(schedule) and g * schedule[t + n - 1][0] ** 2 <= limit:
             g, n = g * schedule[t + n - 1][0] ** 2, n + 1
         out.append(n)
         t += n
     return tuple(out)
 
 
-def _recipe(schedule: tuple, segments: tuple[int, ...]) -> list[_Launch]:
+def _recipe(schedule: tuple, segments: tuple[int, ...], x_buffers: int = 2) -> list[_Launch]:
     """The launches of one call, the steps taken in segments of the given lengths (module doc, Gram form):
     each segment forms R = X X^T from the rectangular X once, runs its steps on [m, m] matrices only and
-    applies their product Q to X at its end; segments of 1 step are the plain iteration (XXT, POLY, APPLY)."""
-    launches, x, s0 = [_Launch(int(PREP), x_in=1)], 0, 0  # (the prep writes X_0 to xs[0])
+    applies their product Q to X at its end; segments of 1 step are the plain iteration (XXT, POLY, APPLY).
+    The prep writes X_0 to X workspace 0; with 3 workspaces X_0 keeps its own (see `_Runner`)."""
+    launches, x, s0 = [_Launch(int(PREP), x_out=0)], 0, 0
     for length in segments:
         seg, s0 = range(s0, s0 + length), s0 + length
         launches.append(_Launch(int(XXT), x_in=x, d=R, first=seg[0] == 0))
@@ -459,33 +461,31 @@ def _recipe(schedule: tuple, segments: tuple[int, ...]) -> list[_Launch]:
             if more:  # R_{t+1} = B_t R_t B_t
                 launches.append(_Launch(int(PRODUCT), u=b, v=RB, d=R))
             q = b if q is None else qn
-        launches.append(_Launch(int(APPLY), x_in=x, u=q, first=seg[0] == 0, last=seg[-1] == len(schedule) - 1))
-        x = 1 - x
+        x_next = 1 if x != 1 else (2 if x_buffers == 3 else 0)
+        launches.append(_Launch(int(APPLY), x_in=x, x_out=x_next, u=q, first=seg[0] == 0,
+                                last=seg[-1] == len(schedule) - 1))  # fmt: skip
+        x = x_next
     return launches
 
 
 class _Runner:
-    """Static workspaces and anchors for one set of shapes, dtypes, schedule and segments, and on CUDA the
-    graph of its launches (captured after the first, eager, call)."""
+    """Static workspaces of one set of matrices (`_sets`: shapes, work dtype, config, segments). Its launches
+    read the per-call tables `io` and `hyper` (its rows of the call's) and address the per-call tensors as
+    offsets from the call's `anchors` (see `_Call`)."""
 
-    def __init__(self, plan: _Plan, schedule, segments, eps, work_dtype, cfg, sym, muon, dtypes, device):
+    def __init__(self, plan, schedule, segments, eps, work_dtype, cfg, sym, muon, anchors, io, hyper, device):
         self.plan, self.eps, self.cfg, self.sym, self.muon = plan, eps, cfg, sym, muon
-        self.recipe = _recipe(schedule, segments)
-        self.xs = [torch.zeros(plan.x_size, dtype=work_dtype, device=device) for _ in range(2)]
+        self.anchors, self.io, self.hyper = anchors, io, hyper
+        # X_0 = G is stored before the normalization (fused downstream, module doc), so in a dtype with G's
+        # range: bf16 when the work dtype is fp16 (APPLY converts U to it), in a workspace of its own
+        x0_dtype = torch.bfloat16 if work_dtype == torch.float16 else work_dtype
+        x_dtypes = (x0_dtype, work_dtype) + ((work_dtype,) if x0_dtype != work_dtype else ())
+        self.recipe = _recipe(schedule, segments, len(x_dtypes))
+        self.xs = [torch.zeros(plan.x_size, dtype=dt, device=device) for dt in x_dtypes]
         nsq = 1 + max(max(L.u, L.v, L.d, L.u2 or 0, L.d2 or 0) for L in self.recipe)
         self.sq = torch.zeros(nsq * plan.a_size, dtype=work_dtype, device=device)
-        k = plan.meta.shape[0]
-        self.sumsq = torch.zeros(k * plan.npart, dtype=torch.float32, device=device)
-        self.io = torch.zeros(k, int(IO_COLS), dtype=torch.int64, device=device)
-        self.hyper = torch.zeros(k, int(H_COLS), dtype=torch.float32, device=device)
-        self.anchors = [_anchor(dt, device) for dt in dtypes]  # g, mbuf, out
-        self.prec = cfg.fp32_dot if work_dtype == torch.float32 else "tf32"  # (bf16: ignored)
-        self.graph = None
-
-    def offsets(self, ptrs: np.ndarray, which: int) -> np.ndarray:
-        """Element offsets of addresses `ptrs` (int64) from anchor `which` (0: g, 1: mbuf, 2: out)."""
-        anchor = self.anchors[which]
-        return (ptrs - anchor.data_ptr()) // anchor.element_size()
+        self.sumsq = torch.zeros(plan.meta.shape[0] * plan.npart, dtype=torch.float32, device=device)
+        self.prec = cfg.fp32_dot if work_dtype == torch.float32 else "tf32"  # (16-bit: ignored)
 
     def launch(self, L: _Launch) -> None:
         cfg, plan = self.cfg, self.plan
@@ -497,23 +497,99 @@ class _Runner:
         size = plan.a_size
         offs = [L.u * size, L.v * size, L.d * size, (L.u2 or 0) * size, (L.d2 or 0) * size]
         _ns_stage_kernel[(tiles.shape[0],)](
-            tiles, plan.meta, self.io, self.hyper, *self.anchors, self.xs[L.x_in], self.xs[1 - L.x_in], self.sq,
+            tiles, plan.meta, self.io, self.hyper, *self.anchors, self.xs[L.x_in], self.xs[L.x_out], self.sq,
             *offs, self.sumsq, *L.coeffs, self.eps, STAGE=L.stage, FIRST=L.first, LAST=L.last, MUON=self.muon,
             SYM=self.sym, NPART=plan.npart, BM=bm, BN=bn, BK=bk, DOT_PREC=self.prec, num_warps=warps,
             num_stages=nst,
         )  # fmt: skip
 
     def launches(self):
-        """Every launch of a call; the per-call addresses and scalars are read from self.io / self.hyper."""
         for L in self.recipe:
             self.launch(L)
 
+
+def _sets(shapes, schedule, work_dtype, cfg, sym) -> list[tuple[np.ndarray, torch.dtype, Config, tuple]]:
+    """The non-empty sets of matrices, as (indices, work dtype, config, segments): the wide ones (n >=
+    cfg.gram_aspect m, m >= cfg.gram_min_rows, and `sym`) in the Gram form (`_segments`), the others in the
+    plain iteration, and those with a side <= TINY plain, with fp32 operands and TINY_CONFIG."""
+
+    def kind(s):
+        if work_dtype != torch.float32 and min(s) <= TINY:
+            return 2
+        # (the Gram form needs the [m, m] results exactly symmetric, as the mirrored tiles of `sym` store
+        # them: with both triangles computed, its error at 576 x 1536 was 2.3e-2 on the H100)
+        return 0 if sym and gram_form(s, cfg) else 1
+
+    kinds, plain = np.array([kind(s) for s in shapes]), (1,) * len(schedule)
+    return [
+        (idx, dt, c, seg)
+        for which, dt, c, seg in ((0, work_dtype, cfg, _segments(schedule, work_dtype, cfg.gram_drift)),
+                                  (1, work_dtype, cfg, plain), (2, torch.float32, TINY_CONFIG, plain))
+        if len(idx := np.flatnonzero(kinds == which))
+    ]  # fmt: skip
+
+
+_SIDE_STREAMS: dict = {}
+
+
+class _Call:
+    """Everything of one call for a list of matrix shapes: the matrices split into `_sets`, a `_Runner` each.
+
+    Per-call addresses (inputs, outputs or parameters, momentum buffers) reach the kernels as element
+    offsets from fixed anchor tensors (one per dtype of g, mbuf, out) in one small device table for all
+    sets (`io`, and Muon's scalars `hyper`), refreshed by one copy per call. So on CUDA the launches of every
+    set, both ends included, are captured once into one CUDA graph and replayed (the workspaces are static;
+    calls on one stream are ordered, so reuse is safe). On CUDA the first set runs on the caller's stream
+    and the others each on a side stream alongside it (a small set's few programs would otherwise run alone:
+    ~0.4 ms for the 95m model's conv-shaped matrices), forked from and joined to the caller's stream."""
+
+    def __init__(self, shapes, schedule, eps, work_dtype, cfg, sym, muon, dtypes, device):
+        self.anchors = [_anchor(dt, device) for dt in dtypes]  # g, mbuf, out
+        sets = _sets(shapes, schedule, work_dtype, cfg, sym)
+        self.order = np.concatenate([idx for idx, *_ in sets])  # row r of the tables: matrix order[r]
+        self.io = torch.zeros(len(shapes), int(IO_COLS), dtype=torch.int64, device=device)
+        self.hyper = torch.zeros(len(shapes), int(H_COLS), dtype=torch.float32, device=device)
+        self.runners, r = [], 0
+        for idx, dt, c, seg in sets:
+            plan = _plan(tuple(shapes[i] for i in idx), c, sym, device)
+            rows = slice(r, r + len(idx))
+            self.runners.append(_Runner(plan, schedule, seg, eps, dt, c, sym, muon, self.anchors, self.io[rows],
+                                        self.hyper[rows], device))  # fmt: skip
+            r += len(idx)
+        # a packed output (the non-Muon call): matrix k at out_offsets[k], [mo, ldg] row-major
+        sizes = np.array([mo * _round(no) for mo, no in shapes], dtype=np.int64)
+        self.out_offsets, self.out_size = np.cumsum(sizes) - sizes, int(sizes.sum())
+        self.graph = None
+
+    def offsets(self, ptrs: np.ndarray, which: int) -> np.ndarray:
+        """Element offsets of addresses `ptrs` (int64) from anchor `which` (0: g, 1: mbuf, 2: out)."""
+        anchor = self.anchors[which]
+        return (ptrs - anchor.data_ptr()) // anchor.element_size()
+
+    def launches(self) -> None:
+        if not self.io.is_cuda or len(self.runners) == 1:
+            for run in self.runners:
+                run.launches()
+            return
+        main = torch.cuda.current_stream(self.io.device)
+        streams = _SIDE_STREAMS.setdefault(self.io.device, [])
+        while len(streams) < len(self.runners) - 1:
+            streams.append(torch.cuda.Stream(self.io.device))
+        sides = streams[: len(self.runners) - 1]
+        for side, run in zip(sides, self.runners[1:], strict=True):
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                run.launches()
+        self.runners[0].launches()
+        for side in sides:
+            main.wait_stream(side)
+
     def __call__(self, io: np.ndarray, hyper: np.ndarray | None, graphs: bool) -> None:
-        """One call: io int64 [K, IO_COLS], hyper fp32 [K, H_COLS] (Muon) or None."""
+        """One call: io int64 [K, IO_COLS], hyper fp32 [K, H_COLS] (Muon) or None, rows in `shapes` order."""
         cuda = self.io.is_cuda
         for dst, src in ((self.io, io), (self.hyper, hyper)):
             if src is not None:
-                src = torch.from_numpy(np.ascontiguousarray(src))
+                src = torch.from_numpy(np.ascontiguousarray(src[self.order]))
                 dst.copy_(src.pin_memory() if cuda else src, non_blocking=cuda)
         if graphs and self.graph is not None:
             self.graph.replay()
@@ -526,18 +602,17 @@ class _Runner:
             self.graph = graph
 
 
-_RUNNERS: dict = {}
-MAX_RUNNERS = 32
+_CALLS: dict = {}
+MAX_CALLS = 32
 
 
-def _runner(shapes, schedule, segments, eps, work_dtype, cfg, sym, muon, dtypes, device) -> _Runner:
-    key = (shapes, tuple(schedule), segments, eps, work_dtype, cfg, sym, muon, dtypes, device)
-    if key not in _RUNNERS:
-        if len(_RUNNERS) >= MAX_RUNNERS:
-            _RUNNERS.pop(next(iter(_RUNNERS)))
-        plan = _plan(shapes, cfg, sym, device)
-        _RUNNERS[key] = _Runner(plan, schedule, segments, eps, work_dtype, cfg, sym, muon, dtypes, device)
-    return _RUNNERS[key]
+def _call(shapes, schedule, eps, work_dtype, cfg, sym, muon, dtypes, device) -> _Call:
+    key = (shapes, schedule, eps, work_dtype, cfg, sym, muon, dtypes, device)
+    if key not in _CALLS:
+        if len(_CALLS) >= MAX_CALLS:
+            _CALLS.pop(next(iter(_CALLS)))
+        _CALLS[key] = _Call(shapes, schedule, eps, work_dtype, cfg, sym, muon, dtypes, device)
+    return _CALLS[key]
 
 
 def _aligned(G: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -559,67 +634,6 @@ def _is_aligned(t: torch.Tensor) -> bool:
     return st[-1] == 1 and st[-2] == no and no % ALIGN_N == 0 and t.data_ptr() % (ALIGN_N * t.element_size()) == 0
 
 
-def _run_group(Gs, schedule, segments, eps, work_dtype, sym, cfg, graphs) -> list[torch.Tensor]:
-    Ts = [_aligned(G) for G in Gs]
-    dt, dev = Gs[0].dtype, Gs[0].device
-    shapes = tuple(tuple(G.shape[-2:]) for G, (_, N, _) in zip(Gs, Ts, strict=True) for _ in range(N))
-    run = _runner(shapes, schedule, segments, eps, work_dtype, cfg, sym, False, (dt, dt, dt), dev)
-    starts = run.offsets(np.array([T.data_ptr() for T, _, _ in Ts], dtype=np.int64), 0)
-    src = np.concatenate([s + s0 * np.arange(N) for s, (_, N, s0) in zip(starts, Ts, strict=True)])
-    out = torch.empty(run.plan.out_size, dtype=dt, device=dev)
-    dst = run.offsets(np.array([out.data_ptr()], dtype=np.int64), 2) + run.plan.out_offsets.numpy()
-    run(np.stack([src, np.zeros_like(src), dst], 1), None, graphs)
-    outs = []
-    for G, (T, N, _), O in zip(Gs, Ts, out.split([N * T.shape[-2] * T.shape[-1] for T, N, _ in Ts]), strict=True):
-        if T.shape[-1] != G.shape[-1]:  # padded rows: [N, m, ldg] -> [N, m, n]
-            O = O.view(N, *T.shape[-2:])[..., : G.shape[-1]].contiguous()
-        outs.append(O.view(G.shape))
-    return outs
-
-
-_SIDE_STREAMS: dict = {}
-
-
-def _each_set(shapes, schedule, work_dtype, cfg, sym, device, fn) -> None:
-    """fn(indices, work dtype, config, segments) for each non-empty set of matrices: the wide ones (n >=
-    cfg.gram_aspect m, m >= cfg.gram_min_rows, and `sym`: the Gram form, `_segments`), the others (the plain
-    iteration), and those with a side <= TINY (plain, fp32 operands, TINY_CONFIG). On CUDA the first set runs
-    on the caller's stream and the others each on a side stream alongside it (a small set's few programs
-    would otherwise run alone: ~0.4 ms for the 95m model's conv-shaped matrices); the caller's stream waits
-    for them before returning, and `fn` must mark what it allocates for that stream."""
-
-    def kind(s):
-        if work_dtype != torch.float32 and min(s) <= TINY:
-            return 2
-        # (the Gram form needs the [m, m] results exactly symmetric, as the mirrored tiles of `sym` store
-        # them: with both triangles computed, its error at 576 x 1536 was 2.3e-2 on the H100)
-        return 0 if sym and gram_form(s, cfg) else 1
-
-    kinds, plain = [kind(s) for s in shapes], (1,) * len(schedule)
-    sets = [
-        (idx, dt, c, seg)
-        for which, dt, c, seg in ((0, work_dtype, cfg, _segments(schedule, cfg.gram_growth)),
-                                  (1, work_dtype, cfg, plain), (2, torch.float32, TINY_CONFIG, plain))
-        if (idx := [i for i, k in enumerate(kinds) if k == which])
-    ]  # fmt: skip
-    if device.type != "cuda" or len(sets) < 2:
-        for s in sets:
-            fn(*s)
-        return
-    main = torch.cuda.current_stream(device)
-    streams = _SIDE_STREAMS.setdefault(device, [])
-    while len(streams) < len(sets) - 1:
-        streams.append(torch.cuda.Stream(device))
-    sides = streams[: len(sets) - 1]
-    for side, s in zip(sides, sets[1:], strict=True):
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            fn(*s)
-    fn(*sets[0])
-    for side in sides:
-        main.wait_stream(side)
-
-
 def newton_schulz_triton(
     Gs: list[torch.Tensor],
     coeffs: list[tuple[float, float, float]],
@@ -639,17 +653,20 @@ def newton_schulz_triton(
     `graphs`: replay the launches as a CUDA graph (CUDA only).
     """
     schedule = tuple(tuple(c) for c in coeffs)
-    outs: list[torch.Tensor | None] = [None] * len(Gs)
-    caller = torch.cuda.current_stream(Gs[0].device) if Gs[0].is_cuda else None
-
-    def fn(idx, dt, cfg, segments):
-        Os = _run_group([Gs[i] for i in idx], schedule, segments, eps, dt, sym, cfg, graphs)
-        for i, O in zip(idx, Os, strict=True):
-            if caller is not None:
-                O.record_stream(caller)  # allocated on the side stream, used on the caller's
-            outs[i] = O
-
-    _each_set([G.shape[-2:] for G in Gs], schedule, work_dtype, config or Config(), sym, Gs[0].device, fn)
+    Ts = [_aligned(G) for G in Gs]
+    dt, dev = Gs[0].dtype, Gs[0].device
+    shapes = tuple(tuple(G.shape[-2:]) for G, (_, N, _) in zip(Gs, Ts, strict=True) for _ in range(N))
+    call = _call(shapes, schedule, eps, work_dtype, config or Config(), sym, False, (dt, dt, dt), dev)
+    starts = call.offsets(np.array([T.data_ptr() for T, _, _ in Ts], dtype=np.int64), 0)
+    src = np.concatenate([s + s0 * np.arange(N) for s, (_, N, s0) in zip(starts, Ts, strict=True)])
+    out = torch.empty(call.out_size, dtype=dt, device=dev)
+    dst = call.offsets(np.array([out.data_ptr()], dtype=np.int64), 2) + call.out_offsets
+    call(np.stack([src, np.zeros_like(src), dst], 1), None, graphs)
+    outs = []
+    for G, (T, N, _), O in zip(Gs, Ts, out.split([N * T.shape[-2] * T.shape[-1] for T, N, _ in Ts]), strict=True):
+        if T.shape[-1] != G.shape[-1]:  # padded rows: [N, m, ldg] -> [N, m, n]
+            O = O.view(N, *T.shape[-2:])[..., : G.shape[-1]].contiguous()
+        outs.append(O.view(G.shape))
     return outs
 
 
@@ -684,12 +701,7 @@ def muon_update_triton(
     `addresses`: `muon_addresses` of the gradients, momentum buffers and parameters; `dtypes`: theirs.
     Shapes (buffers and gradients those of the parameters) are validated by the caller.
     """
+    shapes = tuple(tuple(p.shape) for p in params)
     schedule = tuple(tuple(c) for c in coeffs)
-    shapes = [tuple(p.shape) for p in params]
-
-    def fn(idx, dt, cfg, segments):
-        sub = tuple(shapes[i] for i in idx)
-        run = _runner(sub, schedule, segments, eps, dt, cfg, sym, True, dtypes, params[0].device)
-        run(np.stack([run.offsets(a[idx], w) for w, a in enumerate(addresses)], 1), hyper[idx], graphs)
-
-    _each_set(shapes, schedule, work_dtype, config or Config(), sym, params[0].device, fn)
+    call = _call(shapes, schedule, eps, work_dtype, config or Config(), sym, True, dtypes, params[0].device)
+    call(np.stack([call.offsets(a, w) for w, a in enumerate(addresses)], 1), hyper, graphs)
