@@ -26,11 +26,13 @@ FLOPs (dense count) at 576 x 1536 and 26% at 576 x 3024. Segments are short beca
 drifts from X_t X_t^T: rounding leaves it small negative eigenvalues, which every update R_{t+1} = B_t R_t B_t
 multiplies by ~a_t^2. Segments of 3 + 2 steps (two updates, 3.4445^4 = 141) passed a CPU emulation of bf16
 but blew up on the H100 for a 1/i spectrum (relative error 30, singular values up to 279; profiles/ns.md);
-with 2 + 2 + 1 the error stays at the plain iteration's or below. Matrices of fewer than
+with 2 + 2 + 1 the error stays at the plain iteration's or below. fp16's 3 more mantissa bits allow 3 + 2
+(`_segments` scales the bound by the work dtype's epsilon). Matrices of fewer than
 `Config.gram_min_rows` rows stay plain: little to gain, and twice the plain error emulated at 192 x 576.
 
-Operands are in the work dtype (bf16; fp32 for tests, with exact fp32 products, and for matrices with a
-side <= TINY, with 3-pass tf32 products, see `newton_schulz_triton`), accumulation in fp32. The [m, m]
+Operands are in the work dtype (bf16; or fp16, an option; fp32 for tests, with exact fp32 products, and for
+matrices with a side <= TINY, with 3-pass tf32 products, see `newton_schulz_triton`), accumulation in fp32;
+X_0 = G, stored before the normalization, is kept in bf16 under fp16 (G's range). The [m, m]
 results are symmetric, so with `sym=True` the tables hold only the tiles on and above the diagonal and
 each off-diagonal tile is also stored mirrored (half their FLOPs). When m leaves a last row block of at
 most half a tile (576 = 4 * 128 + 64), APPLY gives it half-height tiles instead of padded full ones
@@ -650,7 +652,9 @@ def newton_schulz_triton(
     [3024, 4] conv weight) use fp32 operands even when `work_dtype` is bf16: with only a few singular
     values, all about 1/sqrt(side) after normalization, the quintic's slope (up to ~3.5 near 1.2)
     amplifies bf16 rounding past 2e-2 relative error, while their cost is negligible.
-    `graphs`: replay the launches as a CUDA graph (CUDA only).
+    `work_dtype`: bf16 (the default), fp16 (Gram segments of 3 + 2 steps instead of 2 + 2 + 1; on the H100
+    half the error, 6.7e-3 against 1.4e-2 for the 95m model's set, in the same time: profiles/ns.md) or fp32.
+    `graphs`: replay the launches as one CUDA graph (CUDA only).
     """
     schedule = tuple(tuple(c) for c in coeffs)
     Ts = [_aligned(G) for G in Gs]
