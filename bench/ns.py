@@ -161,7 +161,7 @@ def stage_sums(seq: list[tuple[str, float, int]], cfg: triton_ns.Config, work_dt
     recipes = {len(r): r for r in (triton_ns._recipe(sched, (1,) * STEPS), triton_ns._recipe(sched, gram))}
     by_stream: dict[int, list[float]] = {}
     for name, us, stream in seq:
-        if name.startswith("_ns_stage"):
+        if name.startswith(("_ns_stage", "_sym_products")):
             by_stream.setdefault(stream, []).append(us)
     out = {"kernels_total_us": round(sum(us for _, us, _ in seq), 1)}
     for k, x in enumerate(sorted(by_stream.values(), key=sum, reverse=True)):
@@ -373,6 +373,9 @@ def main() -> None:
     plain = dataclasses.replace(cfg, gram_aspect=float("inf"))
     run("triton grouped, plain iteration only (no Gram form)",
         lambda: triton_ns.newton_schulz_triton(stacks, sched, config=plain))  # fmt: skip
+    no_gluon = dataclasses.replace(cfg, gluon=False)
+    run("triton grouped, Triton stages only (no Gluon kernel)",
+        lambda: triton_ns.newton_schulz_triton(stacks, sched, config=no_gluon))  # fmt: skip
     run("triton grouped, fp16 operands (X_0 in bf16; Gram segments 3 + 2)",
         lambda: triton_ns.newton_schulz_triton(stacks, sched, work_dtype=torch.float16, config=cfg))  # fmt: skip
     seq_plain = kernel_times(lambda: triton_ns.newton_schulz_triton(stacks, sched, config=plain, graphs=False))

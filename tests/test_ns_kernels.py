@@ -285,6 +285,33 @@ for stage, first, last, muon, dts in [(1, 0, 0, 0, bf16), (2, 0, 0, 0, bf16), (3
     regs = int(re.search(r"Used (\\d+) registers", log).group(1))
     assert "Performance Loss" not in log and " 0 bytes spill stores" in log, log
     assert muon or regs <= 128, (stage, first, last, regs)
+# the Gluon kernel of the [m, m] stages (POLY, PRODUCT), bf16 and fp16: warp-specialized (setmaxnreg), wgmma,
+# within the H100's 227 KB of shared memory per block, no spills
+from triton.experimental.gluon._runtime import GluonASTSource
+from triton.experimental.gluon import language as gl
+from triton.backends.compiler import GPUTarget
+import triton
+from kernels.ns import gluon_products as G
+for dt, name in ((gl.bfloat16, "bf16"), (gl.float16, "fp16")):
+    a_layout = gl.NVMMASharedLayout.get_default_for([G.BM, G.BK], dt)
+    c_layout = gl.NVMMASharedLayout.get_default_for([1, G.BM, G.BM], dt)
+    for poly in (True, False):
+        gsig = {"a_desc": f"tensordesc<{name}[{G.BM},{G.BK}],{a_layout!r}>",
+                "c_desc": f"tensordesc<{name}[1,{G.BM},{G.BM}],{c_layout!r}>", "tiles": "*i32", "T": "i32", "K": "i32",
+                "u": "i32", "v": "i32", "d": "i32", "u2": "i32", "d2": "i32", "coef_a": "fp32", "coef_b": "fp32",
+                "coef_c": "fp32"}
+        consts = dict(IS_POLY=poly, MROWS=576, KSTEPS=9, NSLOT=G.NB, num_warps=G.CONSUMER_WARPS)
+        gsig.update({c: "constexpr" for c in consts})
+        k = triton.compile(GluonASTSource(G._sym_products_kernel, gsig, consts), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": G.CONSUMER_WARPS})
+        ptx = k.asm["ptx"]
+        assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx and k.metadata.shared <= 227 * 1024, (name, poly)
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+            f.write(ptx)
+            f.flush()
+            log = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                                 capture_output=True, text=True, check=True).stderr
+        assert " 0 bytes spill stores" in log, log
 print("ok")
 """
 
@@ -391,6 +418,24 @@ def test_gpu_gram_form_decaying_spectrum():
         R = ref64(G)
         assert relerr(X, R) < max(5e-2, 1.5 * relerr(P, R)), (m, n, relerr(X, R), relerr(P, R))
         assert sv_range(X[0])[1] <= 1.25, (m, n)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="the Gluon kernel is sm_90"
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_gluon_products_equal_triton(dtype):
+    """The [m, m] stages by the Gluon kernel (the Gram-form set: one m) give the Triton stages' bits: same tiles,
+    same K order, same epilogue."""
+    Gs = [G for G in _gpu_inputs() if triton_ns.gram_form(G.shape[-2:], triton_ns.Config())]
+    assert Gs and triton_ns.Config().gluon
+    off = dataclasses.replace(triton_ns.Config(), gluon=False)
+    on = triton_ns.newton_schulz_triton(Gs, [NS_COEFFS] * 5, work_dtype=dtype)
+    assert any(run.gluon is not None for call in triton_ns._CALLS.values() for run in call.runners)  # (it ran)
+    ref = triton_ns.newton_schulz_triton(Gs, [NS_COEFFS] * 5, work_dtype=dtype, config=off)
+    for X, Y in zip(on, ref, strict=True):
+        assert torch.equal(X, Y), X.shape
 
 
 @pytest.mark.gpu

@@ -8,7 +8,8 @@ Backends (the iteration is documented in `reference.py` and kept by every backen
   the same iteration in its Gram form (steps on [m, m] matrices, X touched once every 2 steps: 15-26%
   fewer FLOPs for the 95m model's 576 x 1536 and 576 x 3024), the other matrices the plain one, and
   stacks with a side <= 8 use fp32 operands; each of these sets on its own stream, all in one CUDA
-  graph (see `triton_ns`).
+  graph (see `triton_ns`). On an H100 (sm_90) the Gram form's [m, m] products run in a warp-specialized
+  Gluon kernel (`gluon_products.py`).
 - "cuda" (`cuda.py` + `csrc/ns/ns.cu`, CUDA with CuPy installed): the same three stages as CUDA C++
   mma.sync kernels compiled by NVRTC, one launch a stage per stack (stacks with a side <= 8, whose
   bf16 error would exceed 2e-2, take the fp32 reference instead: their cost is negligible).

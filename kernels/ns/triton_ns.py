@@ -49,6 +49,9 @@ workspace; the last APPLY applies W = decay W - alpha NS(U) to the parameter in 
 
 All launches of a call, over all its sets of matrices (each on its own stream), are captured into one
 CUDA graph and replayed; per-call addresses reach the kernels through a small table (see `_Call`).
+
+On sm_90, POLY and PRODUCT of a set whose matrices share m (the Gram-form set of the 95m model) run in the
+warp-specialized Gluon kernel of `gluon_products.py` instead (same tiles and arithmetic, same bits).
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+from kernels.ns import gluon_products
 
 # meta columns (int64, one row per matrix, static per shape set). Every row stride below is a multiple of
 # ALIGN elements and the columns past a matrix's width are zeros, so the contiguous dimension of every tile
@@ -86,7 +91,8 @@ class Config:
     tensor cores); `half_tiles`: in APPLY, a last row block of at most half a tile gets half-height tiles.
     The Gram form (module doc) is used for matrices with n >= `gram_aspect` m and m >= `gram_min_rows`, in
     segments whose growth of R's rounding error, times the work dtype's machine epsilon, stays <= `gram_drift`
-    (`_segments`); gram_aspect=float("inf") turns it off."""
+    (`_segments`); gram_aspect=float("inf") turns it off. `gluon`: on sm_90, a set whose matrices share m runs
+    POLY and PRODUCT with the warp-specialized Gluon kernel of `gluon_products` (needs bs = 128)."""
 
     bs: int = 128
     bk: int = 64
@@ -102,6 +108,7 @@ class Config:
     gram_aspect: float = 2.5
     gram_min_rows: int = 256
     gram_drift: float = 0.15
+    gluon: bool = True
 
 
 # stages (the kernel's STAGE): the prep and the four products, see the module doc
@@ -322,6 +329,7 @@ class _Plan:
     x_size: int
     a_size: int
     npart: int
+    ms: frozenset  # the matrices' m
 
 
 def _round(x: int, to: int = ALIGN_N) -> int:
@@ -366,7 +374,7 @@ def _plan(shapes: tuple[tuple[int, int], ...], cfg: Config, sym: bool, device: t
     t_sym2 = t_sym + [(k, i, j, int(SECOND)) for k, i, j, _ in t_sym]
     return _Plan(
         dev(rows, torch.int64), dev(t_sym, torch.int32), dev(t_sym2, torch.int32), dev(t_x, torch.int32), x_off,
-        a_off, npart,
+        a_off, npart, frozenset(r[M_M] for r in rows),
     )  # fmt: skip
 
 
@@ -488,9 +496,17 @@ class _Runner:
         self.sq = torch.zeros(nsq * plan.a_size, dtype=work_dtype, device=device)
         self.sumsq = torch.zeros(plan.meta.shape[0] * plan.npart, dtype=torch.float32, device=device)
         self.prec = cfg.fp32_dot if work_dtype == torch.float32 else "tf32"  # (16-bit: ignored)
+        self.gluon = None  # the [m, m] stages' Gluon kernel (Config.gluon)
+        if cfg.gluon and sym and cfg.bs == gluon_products.BM and gluon_products.usable(device, plan.ms, work_dtype):
+            (m,) = plan.ms
+            self.gluon = gluon_products.SymProducts(self.sq, plan.meta.shape[0], m, _round(m))
 
     def launch(self, L: _Launch) -> None:
         cfg, plan = self.cfg, self.plan
+        if self.gluon is not None and L.stage in (POLY, PRODUCT):
+            tiles = plan.tiles_sym2 if L.u2 is not None else plan.tiles_sym
+            self.gluon.launch(tiles, L.stage == POLY, L.coeffs, L.u, L.v, L.d, L.u2 or 0, L.d2 or 0)
+            return
         if L.stage in (PREP, APPLY):
             tiles, bm, bn, bk, warps, nst = plan.tiles_x, cfg.bm, cfg.bn, cfg.bk3, cfg.warps3, cfg.stages3
         else:
