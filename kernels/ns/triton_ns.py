@@ -64,7 +64,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.ns import gluon_products
+try:  # Gluon (triton.experimental) is optional: the Triton stages serve every set without it
+    from kernels.ns import gluon_products
+except ImportError:
+    gluon_products = None
 
 # meta columns (int64, one row per matrix, static per shape set). Every row stride below is a multiple of
 # ALIGN elements and the columns past a matrix's width are zeros, so the contiguous dimension of every tile
@@ -197,7 +200,7 @@ def _x_tile(b, ldb, x, ldx, x_out, hyper, k, m, n, r0, c0, scale, out, ldg,
     kk = tl.arange(0, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, ldb, BK):
-        u = _w_tile(b, rows, k0 + kk, m, ldb).to(x.dtype.element_ty)  # (X_0 in bf16 under fp16 work: see Config)
+        u = _w_tile(b, rows, k0 + kk, m, ldb).to(x.dtype.element_ty)  # (X_0 in bf16 under fp16 work: see _Runner)
         acc = tl.dot(u, _w_tile(x, k0 + kk, cols, m, ldx), acc, input_precision=DOT_PREC)
     y = (acc * scale).to(x_out.dtype.element_ty)
     if LAST:  # the result, rounded to the work dtype like every X, in G's layout
@@ -432,7 +435,7 @@ def _segments(schedule: tuple, work_dtype: torch.dtype, drift: float) -> tuple[i
     b_t < 0. So a segment takes steps while eps times the product of a_t^2 over its updates stays <= `drift`.
     Measured on the H100 (profiles/ns.md): in bf16 (eps 2^-7) one update of the default coefficients
     (3.4445^2 = 11.9: 0.09) kept the error at the plain iteration's, two (141: 1.1) blew up for a 1/i spectrum;
-    in fp16 (eps 2^-10) two updates (0.14) were 4-10x more accurate than bf16. Config.gram_drift = 0.15 gives
+    in fp16 (eps 2^-10) two updates (0.14) halved bf16's error (run 18). Config.gram_drift = 0.15 gives
     2 + 2 + 1 steps in bf16 and 3 + 2 in fp16. A per-step schedule runs plain (segments of 1): Polar Express's
     steep steps (a_t^2 = 70, 17, 15, 11, 5) leave it the last two, and with those the error of a Gaussian
     576 x 1536 went from 1.0e-2 to 2.5e-2 in bf16 on the H100."""
@@ -497,7 +500,8 @@ class _Runner:
         self.sumsq = torch.zeros(plan.meta.shape[0] * plan.npart, dtype=torch.float32, device=device)
         self.prec = cfg.fp32_dot if work_dtype == torch.float32 else "tf32"  # (16-bit: ignored)
         self.gluon = None  # the [m, m] stages' Gluon kernel (Config.gluon)
-        if cfg.gluon and sym and cfg.bs == gluon_products.BM and gluon_products.usable(device, plan.ms, work_dtype):
+        g = gluon_products
+        if g is not None and cfg.gluon and sym and cfg.bs == g.BM and g.usable(device, plan.ms, work_dtype):
             (m,) = plan.ms
             self.gluon = gluon_products.SymProducts(self.sq, plan.meta.shape[0], m, _round(m))
 
