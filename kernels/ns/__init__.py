@@ -53,17 +53,17 @@ BACKENDS = {
 }
 
 # wide shape (min(m, n), max(m, n)) -> fastest backend for one stack of the 95m model's count, measured by
-# bench/ns.py on an H100 (run 6 of 2026-11-24, profiles/ns.json "per_wide_shape"); shapes not listed: "triton"
+# bench/ns.py on an H100 (run 24 of 2026-11-24, profiles/ns.json "per_wide_shape"); shapes not listed: "triton"
 AUTO_TABLE: dict[tuple[int, int], str] = {
-    (576, 3024): "triton",  # triton 0.483 ms, cuda 1.287 ms (x8)
-    (576, 1008): "triton",  # triton 0.396 ms, cuda 1.018 ms (x16)
-    (9, 576): "triton",  # triton 0.174 ms, cuda 0.931 ms (x16)
-    (4, 3024): "triton",  # triton 0.241 ms, cuda 0.726 ms (x8)
-    (576, 1536): "triton",  # triton 1.433 ms, cuda 3.842 ms (x48)
-    (576, 1152): "triton",  # triton 0.239 ms, cuda 0.641 ms (x8)
-    (192, 576): "triton",  # triton 0.122 ms, cuda 0.718 ms (x16)
-    (576, 576): "triton",  # triton 0.247 ms, cuda 0.671 ms (x12)
-    (192, 192): "triton",  # triton 0.224 ms, cuda 1.369 ms (x8)
+    (576, 3024): "triton",  # triton 0.359 ms, cuda 1.295 ms (x8)
+    (576, 1008): "triton",  # triton 0.369 ms, cuda 1.008 ms (x16)
+    (9, 576): "triton",  # triton 0.125 ms, cuda 0.712 ms (x16)
+    (4, 3024): "triton",  # triton 0.241 ms, cuda 0.770 ms (x8)
+    (576, 1536): "triton",  # triton 1.129 ms, cuda 3.878 ms (x48)
+    (576, 1152): "triton",  # triton 0.233 ms, cuda 1.381 ms (x8)
+    (192, 576): "triton",  # triton 0.141 ms, cuda 1.205 ms (x16)
+    (576, 576): "triton",  # triton 0.237 ms, cuda 1.293 ms (x12)
+    (192, 192): "triton",  # triton 0.236 ms, cuda 1.209 ms (x8)
 }
 
 Coeffs = tuple[float, float, float] | Sequence[tuple[float, float, float]]
