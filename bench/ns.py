@@ -1,11 +1,12 @@
 """Newton-Schulz for Muon on the 95m model's exact set of Muon matrices (GPU, one run).
 
 Times, side by side in one process (CUDA events, medians, L2 flushed between runs by do_bench):
-- ours, Triton: all shape groups in one grouped call (a graph-replayed set of launches per set of
-  matrices, each set on its own stream: the wide ones in the Gram form, 18 launches; the others in the
-  plain iteration, 16; the fp32 set of sides <= 8, 16); the same with the plain iteration only, with eager
-  launches, without the symmetric-tile trick or the half tiles, through `newton_schulz_many`, and one call
-  per shape group; the device time of each launch (torch.profiler), summed per stage;
+- ours, Triton: all shape groups in one grouped call (one graph-replayed call; each set of matrices on its
+  own stream: the wide ones in the Gram form, 18 launches, their [m, m] products in the Gluon kernel on an
+  H100; the others in the plain iteration, 16; the fp32 set of sides <= 8, 16); the same with the plain
+  iteration only, with Triton stages only, with fp16 operands, with eager launches, without the
+  symmetric-tile trick or the half tiles, through `newton_schulz_many`, and one call per shape group; the
+  device time of each launch (torch.profiler), summed per stage;
 - ours, CUDA C++ (CuPy/NVRTC), one call per shape group, with and without the symmetric trick;
 - the same iteration in bf16, batched by exact shape, torch.compile'd: a compiled function called per
   shape group (the modded-nanogpt way), all groups in one compiled function, and that function in

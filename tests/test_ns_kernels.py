@@ -266,6 +266,16 @@ for stage in (1, 2, 3):
 # which also reads and writes W, excepted)
 import os, re, subprocess, tempfile
 from triton.backends.nvidia.compiler import get_ptxas
+
+
+def ptxas_log(ptx):  # ptxas -v's report (registers, spills, warnings) for sm_90a, from Triton's bundled ptxas
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        return subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                              capture_output=True, text=True, check=True).stderr
+
+
 # fp16 work dtype: X_0 in bf16 (the first XXT and APPLY read it), the rest fp16
 bf16 = dict(x_in="*bf16", x_out="*bf16", sq="*bf16")
 fp16_x0, fp16 = dict(x_in="*bf16", x_out="*fp16", sq="*fp16"), dict(x_in="*fp16", x_out="*fp16", sq="*fp16")
@@ -277,11 +287,7 @@ for stage, first, last, muon, dts in [(1, 0, 0, 0, bf16), (2, 0, 0, 0, bf16), (3
     k = compile_for_hopper(_ns_stage_kernel, sig, dict(STAGE=stage, FIRST=first, LAST=last, MUON=muon, SYM=True,
                            NPART=16, BM=128, BN=128, BK=64, DOT_PREC="tf32"), aligned=True, num_warps=8, num_stages=3)
     assert "cp.async" in k.asm["ptx"], (stage, first, last, muon)
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(k.asm["ptx"])
-        f.flush()
-        log = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
-                             capture_output=True, text=True, check=True).stderr
+    log = ptxas_log(k.asm["ptx"])
     regs = int(re.search(r"Used (\\d+) registers", log).group(1))
     assert "Performance Loss" not in log and " 0 bytes spill stores" in log, log
     assert muon or regs <= 128, (stage, first, last, regs)
@@ -306,11 +312,7 @@ for dt, name in ((gl.bfloat16, "bf16"), (gl.float16, "fp16")):
                            options={"num_warps": G.CONSUMER_WARPS})
         ptx = k.asm["ptx"]
         assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx and k.metadata.shared <= 227 * 1024, (name, poly)
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-            f.write(ptx)
-            f.flush()
-            log = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
-                                 capture_output=True, text=True, check=True).stderr
+        log = ptxas_log(ptx)
         assert " 0 bytes spill stores" in log, log
 print("ok")
 """

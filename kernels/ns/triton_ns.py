@@ -507,14 +507,13 @@ class _Runner:
 
     def launch(self, L: _Launch) -> None:
         cfg, plan = self.cfg, self.plan
-        if self.gluon is not None and L.stage in (POLY, PRODUCT):
-            tiles = plan.tiles_sym2 if L.u2 is not None else plan.tiles_sym
-            self.gluon.launch(tiles, L.stage == POLY, L.coeffs, L.u, L.v, L.d, L.u2 or 0, L.d2 or 0)
-            return
         if L.stage in (PREP, APPLY):
             tiles, bm, bn, bk, warps, nst = plan.tiles_x, cfg.bm, cfg.bn, cfg.bk3, cfg.warps3, cfg.stages3
         else:
             tiles = plan.tiles_sym2 if L.u2 is not None else plan.tiles_sym
+            if self.gluon is not None and L.stage != XXT:  # POLY, PRODUCT
+                self.gluon.launch(tiles, L.stage == POLY, L.coeffs, L.u, L.v, L.d, L.u2 or 0, L.d2 or 0)
+                return
             bm, bn, bk, warps, nst = cfg.bs, cfg.bs, cfg.bk, cfg.warps, cfg.stages
         size = plan.a_size
         offs = [L.u * size, L.v * size, L.d * size, (L.u2 or 0) * size, (L.d2 or 0) * size]
