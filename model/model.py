@@ -237,12 +237,23 @@ class GatedDeltaNet(nn.Module):
             cache.conv = torch.cat([x.new_zeros(B, pad, C) if past is None else past, x], 1)[:, -pad:]
         return qkv
 
+    def project_gates(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """b, a [B, T, H] from one matmul over the stacked in_proj_b, in_proj_a weights, padded with zero
+        rows to a multiple of 8 outputs. Alone, each has H = 9 outputs per row, rows that are not 16-byte
+        aligned, and cuBLAS falls back to unaligned kernels (2.2 ms per 95m step at B32, forward +
+        backward). The parameters stay separate (Muon, checkpoints, export)."""
+        w_b, w_a = self.in_proj_b.weight, self.in_proj_a.weight
+        pad = w_b.new_zeros(-2 * self.n_heads % 8, w_b.shape[1])
+        b, a = F.linear(x, torch.cat([w_b, w_a, pad]))[..., : 2 * self.n_heads].chunk(2, dim=-1)
+        return b, a
+
     def forward(self, x: Tensor, rope=None, cache: GDNCache | None = None) -> Tensor:
         B, T, _ = x.shape
         H, Dh = self.n_heads, self.head_dim
         q, k, v = (t.reshape(B, T, H, Dh) for t in self.causal_conv_silu(self.in_proj_qkv(x), cache))
-        beta = torch.sigmoid(self.in_proj_b(x))
-        a = self.in_proj_a(x).to(compute_dtype(x))
+        b, a = self.project_gates(x)
+        beta = torch.sigmoid(b)
+        a = a.to(compute_dtype(x))
         g = -self.A_log.exp() * F.softplus(a + self.dt_bias)  # log-space decay, fp32
         o, state = gated_delta_rule(
             q,

@@ -43,6 +43,15 @@ def _matmul_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _accumulate_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b with the sum in acc's dtype. On CUDA one cuBLAS call with beta = 1 writes the bf16 product's
+    fp32 accumulator straight into acc; elsewhere the product is formed, then added (promoted element by element)."""
+    if acc.is_cuda:
+        torch.ops.aten.addmm.dtype_out(acc, a, b, acc.dtype, out=acc)
+    else:
+        acc.add_(a @ b)
+
+
 def _chunked_loss(x: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, chunk_rows: int,
                   dtype: torch.dtype, backend: str, with_grad: bool):  # fmt: skip
     """Sum of the per-row losses over valid rows divided by their count, the head matmul in `dtype`; with_grad
@@ -62,7 +71,7 @@ def _chunked_loss(x: Tensor, weight: Tensor, targets: Tensor, ignore_index: int,
             total += rows_step(logits, targets[rows], ignore_index, scale, with_grad).sum()
             if with_grad:
                 torch.mm(logits, wm, out=dx[rows])
-                dw.add_(logits.t() @ xm[rows])  # (promoted element by element: no converted copy of the product)
+                _accumulate_product(dw, logits.t(), xm[rows])
             del logits  # else the next chunk's logits are allocated while this chunk's are still held
     # mean over valid rows: 0 / 0 = nan when every target is ignored, as F.cross_entropy gives
     return total / n_valid, dx, dw
