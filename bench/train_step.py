@@ -14,7 +14,9 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -54,6 +56,45 @@ def roofline() -> dict:
     return {"copy_GBps": 2 * n / copy_ms / 1e6, "bf16_matmul_TFLOPs": 2 * 8192**3 / mm_ms / 1e9}
 
 
+# Kernel name patterns, first match wins: inductor's generated kernels (their names may quote source ops such as
+# cudnn attention), cuBLAS / CUTLASS products, this repo's kernels, then the rest of aten's.
+KERNEL_CATEGORIES = [
+    ("inductor", r"^triton_(poi|per|red|tem)_"),
+    ("matmul", r"nvjet|cutlass|gemm|xmma|splitKreduce"),
+    ("gdn", r"^_(prep|state_out|bwd_state|bwd_out|bwd_wy)_kernel"),
+    ("csa", r"^_(csa|compress)_"),
+    ("conv", r"^_conv_silu_"),
+    ("cross_entropy", r"^_xent_rows_kernel"),
+    ("newton_schulz", r"^_(ns_stage|sym_products)_kernel"),
+    ("sdpa", r"cudnn|fmha|flash"),
+    ("foreach_and_adamw", r"multi_tensor_apply|adam"),
+    ("other", r""),
+]
+
+
+def kernel_breakdown(trace: dict, top: int = 25) -> dict:
+    """GPU kernel time of one profiled step (a torch.profiler chrome trace, loaded): summed by category
+    (KERNEL_CATEGORIES) and by name, the `top` names by time, and the span from the first kernel's start to the
+    last one's end (the profiler slows the host, so the span overstates the idle time of an unprofiled step)."""
+    kernels = [e for e in trace["traceEvents"] if e.get("cat") == "kernel"]
+    if not kernels:
+        raise ValueError("the trace holds no kernel events (was CUDA activity profiled?)")
+    by_name = defaultdict(lambda: [0.0, 0])
+    for e in kernels:
+        by_name[e["name"]][0] += e["dur"] / 1e3
+        by_name[e["name"]][1] += 1
+    by_category = dict.fromkeys((c for c, _ in KERNEL_CATEGORIES), 0.0)
+    for name, (ms, _) in by_name.items():
+        by_category[next(c for c, rx in KERNEL_CATEGORIES if re.search(rx, name))] += ms
+    names = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "span_ms": (max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)) / 1e3,
+        "kernels_ms": sum(ms for ms, _ in by_name.values()),
+        "by_category_ms": {c: ms for c, ms in sorted(by_category.items(), key=lambda kv: -kv[1]) if ms},
+        "top": [{"name": n[:120], "ms": ms, "calls": calls} for n, (ms, calls) in names],
+    }
+
+
 def make_step(batch: int, seq: int, compile_: bool):
     """One training step of a fresh 95m model on random tokens: bf16 autocast forward + backward, grad
     clip, Muon + AdamW, grads cleared."""
@@ -90,12 +131,15 @@ def bench_step(batch: int, seq: int, backend: str, compile_: bool, reps: int, tr
         prof.export_chrome_trace(trace)
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
     ms = median(times)
+    breakdown = kernel_breakdown(json.loads(Path(trace).read_text())) if trace else None
     flops = model_flops_per_token(cfg, seq) * batch * seq
     row = {
         "backend": backend, "compile": compile_, "batch": batch, "seq": seq, "ms_median": ms,
         "ms_min": min(times), "tok_s": batch * seq / ms * 1e3, "achieved_TFLOPs": flops / ms / 1e9,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
     }  # fmt: skip
+    if breakdown:
+        row["profiled_step"] = breakdown
     return row
 
 
@@ -178,6 +222,13 @@ def main() -> None:
             f"| {name} | {r['ms_median']:.1f} | {r['tok_s']:,.0f} | {r['achieved_TFLOPs']:.0f} | "
             f"{r['mfu_datasheet']:.1%} | {r['fraction_of_measured_matmul']:.1%} | {r['peak_gib']:.1f} |"
         )
+    for r in rows:
+        if "profiled_step" in r:
+            k = r["profiled_step"]
+            lines += ["", f"Kernels of one profiled step, {r['backend']}{' + compile' if r['compile'] else ''}: "
+                      f"{k['kernels_ms']:.1f} ms in a span of {k['span_ms']:.1f} ms.", "",
+                      "| category | ms |", "|---|---|"]  # fmt: skip
+            lines += [f"| {c} | {ms:.2f} |" for c, ms in k["by_category_ms"].items()]
     lines += ["", f"Command: `{result['command']}`", ""]
     out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
