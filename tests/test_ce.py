@@ -164,15 +164,17 @@ def test_gpu_extra_memory_is_one_chunk_of_logits():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gpu_product_accumulates_in_fp32(dtype):
-    """dW's per-chunk products summed into the fp32 accumulator by one cuBLAS call each, against float64."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_gpu_products_accumulate_in_the_accumulator_dtype(dtype):
+    """dW's per-chunk products summed into the accumulator (fp32; fp64 for fp64 chunks) by one cuBLAS call each,
+    against float64: half-precision products are not rounded to their own dtype first."""
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     g = torch.Generator(device="cuda").manual_seed(0)
     a = [torch.randn(300, 1000, device="cuda", generator=g).to(dtype) for _ in range(4)]
     b = [torch.randn(1000, 200, device="cuda", generator=g).to(dtype) for _ in range(4)]
-    acc = torch.zeros(300, 200, device="cuda")
+    acc = torch.zeros(300, 200, device="cuda", dtype=acc_dtype)
     for ai, bi in zip(a, b, strict=True):
         _accumulate_product(acc, ai, bi)
     ref = sum(ai.double() @ bi.double() for ai, bi in zip(a, b, strict=True))
-    assert acc.dtype == torch.float32
-    assert relerr(acc.double(), ref) < 1e-5
+    assert acc.dtype == acc_dtype
+    assert relerr(acc.double(), ref) < (1e-12 if dtype == torch.float64 else 1e-5)

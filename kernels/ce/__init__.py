@@ -44,9 +44,12 @@ def _matmul_dtype(x: Tensor) -> torch.dtype:
 
 
 def _accumulate_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a @ b with the sum in acc's dtype. On CUDA one cuBLAS call with beta = 1 writes the bf16 product's
-    fp32 accumulator straight into acc; elsewhere the product is formed, then added (promoted element by element)."""
-    if acc.is_cuda:
+    """acc += a @ b, summed in acc's dtype by one matmul with beta = 1. A bf16/fp16 product goes into the fp32 acc
+    through cuBLAS's fp32 output (`addmm` with out_dtype, CUDA only); on CPU it is formed in its own dtype, then
+    added (promoted element by element)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda:
         torch.ops.aten.addmm.dtype_out(acc, a, b, acc.dtype, out=acc)
     else:
         acc.add_(a @ b)
